@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Set up everything (a virtual environment with the pinned toolchain and transip built from this checkout),
+# then run a job.
+#   bash run.sh demo    short MD run with the shipped model (the README's first command)
+#   bash run.sh test    the test suite (the README's second command; CI runs this)
+#   bash run.sh setup   set up only
+# TRANSIP_VENV chooses the environment folder (default: .venv in this checkout).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${TRANSIP_VENV:-.venv}
+PY="$VENV/bin/python"
+
+setup() {
+  if [ ! -x "$PY" ]; then
+    python3 -m venv "$VENV"
+  fi
+  # Build tools and torch first, then transip without build isolation so that anything native compiles
+  # against this very torch (an isolated build would fetch another torch and break the ABI).
+  "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt \
+    torch numpy scikit-build-core pybind11 cmake ninja
+  "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt --no-build-isolation -e ".[test]"
+}
+
+job=${1:-demo}
+case "$job" in
+  setup) setup ;;
+  demo)
+    setup
+    "$VENV/bin/transip" md models/transip-xtb-small/best.ckpt examples/molecules/aspirin.xyz \
+      --steps 400 --timestep-fs 0.5 --temperature 300 --trajectory md.extxyz
+    ;;
+  test)
+    setup
+    shift || true
+    "$PY" -m pytest -q "$@"
+    ;;
+  *) echo "usage: bash run.sh [demo|test|setup]" >&2; exit 2 ;;
+esac

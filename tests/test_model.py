@@ -1,0 +1,180 @@
+"""Physical properties of the model: conservative forces, stress, smoothness at the cutoff, invariances."""
+
+import numpy as np
+import pytest
+import torch
+
+from transip.data import Structure, collate, evaluate_batch
+from transip.metrics import predict
+from transip.model import ModelConfig, TransIP
+from transip.neighbors import structure_neighbors
+
+CUTOFF = 3.0
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = TransIP(ModelConfig(elements=[1, 6, 8], cutoff=CUTOFF, d_model=32, num_heads=4, num_layers=2)).double()
+    # Non-trivial reference and scale so that every term of the energy is exercised.
+    with torch.no_grad():
+        m.reference_energy.copy_(torch.tensor([-13.6, -1030.0, -2040.0]))
+        m.energy_scale.fill_(2.0)
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return m.eval()
+
+
+def molecule(seed=1, n=7):
+    rng = np.random.default_rng(seed)
+    return Structure(rng.choice([1, 6, 8], n), rng.uniform(0, 2.5, (n, 3)), charge=1, spin=2, name="m")
+
+
+def crystal(seed=2):
+    rng = np.random.default_rng(seed)
+    cell = np.array([[3.2, 0.0, 0.0], [0.7, 3.5, 0.0], [-0.4, 0.5, 3.8]])  # triclinic
+    frac = rng.uniform(0, 1, (5, 3))
+    return Structure([6, 8, 1, 1, 6], frac @ cell, cell=cell, pbc=[True, True, True], name="c")
+
+
+def energy(model, s):
+    return float(predict(model, [s])["energy"][0])
+
+
+@pytest.mark.parametrize("make", [molecule, crystal])
+def test_forces_are_minus_finite_difference_gradient(model, make):
+    s = make()
+    forces = predict(model, [s])["forces"][0]
+    h = 1e-5
+    numeric = np.zeros_like(forces)
+    for i in range(len(s.numbers)):
+        for a in range(3):
+            plus, minus = s.positions.copy(), s.positions.copy()
+            plus[i, a] += h
+            minus[i, a] -= h
+            numeric[i, a] = -(energy(model, Structure(s.numbers, plus, s.charge, s.spin, s.cell, s.pbc))
+                              - energy(model, Structure(s.numbers, minus, s.charge, s.spin, s.cell, s.pbc))) / (2 * h)
+    assert np.abs(forces).max() > 1e-3  # a meaningful comparison
+    np.testing.assert_allclose(forces, numeric, rtol=1e-6, atol=1e-6 * np.abs(forces).max())
+
+
+def test_stress_matches_strain_derivative(model):
+    s = crystal()
+    virial = predict(model, [s], compute_virial=True)["virial"][0]
+    h = 1e-6
+    numeric = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for sign in (1, -1):
+                strain = np.eye(3)
+                strain[a, b] += sign * h
+                # x -> (I + eps) x for positions and lattice vectors (rows: x @ (I + eps)^T)
+                energies.append(energy(model, Structure(s.numbers, s.positions @ strain.T, cell=s.cell @ strain.T,
+                                                        pbc=s.pbc)))
+            numeric[a, b] = (energies[0] - energies[1]) / (2 * h)  # dE/d eps_ab
+    # virial = -dE/d eps
+    np.testing.assert_allclose(virial, -numeric, rtol=1e-6, atol=1e-6 * np.abs(virial).max())
+
+
+def test_energy_and_forces_continuous_through_cutoff(model):
+    """Scan one atom's distance from another through r_c: energy and forces change smoothly."""
+    base = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [-0.4, 1.0, 0.0]])
+    distances = np.linspace(CUTOFF - 0.02, CUTOFF + 0.02, 401)
+    energies, forces = [], []
+    for d in distances:
+        pos = np.vstack([base, [[d, 0.1, 0.0]]])
+        out = predict(model, [Structure([6, 8, 1, 1], pos)])
+        energies.append(out["energy"][0])
+        forces.append(out["forces"][0])
+    energies, forces = np.array(energies), np.array(forces)
+    # The scan really crosses the cutoff: the pair (0, 3) is in the neighbour list at the start only.
+    first = collate([Structure([6, 8, 1, 1], np.vstack([base, [[distances[0], 0.1, 0.0]]]))], CUTOFF)
+    last = collate([Structure([6, 8, 1, 1], np.vstack([base, [[distances[-1], 0.1, 0.0]]]))], CUTOFF)
+    assert first.edge_index.shape[1] == last.edge_index.shape[1] + 2
+    # Smooth curves have second differences of order f'' * step^2 (~1e-8 here); a jump of size J at the
+    # crossing would show up as a second difference of size J.
+    assert np.abs(np.diff(energies, 2)).max() < 1e-7
+    assert np.abs(np.diff(forces, 2, axis=0)).max() < 1e-6
+    assert np.abs(np.diff(energies)).max() > 1e-6  # the energy does depend on this distance
+
+
+def test_translation_invariance_exact(model):
+    s = molecule()
+    shifted = Structure(s.numbers, s.positions + np.array([13.7, -4.2, 101.3]), s.charge, s.spin)
+    a, b = predict(model, [s]), predict(model, [shifted])
+    assert abs(a["energy"][0] - b["energy"][0]) < 1e-10 * abs(a["energy"][0])
+    np.testing.assert_allclose(a["forces"][0], b["forces"][0], atol=1e-9)
+
+
+def test_permutation_equivariance(model):
+    s = molecule(n=9)
+    perm = np.random.default_rng(5).permutation(9)
+    p = Structure(s.numbers[perm], s.positions[perm], s.charge, s.spin)
+    a, b = predict(model, [s]), predict(model, [p])
+    assert abs(a["energy"][0] - b["energy"][0]) < 1e-10 * abs(a["energy"][0])
+    np.testing.assert_allclose(a["forces"][0][perm], b["forces"][0], atol=1e-10)
+
+
+def test_periodic_image_shift_gives_same_energy(model):
+    s = crystal()
+    moved = s.positions.copy()
+    moved[0] += s.cell[1] - 2 * s.cell[2]  # atom 0 to another image
+    a = predict(model, [s])
+    b = predict(model, [Structure(s.numbers, moved, cell=s.cell, pbc=s.pbc)])
+    assert abs(a["energy"][0] - b["energy"][0]) < 1e-9 * abs(a["energy"][0])
+    np.testing.assert_allclose(a["forces"][0], b["forces"][0], atol=1e-9)
+
+
+def test_small_box_counts_multiple_images(model):
+    """A box shorter than the cutoff: each atom sees several images of itself; the list is still exact."""
+    cell = np.diag([1.3, 1.4, 5.0])
+    s = Structure([6, 1], [[0.1, 0.2, 0.3], [0.6, 0.9, 1.1]], cell=cell, pbc=[True, True, False])
+    edges, shifts = structure_neighbors(torch.tensor(s.positions), CUTOFF, torch.tensor(cell),
+                                        torch.tensor(s.pbc))
+    vec = (torch.tensor(s.positions)[edges[1]] - torch.tensor(s.positions)[edges[0]]
+           + shifts.double() @ torch.tensor(cell))
+    # brute force over a generous image range
+    expected = 0
+    for i in range(2):
+        for j in range(2):
+            for n1 in range(-5, 6):
+                for n2 in range(-5, 6):
+                    d = s.positions[j] - s.positions[i] + n1 * cell[0] + n2 * cell[1]
+                    if (i != j or n1 or n2) and np.linalg.norm(d) < CUTOFF:
+                        expected += 1
+    assert edges.shape[1] == expected
+    assert float(vec.norm(dim=1).max()) < CUTOFF
+    assert np.isfinite(predict(model, [s])["energy"]).all()
+
+
+def test_batch_equals_individual_structures(model):
+    a, b = molecule(1), crystal()
+    together = predict(model, [a, b])
+    for k, s in enumerate([a, b]):
+        alone = predict(model, [s])
+        assert abs(together["energy"][k] - alone["energy"][0]) < 1e-10 * abs(alone["energy"][0])
+        np.testing.assert_allclose(together["forces"][k], alone["forces"][0], atol=1e-10)
+
+
+def test_model_is_not_built_rotation_invariant(model):
+    """The architecture must not hard-wire rotational symmetry: an untrained model sees a rotation."""
+    from transip.metrics import equivariance_error
+
+    assert equivariance_error(model, [molecule()], num_rotations=2)["energy_abs"] > 1e-6
+
+
+def test_charge_and_spin_change_the_energy(model):
+    s = molecule()
+    other = Structure(s.numbers, s.positions, charge=0, spin=1)
+    assert abs(energy(model, s) - energy(model, other)) > 1e-6
+
+
+def test_scripted_model_matches_eager(model):
+    s = molecule()
+    batch = collate([s], CUTOFF)
+    scripted = torch.jit.script(model)
+    a = evaluate_batch(model, batch)
+    b = evaluate_batch(scripted, batch)
+    torch.testing.assert_close(a["energy"], b["energy"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(a["forces"], b["forces"], rtol=0, atol=1e-12)

@@ -1,0 +1,90 @@
+"""ASE calculator for a TransIP checkpoint, and the short MD run behind `transip md`."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from .checkpoint import model_from_checkpoint
+from .data import Structure, structure_from_atoms
+from .metrics import predict
+
+
+class TransIPCalculator(Calculator):
+    """Energy (eV), forces (eV/A), per-atom energies and, for periodic cells, stress (eV/A^3).
+
+    Total charge and spin multiplicity are read from `atoms.info['charge']` / `['spin']` (OMol25 keys),
+    or default to the values given here.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "energies", "stress"]
+
+    def __init__(self, checkpoint, charge: int = 0, spin: int = 1, dtype: torch.dtype = torch.float64, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model_from_checkpoint(checkpoint, dtype)
+        self.default_charge, self.default_spin = charge, spin
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        s = structure_from_atoms(self.atoms, require_labels=False)
+        s.charge = int(self.atoms.info.get("charge", self.default_charge))
+        s.spin = int(self.atoms.info.get("spin", self.default_spin))
+        periodic = s.periodic
+        out = predict(self.model, [s], compute_virial=periodic)
+        energy = float(out["energy"][0])
+        self.results = {"energy": energy, "free_energy": energy, "forces": out["forces"][0]}
+        if periodic:
+            virial = out["virial"][0]
+            stress = -virial / self.atoms.get_volume()
+            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
+
+
+def run_md(checkpoint, structure: Structure, steps: int, timestep_fs: float, temperature: float,
+           trajectory: str, seed: int = 0, log=print) -> dict:
+    """NVE velocity-Verlet MD with ASE; prints energy and temperature, writes an extended XYZ trajectory."""
+    import ase
+    import ase.io
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md.verlet import VelocityVerlet
+    from tqdm import tqdm
+
+    atoms = ase.Atoms(structure.numbers, positions=structure.positions, cell=structure.cell,
+                      pbc=structure.pbc if structure.pbc is not None else False)
+    atoms.info.update(charge=structure.charge, spin=structure.spin)
+    atoms.calc = TransIPCalculator(checkpoint)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)
+    report_every = max(1, steps // 10)
+    energies = []
+    log(f"{'step':>6} {'time/fs':>8} {'E_pot/eV':>14} {'E_tot/eV':>14} {'T/K':>8}")
+    frames = []
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="MD", unit="step", leave=False)
+    for step in range(steps + 1):
+        if step:
+            dyn.run(1)
+            bar.update(1)
+        e_pot, e_kin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
+        energies.append(e_pot + e_kin)
+        if step % report_every == 0:
+            bar.clear()
+            log(f"{step:6d} {step * timestep_fs:8.1f} {e_pot:14.6f} {e_pot + e_kin:14.6f} "
+                f"{atoms.get_temperature():8.1f}")
+            frame = atoms.copy()
+            frame.calc = None
+            frames.append(frame)
+    bar.close()
+    seconds = time.perf_counter() - start
+    ase.io.write(trajectory, frames, format="extxyz")
+    drift = (energies[-1] - energies[0]) / len(atoms)
+    fluctuation = float(np.std(energies)) / len(atoms)
+    log(f"{steps} steps in {seconds:.1f} s ({steps / seconds:.1f} steps/s); total-energy change "
+        f"{1000 * drift:.3f} meV/atom, std {1000 * fluctuation:.3f} meV/atom; trajectory: {trajectory}")
+    return {"steps_per_second": steps / seconds, "energy_drift_per_atom": drift,
+            "energy_std_per_atom": fluctuation}

@@ -1,0 +1,234 @@
+"""Structures, readers (extended XYZ, ASE databases incl. OMol25 `.aselmdb`), splits and batching."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .model import ELEMENT_SYMBOLS
+from .neighbors import batch_neighbors
+
+EXTXYZ_SUFFIXES = {".xyz", ".extxyz"}
+COMPRESSION_SUFFIXES = {".xz", ".gz", ".bz2"}
+DATABASE_SUFFIXES = {".db", ".aselmdb", ".lmdb", ".json"}
+
+
+@dataclasses.dataclass
+class Structure:
+    """One labelled (or unlabelled) configuration. Angstrom, eV, eV/Angstrom."""
+
+    numbers: np.ndarray  # (N,) int
+    positions: np.ndarray  # (N, 3)
+    charge: int = 0
+    spin: int = 1  # multiplicity 2S+1
+    cell: Optional[np.ndarray] = None  # (3, 3) rows are lattice vectors
+    pbc: Optional[np.ndarray] = None  # (3,) bool
+    energy: Optional[float] = None
+    forces: Optional[np.ndarray] = None
+    name: str = ""  # molecule identity, used to split by molecule
+
+    def __post_init__(self):
+        self.numbers = np.asarray(self.numbers, dtype=np.int64)
+        self.positions = np.asarray(self.positions, dtype=np.float64)
+        n = len(self.numbers)
+        if self.numbers.ndim != 1 or n == 0:
+            raise ValueError(f"structure {self.name!r}: numbers must be a non-empty 1-D array, got shape "
+                             f"{self.numbers.shape}")
+        if self.positions.shape != (n, 3):
+            raise ValueError(f"structure {self.name!r}: positions have shape {self.positions.shape}, expected "
+                             f"({n}, 3) for {n} atoms")
+        if not np.isfinite(self.positions).all():
+            raise ValueError(f"structure {self.name!r}: positions contain NaN or infinite values")
+        if self.forces is not None:
+            self.forces = np.asarray(self.forces, dtype=np.float64)
+            if self.forces.shape != (n, 3):
+                raise ValueError(f"structure {self.name!r}: forces have shape {self.forces.shape}, expected "
+                                 f"({n}, 3)")
+        if self.cell is not None:
+            self.cell = np.asarray(self.cell, dtype=np.float64).reshape(3, 3)
+            self.pbc = np.zeros(3, bool) if self.pbc is None else np.asarray(self.pbc, dtype=bool).reshape(3)
+        self.charge, self.spin = int(self.charge), int(self.spin)
+
+    @property
+    def periodic(self) -> bool:
+        return self.pbc is not None and bool(np.any(self.pbc))
+
+    @property
+    def molecule_key(self) -> str:
+        """Identity for splitting by molecule: the name, or else formula + charge + spin."""
+        if self.name:
+            return self.name
+        counts = np.bincount(self.numbers)
+        formula = "".join(f"{ELEMENT_SYMBOLS[z]}{c}" for z, c in enumerate(counts) if c)
+        return f"{formula}_q{self.charge}_s{self.spin}"
+
+
+def structure_from_atoms(atoms, name: str = "", require_labels: bool = True) -> Structure:
+    """Convert an ase.Atoms (from a file or database row) to a Structure. OMol25 keys: info charge, spin."""
+    energy = forces = None
+    if atoms.calc is not None:
+        results = atoms.calc.results
+        energy = results.get("energy", results.get("free_energy"))
+        forces = results.get("forces")
+    info = atoms.info
+    energy = info.get("energy", info.get("REF_energy", energy))
+    if forces is None:
+        for key in ("forces", "REF_forces"):
+            if key in atoms.arrays:
+                forces = atoms.arrays[key]
+    if require_labels and (energy is None or forces is None):
+        missing = " and ".join(k for k, v in (("energy", energy), ("forces", forces)) if v is None)
+        raise ValueError(f"structure {name or atoms.get_chemical_formula()!r} has no {missing}")
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    return Structure(atoms.numbers, atoms.positions, int(info.get("charge", 0)), int(info.get("spin", 1)),
+                     np.asarray(atoms.cell[:]) if pbc.any() else None, pbc if pbc.any() else None,
+                     None if energy is None else float(energy), forces, str(info.get("name", name)))
+
+
+def read_structures(path, require_labels: bool = True, index: str = ":") -> List[Structure]:
+    """Read every structure of an extended XYZ file (optionally .xz/.gz/.bz2) or an ASE database
+    (.db, .json, OMol25 .aselmdb). Raises a clear error for a missing, unreadable or empty file."""
+    import ase.io
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset file {path} does not exist")
+    suffixes = [s for s in path.suffixes if s not in COMPRESSION_SUFFIXES]
+    kind = suffixes[-1].lower() if suffixes else ""
+    try:
+        if kind in DATABASE_SUFFIXES:
+            atoms_list = _read_database(path)
+        else:
+            atoms_list = _read_extxyz(path, index) if kind in EXTXYZ_SUFFIXES else ase.io.read(path, index=index)
+    except Exception as exc:
+        raise ValueError(f"cannot read structures from {path}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(atoms_list, list):
+        atoms_list = [atoms_list]
+    if not atoms_list:
+        raise ValueError(f"dataset {path} contains no structures")
+    return [structure_from_atoms(a, require_labels=require_labels) for a in atoms_list]
+
+
+def _read_extxyz(path: Path, index: str):
+    """ase's extxyz reader seeks back and forth, which is quadratic in a compressed stream: decompress into
+    memory first."""
+    import bz2
+    import gzip
+    import io
+    import lzma
+
+    import ase.io
+
+    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix.lower(), open)
+    with opener(path, "rt") as f:
+        text = f.read()
+    return ase.io.read(io.StringIO(text), index=index, format="extxyz")
+
+
+def _read_database(path: Path):
+    import ase.db
+
+    kind = path.suffix.lower()
+    db_type = "aselmdb" if kind in {".aselmdb", ".lmdb"} else None
+    if db_type:
+        import ase_db_backends  # noqa: F401  (registers the aselmdb backend with ase.db)
+    with ase.db.connect(str(path), type=db_type or "extract_from_name", readonly=True) as db:
+        atoms_list = []
+        for row in db.select():
+            atoms = row.toatoms()
+            atoms.info.update({k: v for k, v in row.key_value_pairs.items()})
+            atoms.info.update(row.data or {})
+            atoms_list.append(atoms)
+    return atoms_list
+
+
+def split_indices(structures: Sequence[Structure], seed: int = 0, test_molecule_fraction: float = 0.1,
+                  val_fraction: float = 0.1, test_frame_fraction: float = 0.1) -> Dict[str, List[int]]:
+    """Split by molecule (whole molecules held out: `test_molecules`) and by frame (random frames of the
+    remaining molecules: `train`, `val`, `test_frames`). Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    keys = sorted({s.molecule_key for s in structures})
+    num_held = int(round(test_molecule_fraction * len(keys)))
+    if test_molecule_fraction > 0 and len(keys) > 1:
+        num_held = max(num_held, 1)
+    held = set(rng.permutation(keys)[:num_held].tolist()) if num_held else set()
+    test_molecules = [i for i, s in enumerate(structures) if s.molecule_key in held]
+    rest = np.array([i for i, s in enumerate(structures) if s.molecule_key not in held], dtype=np.int64)
+    rest = rest[rng.permutation(len(rest))]
+    n_val, n_test = int(round(val_fraction * len(rest))), int(round(test_frame_fraction * len(rest)))
+    return {"train": sorted(rest[n_val + n_test:].tolist()), "val": sorted(rest[:n_val].tolist()),
+            "test_frames": sorted(rest[n_val:n_val + n_test].tolist()), "test_molecules": test_molecules,
+            "held_out_molecules": sorted(held)}
+
+
+def file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class Batch:
+    """Structures concatenated atom-wise, with their neighbour list, as model inputs."""
+
+    positions: torch.Tensor  # (N, 3)
+    numbers: torch.Tensor  # (N,)
+    batch: torch.Tensor  # (N,) structure index
+    charge: torch.Tensor  # (B,)
+    spin: torch.Tensor  # (B,)
+    cell: torch.Tensor  # (B, 3, 3), zeros where not periodic
+    pbc: torch.Tensor  # (B, 3)
+    edge_index: torch.Tensor  # (2, E)
+    shifts: torch.Tensor  # (E, 3) integer image counts
+    energy: Optional[torch.Tensor]  # (B,)
+    forces: Optional[torch.Tensor]  # (N, 3)
+    num_atoms: torch.Tensor  # (B,)
+
+    @property
+    def num_structures(self) -> int:
+        return int(self.charge.shape[0])
+
+    def shift_vectors(self) -> torch.Tensor:
+        """Cartesian shift of every edge: image counts times the cell of the receiving atom's structure."""
+        cell = self.cell.index_select(0, self.batch.index_select(0, self.edge_index[0]))
+        return torch.bmm(self.shifts.to(cell.dtype)[:, None, :], cell)[:, 0, :]
+
+    def rotated(self, rotation: torch.Tensor) -> "Batch":
+        """The same batch with positions, forces and cells rotated (x -> R x; rows times R^T)."""
+        rt = rotation.T.to(self.positions.dtype)
+        return dataclasses.replace(self, positions=self.positions @ rt, cell=self.cell @ rt,
+                                   forces=None if self.forces is None else self.forces @ rt)
+
+
+def collate(structures: Sequence[Structure], cutoff: float, dtype=torch.float64) -> Batch:
+    numbers = torch.from_numpy(np.concatenate([s.numbers for s in structures]))
+    positions = torch.from_numpy(np.concatenate([s.positions for s in structures])).to(dtype)
+    counts = torch.tensor([len(s.numbers) for s in structures])
+    batch = torch.repeat_interleave(torch.arange(len(structures)), counts)
+    cell = torch.zeros(len(structures), 3, 3, dtype=dtype)
+    pbc = torch.zeros(len(structures), 3, dtype=torch.bool)
+    for b, s in enumerate(structures):
+        if s.periodic:
+            cell[b] = torch.from_numpy(s.cell)
+            pbc[b] = torch.from_numpy(s.pbc)
+    edge_index, shifts = batch_neighbors(positions, batch, len(structures), cutoff, cell, pbc)
+    labelled = all(s.energy is not None and s.forces is not None for s in structures)
+    return Batch(positions, numbers, batch, torch.tensor([s.charge for s in structures]),
+                 torch.tensor([s.spin for s in structures]), cell, pbc, edge_index, shifts,
+                 torch.tensor([s.energy for s in structures], dtype=dtype) if labelled else None,
+                 torch.from_numpy(np.concatenate([s.forces for s in structures])).to(dtype) if labelled else None,
+                 counts)
+
+
+def evaluate_batch(model, batch: Batch, compute_virial: bool = False, create_graph: bool = False):
+    """Run the model on a Batch: energy, atom energies, latent, forces (and virial)."""
+    return model(batch.positions, batch.numbers, batch.charge, batch.spin, batch.batch, batch.edge_index,
+                 batch.shift_vectors(), batch.num_structures, compute_forces=True, compute_virial=compute_virial,
+                 create_graph=create_graph)

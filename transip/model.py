@@ -1,0 +1,258 @@
+"""The TransIP model: a plain (non-equivariant) Transformer over atoms with neighbour attention.
+
+See docs/model.md for the formulation. Shapes: N atoms, E neighbour edges (receiver i, sender j), B
+structures, H heads, D = d_model / H. Units: Angstrom, eV.
+
+Forces and virial come from one gradient: the energy depends on positions only through the edge
+displacements r_e = x_j - x_i + shift_e, so with g_e = dE/dr_e
+
+    F_i = sum_{e: receiver i} g_e - sum_{e: sender i} g_e,      virial_ab = -sum_e g_e,a r_e,b.
+
+The same expression serves engines that pass ghost atoms (LAMMPS): forces land on whichever atom is the
+sender, local or ghost.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .attention import neighbor_attention_reference
+
+ELEMENT_SYMBOLS = (
+    "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y "
+    "Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb Lu Hf Ta W Re "
+    "Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg "
+    "Cn Nh Fl Mc Lv Ts Og").split()
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Sizes and physical settings of a TransIP model (everything needed to rebuild it)."""
+
+    elements: List[int]  # atomic numbers the model knows, e.g. [1, 6, 7, 8]
+    cutoff: float = 6.0  # Angstrom
+    d_model: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    ffn_multiplier: int = 2
+    num_rbf: int = 16
+    edge_hidden: int = 32
+    max_abs_charge: int = 4
+    max_multiplicity: int = 6
+    avg_num_neighbors: float = 12.0  # normalises the neighbour sum in the initial tokens
+
+    def __post_init__(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.cutoff <= 0:
+            raise ValueError(f"cutoff must be positive, got {self.cutoff}")
+        if not self.elements:
+            raise ValueError("a model needs at least one element")
+        for z in self.elements:
+            if not 1 <= int(z) < len(ELEMENT_SYMBOLS):
+                raise ValueError(f"unknown atomic number {z} in model elements")
+
+    @property
+    def receptive_field(self) -> float:
+        return self.num_layers * self.cutoff
+
+
+def envelope(r: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """1 - 10x^3 + 15x^4 - 6x^5 with x = r / cutoff: value, slope and curvature vanish at the cutoff."""
+    x = (r / cutoff).clamp(max=1.0)
+    return torch.where(r < cutoff, 1.0 + x * x * x * (-10.0 + x * (15.0 - 6.0 * x)), torch.zeros_like(r))
+
+
+class MLP(nn.Module):
+    def __init__(self, sizes: List[int]):
+        super().__init__()
+        layers: List[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        self.net = nn.Sequential(*layers[:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AttentionBlock(nn.Module):
+    """Pre-norm Transformer block: neighbour multi-head attention, then a feed-forward layer."""
+
+    def __init__(self, d_model: int, num_heads: int, edge_hidden: int, ffn_multiplier: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.norm_attn = nn.LayerNorm(d_model)
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.edge_bias = nn.Linear(edge_hidden, num_heads)
+        self.out = nn.Linear(d_model, d_model)
+        self.norm_ffn = nn.LayerNorm(d_model)
+        self.ffn = MLP([d_model, ffn_multiplier * d_model, d_model])
+
+    def forward(self, h: torch.Tensor, edge_embedding: torch.Tensor, edge_envelope: torch.Tensor,
+                receivers: torch.Tensor, senders: torch.Tensor) -> torch.Tensor:
+        n = h.shape[0]
+        qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
+        bias = self.edge_bias(edge_embedding)
+        attended = neighbor_attention_reference(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope,
+                                                receivers, senders)
+        h = h + self.out(attended.reshape(n, -1))
+        return h + self.ffn(self.norm_ffn(h))
+
+
+class TransIP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.cutoff = float(c.cutoff)
+        self.num_rbf = int(c.num_rbf)
+        self.max_abs_charge = int(c.max_abs_charge)
+        self.max_multiplicity = int(c.max_multiplicity)
+        self.avg_num_neighbors = float(c.avg_num_neighbors)
+        species_of_z = torch.full((len(ELEMENT_SYMBOLS),), -1, dtype=torch.long)
+        for index, z in enumerate(c.elements):
+            species_of_z[int(z)] = index
+        self.register_buffer("species_of_z", species_of_z)
+        self.register_buffer("rbf_centers", torch.linspace(0.0, c.cutoff, c.num_rbf))
+        self.rbf_width = float(c.cutoff / c.num_rbf)
+        num_species = len(c.elements)
+        self.element_embedding = nn.Embedding(num_species, c.d_model)
+        self.neighbor_element_embedding = nn.Embedding(num_species, c.d_model)
+        self.charge_embedding = nn.Embedding(2 * c.max_abs_charge + 1, c.d_model)
+        self.spin_embedding = nn.Embedding(c.max_multiplicity, c.d_model)
+        self.edge_mlp = MLP([3 + c.num_rbf, c.edge_hidden, c.edge_hidden])
+        self.edge_message = nn.Linear(c.edge_hidden, c.d_model)
+        self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier)
+                                     for _ in range(c.num_layers)])
+        self.final_norm = nn.LayerNorm(c.d_model)
+        self.readout = MLP([c.d_model, c.d_model, 1])
+        # Per-element reference energies and the scale of the learned residual, fitted on training data.
+        self.register_buffer("reference_energy", torch.zeros(num_species))
+        # Energy offsets of a whole structure by total charge and by spin multiplicity (ionisation and
+        # spin-pairing energies do not scale with size). Added to the total, not to atom energies, so that
+        # engines splitting atoms over ranks add it exactly once.
+        self.register_buffer("charge_reference", torch.zeros(2 * c.max_abs_charge + 1))
+        self.register_buffer("spin_reference", torch.zeros(c.max_multiplicity))
+        self.register_buffer("energy_scale", torch.ones(()))
+
+    # ---------------------------------------------------------------- features
+    def edge_features(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Raw Cartesian displacement (scaled by the cutoff) and Gaussian radial basis: not rotation invariant."""
+        rbf = torch.exp(-0.5 * ((lengths[:, None] - self.rbf_centers) / self.rbf_width) ** 2)
+        return torch.cat([vectors / self.cutoff, rbf], dim=1)
+
+    def species(self, numbers: torch.Tensor) -> torch.Tensor:
+        if bool((numbers < 1).any()) or bool((numbers >= self.species_of_z.shape[0]).any()):
+            raise ValueError("atomic numbers must lie in 1..118")
+        species = self.species_of_z[numbers]
+        if bool((species < 0).any()):
+            bad = int(numbers[species < 0][0])
+            raise ValueError("element with atomic number " + str(bad) + " is not known to this model")
+        return species
+
+    def energy_from_edges(self, edge_vectors: torch.Tensor, numbers: torch.Tensor, charge: torch.Tensor,
+                          spin: torch.Tensor, batch: torch.Tensor, receivers: torch.Tensor,
+                          senders: torch.Tensor, num_structures: int) -> Dict[str, torch.Tensor]:
+        """Energy per structure, per-atom energies and per-atom latent vectors from edge displacements."""
+        n = numbers.shape[0]
+        species = self.species(numbers)
+        if bool((charge.abs() > self.max_abs_charge).any()):
+            raise ValueError("total charge outside the model's range +-" + str(self.max_abs_charge))
+        if bool((spin < 1).any()) or bool((spin > self.max_multiplicity).any()):
+            raise ValueError("spin multiplicity outside the model's range 1.." + str(self.max_multiplicity))
+        lengths = torch.linalg.norm(edge_vectors, dim=1)
+        env = envelope(lengths, self.cutoff)
+        edge_embedding = self.edge_mlp(self.edge_features(edge_vectors, lengths))
+
+        h = (self.element_embedding(species) + self.charge_embedding(charge + self.max_abs_charge)[batch]
+             + self.spin_embedding(spin - 1)[batch])
+        messages = (env[:, None] * self.edge_message(edge_embedding)
+                    * self.neighbor_element_embedding(species.index_select(0, senders)))
+        h = h + torch.zeros_like(h).index_add(0, receivers, messages) / self.avg_num_neighbors
+
+        # Every atom attends to itself too: a self edge with zero displacement and envelope 1, built from
+        # constants so that no gradient passes through |0|.
+        zero = torch.zeros(1, 3, dtype=edge_vectors.dtype, device=edge_vectors.device)
+        self_embedding = self.edge_mlp(self.edge_features(zero, torch.zeros(1, dtype=zero.dtype,
+                                                                             device=zero.device)))
+        atoms = torch.arange(n, device=numbers.device)
+        att_embedding = torch.cat([self_embedding.expand(n, -1), edge_embedding])
+        att_envelope = torch.cat([torch.ones(n, dtype=env.dtype, device=env.device), env])
+        att_receivers = torch.cat([atoms, receivers])
+        att_senders = torch.cat([atoms, senders])
+        for block in self.blocks:
+            h = block(h, att_embedding, att_envelope, att_receivers, att_senders)
+
+        latent = self.final_norm(h)
+        atom_energy = self.readout(latent).squeeze(-1) * self.energy_scale + self.reference_energy[species]
+        energy = torch.zeros(num_structures, dtype=atom_energy.dtype,
+                             device=atom_energy.device).index_add(0, batch, atom_energy)
+        energy = energy + self.charge_reference[charge + self.max_abs_charge] + self.spin_reference[spin - 1]
+        return {"energy": energy, "atom_energy": atom_energy, "latent": latent}
+
+    def forward(self, positions: torch.Tensor, numbers: torch.Tensor, charge: torch.Tensor, spin: torch.Tensor,
+                batch: torch.Tensor, edge_index: torch.Tensor, shift_vectors: torch.Tensor, num_structures: int,
+                compute_forces: bool = True, compute_virial: bool = False,
+                create_graph: bool = False) -> Dict[str, torch.Tensor]:
+        """Energy (B), atom energies (N), latent (N, d); forces (N, 3) and virial (B, 3, 3) on request.
+
+        `edge_index` is (2, E) as [receiver, sender]; `shift_vectors` (E, 3) the Cartesian periodic shift.
+        """
+        receivers, senders = edge_index[0], edge_index[1]
+        edge_vectors = positions.index_select(0, senders) - positions.index_select(0, receivers) + shift_vectors
+        if compute_forces or compute_virial:
+            if not edge_vectors.requires_grad:
+                edge_vectors.requires_grad_(True)
+        out = self.energy_from_edges(edge_vectors, numbers, charge, spin, batch, receivers, senders,
+                                     num_structures)
+        if compute_forces or compute_virial:
+            grads = torch.autograd.grad([out["energy"].sum()], [edge_vectors], create_graph=create_graph,
+                                        allow_unused=True)
+            g = grads[0]
+            if g is None:  # no edges at all
+                g = torch.zeros_like(edge_vectors)
+            if compute_forces:
+                forces = torch.zeros_like(positions).index_add(0, receivers, g).index_add(0, senders, -g)
+                out["forces"] = forces
+            if compute_virial:
+                per_edge = -g[:, :, None] * edge_vectors[:, None, :]
+                virial = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device)
+                out["virial"] = virial.index_add(0, batch.index_select(0, receivers), per_edge)
+        return out
+
+
+class TransformationNetwork(nn.Module):
+    """T(h, R): predicts the latent vector of the rotated structure from the latent of the original one."""
+
+    def __init__(self, d_model: int, hidden: int = 0):
+        super().__init__()
+        hidden = hidden or 2 * d_model
+        self.net = MLP([d_model + 9, hidden, hidden, d_model])
+
+    def forward(self, latent: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+        rot = rotation.reshape(1, 9).to(latent.dtype).expand(latent.shape[0], 9)
+        return latent + self.net(torch.cat([latent, rot], dim=1))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def rotation_from_quaternion(q: torch.Tensor) -> torch.Tensor:
+    a, b, c, d = (q / torch.linalg.norm(q)).unbind()
+    return torch.stack([
+        torch.stack([a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)]),
+        torch.stack([2 * (b * c + a * d), a * a - b * b + c * c - d * d, 2 * (c * d - a * b)]),
+        torch.stack([2 * (b * d - a * c), 2 * (c * d + a * b), a * a - b * b - c * c + d * d]),
+    ])
+
+
+def random_rotation(generator: Optional[torch.Generator] = None, dtype=torch.float64) -> torch.Tensor:
+    """Uniform (Haar) random rotation: a normalised Gaussian quaternion is uniform on the sphere."""
+    q = torch.randn(4, generator=generator, dtype=torch.float64)
+    return rotation_from_quaternion(q).to(dtype)

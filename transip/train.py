@@ -1,0 +1,325 @@
+"""Training with the learned-equivariance objective (TransIP) and the `augment` / `none` baselines.
+
+objective = "transip": per batch draw a uniform rotation R, run the model on x and Rx, energy + force losses
+    on both views, plus an InfoNCE term that makes T(h_i(x), R) closest to h_i(Rx) among the batch's atoms.
+objective = "augment": the same two views and losses, without the contrastive term (compute-matched
+    random-rotation augmentation).
+objective = "none": the unrotated view only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import Batch, Structure, collate, evaluate_batch, file_digest, read_structures, split_indices
+from .metrics import accuracy, equivariance_error
+from .model import ModelConfig, TransformationNetwork, TransIP, count_parameters, random_rotation
+
+OBJECTIVES = ("transip", "augment", "none")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str
+    output: str
+    objective: str = "transip"
+    seed: int = 0
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 2e-3
+    lr_final_fraction: float = 0.05  # cosine decay to lr * this
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    energy_weight: float = 1.0  # on (energy error / atoms)^2, eV^2
+    force_weight: float = 1.0  # on force component error^2, (eV/A)^2
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.1
+    contrastive_max_atoms: int = 256
+    max_train_structures: Optional[int] = None  # training-set size (a seeded subset of the train split)
+    val_structures: int = 400  # validation subset evaluated each epoch
+    equivariance_structures: int = 32
+    equivariance_rotations: int = 4
+    split_seed: int = 0
+    test_molecule_fraction: float = 0.1
+    val_fraction: float = 0.1
+    test_frame_fraction: float = 0.1
+    dtype: str = "float32"
+    threads: int = 0  # torch threads; 0 leaves the default
+    progress: bool = True
+    model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields except elements
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ValueError("batch_size and epochs must be at least 1")
+
+
+def fit_reference_energies(model: TransIP, structures: Sequence[Structure]) -> None:
+    """Least-squares per-element energies plus per-charge and per-spin offsets; the residual force RMS sets
+    the scale of the learned part."""
+    species = model.species_of_z.numpy()
+    num_species = len(model.config.elements)
+    q_max, m_max = model.max_abs_charge, model.max_multiplicity
+    rows = []
+    for s in structures:
+        counts = np.bincount(species[s.numbers], minlength=num_species).astype(float)
+        charge = np.zeros(2 * q_max + 1)
+        charge[s.charge + q_max] = 1.0
+        spin = np.zeros(m_max)
+        spin[s.spin - 1] = 1.0
+        rows.append(np.concatenate([counts, charge, spin]))
+    design = np.array(rows)
+    # Neutral singlet is the baseline: its offsets are zero, so drop those two columns.
+    keep = np.ones(design.shape[1], bool)
+    keep[num_species + q_max] = False
+    keep[num_species + 2 * q_max + 1] = False
+    energies = np.array([s.energy for s in structures])
+    coef = np.zeros(design.shape[1])
+    coef[keep] = np.linalg.lstsq(design[:, keep], energies, rcond=None)[0]
+    with torch.no_grad():
+        model.reference_energy.copy_(torch.from_numpy(coef[:num_species]))
+        model.charge_reference.copy_(torch.from_numpy(coef[num_species:num_species + 2 * q_max + 1]))
+        model.spin_reference.copy_(torch.from_numpy(coef[num_species + 2 * q_max + 1:]))
+        force_rms = np.sqrt(np.mean(np.concatenate([s.forces for s in structures]) ** 2))
+        model.energy_scale.fill_(float(force_rms))
+
+
+def contrastive_loss(transform: TransformationNetwork, latent: torch.Tensor, latent_rotated: torch.Tensor,
+                     rotation: torch.Tensor, temperature: float, max_atoms: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """InfoNCE: T(h_i(x), R) must be closer (cosine) to h_i(Rx) than to h_k(Rx) of any other atom k."""
+    n = latent.shape[0]
+    if n > max_atoms:
+        pick = torch.randperm(n, generator=generator)[:max_atoms]
+        latent, latent_rotated = latent[pick], latent_rotated[pick]
+    predicted = F.normalize(transform(latent, rotation), dim=1)
+    target = F.normalize(latent_rotated, dim=1)
+    logits = predicted @ target.T / temperature
+    return F.cross_entropy(logits, torch.arange(logits.shape[0]))
+
+
+def supervised_loss(out: Dict[str, torch.Tensor], batch: Batch, config: TrainConfig):
+    assert batch.energy is not None and batch.forces is not None
+    energy = (((out["energy"] - batch.energy) / batch.num_atoms) ** 2).mean()
+    forces = ((out["forces"] - batch.forces) ** 2).mean()
+    return config.energy_weight * energy + config.force_weight * forces, energy, forces
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.output = Path(config.output)
+        self.dtype = torch.float64 if config.dtype == "float64" else torch.float32
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        structures = read_structures(config.data)
+        self.splits = split_indices(structures, config.split_seed, config.test_molecule_fraction,
+                                    config.val_fraction, config.test_frame_fraction)
+        if not self.splits["train"]:
+            raise ValueError(f"dataset {config.data}: the training split is empty ({len(structures)} structures)")
+        train = self.splits["train"]
+        if config.max_train_structures is not None:
+            subset = np.random.default_rng(config.seed).permutation(len(train))[:config.max_train_structures]
+            train = sorted(train[i] for i in subset)
+        self.train_set = [structures[i] for i in train]
+        val = self.splits["val"] or self.splits["test_frames"]
+        val_pick = np.random.default_rng(config.seed + 1).permutation(len(val))[:config.val_structures]
+        self.val_set = [structures[val[i]] for i in sorted(val_pick)]
+        self.structures = structures
+        elements = sorted({int(z) for s in structures for z in s.numbers})
+
+        torch.manual_seed(config.seed)
+        self.model = TransIP(ModelConfig(elements=elements, **config.model)).to(self.dtype)
+        self.transform = TransformationNetwork(self.model.config.d_model).to(self.dtype)
+        fit_reference_energies(self.model, self.train_set)
+        self.model.to(self.dtype)
+        params = list(self.model.parameters()) + list(self.transform.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
+        total = self.steps_per_epoch * config.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: _lr_factor(
+            step, config.warmup_steps, total, config.lr_final_fraction))
+        self.epoch, self.step, self.history = 0, 0, []
+        self.best_force_mae = float("inf")
+
+    # ------------------------------------------------------------------ state
+    def payload(self) -> Dict[str, Any]:
+        return {
+            "model_config": dataclasses.asdict(self.model.config),
+            "model_state": self.model.state_dict(),
+            "transform_state": self.transform.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "scheduler_state": self.scheduler.state_dict(),
+            "train_config": dataclasses.asdict(self.config),
+            "epoch": self.epoch, "step": self.step, "history": self.history,
+            "best_force_mae": self.best_force_mae,
+            "splits": {k: v for k, v in self.splits.items()},
+            "provenance": {"dataset": str(self.config.data), "dataset_sha256": file_digest(self.config.data),
+                           "objective": self.config.objective, "parameters": count_parameters(self.model),
+                           "train_structures": len(self.train_set)},
+        }
+
+    def resume(self, path) -> None:
+        payload = load_checkpoint(path)
+        saved = payload.get("train_config", {})
+        for key in ("objective", "seed", "data", "batch_size", "max_train_structures", "model"):
+            if saved.get(key) != getattr(self.config, key):
+                raise ValueError(f"cannot resume from {path}: it was trained with {key}={saved.get(key)!r}, "
+                                 f"this run asks for {getattr(self.config, key)!r}")
+        self.model.load_state_dict(payload["model_state"])
+        self.transform.load_state_dict(payload["transform_state"])
+        self.optimizer.load_state_dict(payload["optimizer_state"])
+        self.scheduler.load_state_dict(payload["scheduler_state"])
+        self.epoch, self.step, self.history = payload["epoch"], payload["step"], payload["history"]
+        self.best_force_mae = payload["best_force_mae"]
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self, batch: Batch, rotation_generator: torch.Generator) -> Dict[str, float]:
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        out = evaluate_batch(self.model, batch, create_graph=True)
+        loss, e_loss, f_loss = supervised_loss(out, batch, config)
+        contrast = torch.zeros((), dtype=self.dtype)
+        if config.objective in ("transip", "augment"):
+            rotation = random_rotation(rotation_generator, self.dtype)
+            rotated = batch.rotated(rotation)
+            out_rot = evaluate_batch(self.model, rotated, create_graph=True)
+            loss_rot, e_rot, f_rot = supervised_loss(out_rot, rotated, config)
+            loss, e_loss, f_loss = (loss + loss_rot) / 2, (e_loss + e_rot) / 2, (f_loss + f_rot) / 2
+            if config.objective == "transip":
+                contrast = contrastive_loss(self.transform, out["latent"], out_rot["latent"], rotation,
+                                            config.contrastive_temperature, config.contrastive_max_atoms,
+                                            rotation_generator)
+                loss = loss + config.contrastive_weight * contrast
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss.item(), "energy_loss": e_loss.item(), "force_loss": f_loss.item(),
+                "contrastive_loss": contrast.item()}
+
+    def run_epoch(self) -> Dict[str, float]:
+        from tqdm import tqdm
+
+        config = self.config
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(
+            config.seed * 100003 + self.epoch)).tolist()
+        rotation_generator = torch.Generator().manual_seed(config.seed * 100019 + self.epoch + 7)
+        self.model.train()
+        sums: Dict[str, float] = {}
+        start = time.perf_counter()
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{config.epochs}",
+                   disable=not config.progress, leave=False)
+        for b in bar:
+            chunk = [self.train_set[i] for i in order[b * config.batch_size:(b + 1) * config.batch_size]]
+            stats = self.train_step(collate(chunk, self.model.cutoff, self.dtype), rotation_generator)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
+        seconds = time.perf_counter() - start
+        result = {f"train_{k}": v / self.steps_per_epoch for k, v in sums.items()}
+        result["seconds_per_step"] = seconds / self.steps_per_epoch
+        return result
+
+    def validate(self) -> Dict[str, float]:
+        self.model.eval()
+        val = {f"val_{k}": v for k, v in accuracy(self.model, self.val_set).items()}
+        eq = equivariance_error(self.model, self.val_set[:self.config.equivariance_structures],
+                                self.config.equivariance_rotations, seed=self.config.seed)
+        val.update({f"equivariance_{k}": v for k, v in eq.items()})
+        return val
+
+    def fit(self, log=print) -> Dict[str, Any]:
+        self.output.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        if self.epoch == 0:
+            log(f"objective={config.objective} train={len(self.train_set)} val={len(self.val_set)} "
+                f"parameters={count_parameters(self.model)} steps/epoch={self.steps_per_epoch}")
+        while self.epoch < config.epochs:
+            record = {"epoch": self.epoch + 1, "step": None, "lr": self.scheduler.get_last_lr()[0]}
+            record.update(self.run_epoch())
+            record.update(self.validate())
+            record["step"] = self.step
+            self.epoch += 1
+            self.history.append(record)
+            log(format_record(record))
+            if record["val_force_mae"] < self.best_force_mae:
+                self.best_force_mae = record["val_force_mae"]
+                save_checkpoint(self.output / "best.ckpt", self.payload())
+            save_checkpoint(self.output / "last.ckpt", self.payload())
+            plot_learning_curves(self.history, self.output / "learning_curves.png", config.objective)
+        return self.history[-1] if self.history else {}
+
+
+def _lr_factor(step: int, warmup: int, total: int, final: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def format_record(r: Dict[str, Any]) -> str:
+    return (f"epoch {r['epoch']:3d} step {r['step']:6d} lr {r['lr']:.2e} loss {r['train_loss']:.4f} "
+            f"contrastive {r['train_contrastive_loss']:.4f} | val E {1000 * r['val_energy_mae_per_atom']:.2f} "
+            f"meV/atom F {1000 * r['val_force_mae']:.1f} meV/A cos {r['val_force_cosine']:.4f} | equivariance "
+            f"E {1000 * r['equivariance_energy_abs_per_atom']:.3f} meV/atom F {r['equivariance_force_relative']:.4f}"
+            f" | {1000 * r['seconds_per_step']:.0f} ms/step")
+
+
+def plot_learning_curves(history: List[Dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    panels = [("train_loss", "training loss", 1.0), ("val_energy_mae_per_atom", "val energy MAE (meV/atom)", 1e3),
+              ("val_force_mae", "val force MAE (meV/A)", 1e3),
+              ("equivariance_force_relative", "force equivariance error |F(Rx)-RF(x)|/|F|", 1.0)]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (key, label, scale) in zip(axes.flat, panels):
+        ax.plot(epochs, [scale * r[key] for r in history], marker="o", ms=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"TransIP training ({title})")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def train(config: TrainConfig, resume: bool = False) -> Dict[str, Any]:
+    """Train (or resume from <output>/last.ckpt) and return the last epoch's record."""
+    trainer = Trainer(config)
+    last = Path(config.output) / "last.ckpt"
+    if resume and last.exists():
+        trainer.resume(last)
+    Path(config.output).mkdir(parents=True, exist_ok=True)
+    log_file = open(Path(config.output) / "train.log", "a")
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    try:
+        json.dump(dataclasses.asdict(config), open(Path(config.output) / "config.json", "w"), indent=1)
+        return trainer.fit(log)
+    finally:
+        log_file.close()
