@@ -137,7 +137,8 @@ def _read_database(path: Path):
     db_type = "aselmdb" if kind in {".aselmdb", ".lmdb"} else None
     if db_type:
         import ase_db_backends  # noqa: F401  (registers the aselmdb backend with ase.db)
-    with ase.db.connect(str(path), type=db_type or "extract_from_name", readonly=True) as db:
+    options = {"type": "aselmdb", "readonly": True} if db_type else {}
+    with ase.db.connect(str(path), **options) as db:
         atoms_list = []
         for row in db.select():
             atoms = row.toatoms()

@@ -242,13 +242,15 @@ class Trainer:
         val.update({f"equivariance_{k}": v for k, v in eq.items()})
         return val
 
-    def fit(self, log=print) -> Dict[str, Any]:
+    def fit(self, log=print, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
+        """Train to `config.epochs` (or stop early after `stop_after_epoch`, as an interrupted run would)."""
         self.output.mkdir(parents=True, exist_ok=True)
         config = self.config
         if self.epoch == 0:
             log(f"objective={config.objective} train={len(self.train_set)} val={len(self.val_set)} "
                 f"parameters={count_parameters(self.model)} steps/epoch={self.steps_per_epoch}")
-        while self.epoch < config.epochs:
+        last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+        while self.epoch < last_epoch:
             record = {"epoch": self.epoch + 1, "step": None, "lr": self.scheduler.get_last_lr()[0]}
             record.update(self.run_epoch())
             record.update(self.validate())
@@ -304,7 +306,7 @@ def plot_learning_curves(history: List[Dict[str, Any]], path: Path, title: str) 
     tmp.replace(path)
 
 
-def train(config: TrainConfig, resume: bool = False) -> Dict[str, Any]:
+def train(config: TrainConfig, resume: bool = False, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
     """Train (or resume from <output>/last.ckpt) and return the last epoch's record."""
     trainer = Trainer(config)
     last = Path(config.output) / "last.ckpt"
@@ -320,6 +322,6 @@ def train(config: TrainConfig, resume: bool = False) -> Dict[str, Any]:
 
     try:
         json.dump(dataclasses.asdict(config), open(Path(config.output) / "config.json", "w"), indent=1)
-        return trainer.fit(log)
+        return trainer.fit(log, stop_after_epoch)
     finally:
         log_file.close()
