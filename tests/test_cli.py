@@ -1,0 +1,77 @@
+"""The `transip` command line and the shipped model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, SHIPPED_MODEL
+
+ASPIRIN = ROOT / "examples" / "molecules" / "aspirin.xyz"
+
+
+def transip(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "transip", *map(str, args)], capture_output=True, text=True,
+                            cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"transip {' '.join(map(str, args))} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def test_check_equivariance_reports_small_errors_for_the_shipped_model():
+    out = transip("check-equivariance", SHIPPED_MODEL, ASPIRIN, "--rotations", 4)
+    assert "energy invariance error" in out.stdout and "force equivariance error" in out.stdout
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # A trained TransIP has learned near-equivariance: forces rotate with the molecule to within a few %.
+    assert 0 < result["force_relative"] < 0.05
+    assert 0 <= result["energy_abs_per_atom"] < 0.01
+
+
+def test_md_conserves_energy_and_writes_a_trajectory(tmp_path):
+    from transip.calculator import run_md
+    from transip.data import read_structures
+
+    s = read_structures(ASPIRIN, require_labels=False)[0]
+    traj = tmp_path / "md.extxyz"
+    result = run_md(SHIPPED_MODEL, s, steps=40, timestep_fs=0.5, temperature=300.0, trajectory=str(traj),
+                    log=lambda line: None)
+    frames = read_structures(traj, require_labels=False)
+    assert len(frames) == 11 and all(len(f.numbers) == 21 for f in frames)
+    assert abs(result["energy_drift_per_atom"]) < 1e-3  # eV/atom over 20 fs of NVE
+    assert np.isfinite(frames[-1].positions).all()
+
+
+def test_cli_errors_name_the_problem(tmp_path):
+    out = transip("check-equivariance", tmp_path / "none.ckpt", ASPIRIN, check=False)
+    assert out.returncode == 2 and "none.ckpt does not exist" in out.stderr
+    out = transip("check-equivariance", SHIPPED_MODEL, tmp_path / "missing.xyz", check=False)
+    assert out.returncode == 2 and "missing.xyz does not exist" in out.stderr
+    chlorine = tmp_path / "cl.xyz"
+    chlorine.write_text("2\n\nC 0 0 0\nBr 1.9 0 0\n")
+    out = transip("check-equivariance", SHIPPED_MODEL, chlorine, check=False)
+    assert out.returncode == 2 and "atomic number 35 is not known" in out.stderr
+    out = transip("train", "--data", tmp_path / "nothing.extxyz", "-o", tmp_path / "run", check=False)
+    assert out.returncode == 2 and "nothing.extxyz does not exist" in out.stderr
+
+
+def test_train_command_writes_checkpoint_log_and_plot(small_dataset, tmp_path):
+    out = transip("train", "--data", small_dataset, "-o", tmp_path / "run", "--epochs", 1, "--batch-size", 16,
+                  "--objective", "augment", "--val-structures", 20, "--no-progress",
+                  "--model", '{"d_model": 16, "num_heads": 2, "num_layers": 1, "cutoff": 4.0}')
+    assert "epoch   1" in out.stdout
+    for name in ("last.ckpt", "best.ckpt", "train.log", "learning_curves.png", "config.json"):
+        assert (tmp_path / "run" / name).exists(), name
+
+
+@pytest.mark.slow
+def test_shipped_model_card_metrics_are_reproduced(tmp_path):
+    """The held-out metrics in the model card come from `transip evaluate` on the shipped files."""
+    card = json.loads((SHIPPED_MODEL.parent / "test_metrics.json").read_text())
+    out = transip("evaluate", SHIPPED_MODEL, "--splits", "test_frames", "--rotations", 2,
+                  "--json", tmp_path / "m.json")
+    metrics = json.loads((tmp_path / "m.json").read_text())["test_frames"]
+    assert "test_frames" in out.stdout
+    for key in ("energy_mae_per_atom", "force_mae", "force_cosine"):
+        assert metrics[key] == pytest.approx(card["test_frames"][key], rel=1e-6)
