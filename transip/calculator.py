@@ -48,7 +48,7 @@ def run_md(checkpoint, structure: Structure, steps: int, timestep_fs: float, tem
     import ase
     import ase.io
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
     from ase.md.verlet import VelocityVerlet
     from tqdm import tqdm
 
@@ -56,7 +56,7 @@ def run_md(checkpoint, structure: Structure, steps: int, timestep_fs: float, tem
                       pbc=structure.pbc if structure.pbc is not None else False)
     atoms.info.update(charge=structure.charge, spin=structure.spin)
     atoms.calc = TransIPCalculator(checkpoint)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    thermalize_momenta(atoms, temperature, rng=np.random.default_rng(seed))
     Stationary(atoms)
     ZeroRotation(atoms)
     dyn = VelocityVerlet(atoms, timestep=timestep_fs * units.fs)

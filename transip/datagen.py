@@ -97,7 +97,7 @@ def run_task(task: SamplingTask) -> list:
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+    from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
     from ase.optimize import BFGS
 
     atoms = embed_molecule(task.name, task.smiles, task.seed)
@@ -106,7 +106,7 @@ def run_task(task: SamplingTask) -> list:
     rng = np.random.default_rng(task.seed)
     if len(atoms) > 1:
         BFGS(atoms, logfile=None).run(fmax=0.05, steps=200)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=task.temperature_k, rng=rng)
+        thermalize_momenta(atoms, task.temperature_k, rng=rng)
         Stationary(atoms)
         ZeroRotation(atoms)
     atoms.set_constraint(FixCom())
