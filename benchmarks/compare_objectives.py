@@ -13,9 +13,31 @@ from pathlib import Path
 
 from transip.checkpoint import load_checkpoint, model_from_checkpoint
 from transip.data import read_structures
-from transip.metrics import accuracy, equivariance_error
+from transip.metrics import accuracy, equivariance_error, spread_subset
+from transip.train import TrainConfig, Trainer
 
 SPLITS = ("test_frames", "test_molecules")
+
+
+def time_training_steps(payload, steps: int) -> float:
+    """Milliseconds per training step with the checkpoint's settings, timed here (one process at a time,
+    same batches for every objective) rather than taken from training logs of runs that shared the CPU."""
+    import time
+
+    import torch
+
+    from transip.data import collate
+
+    config = TrainConfig(**{**payload["train_config"], "progress": False})
+    trainer = Trainer(config)
+    generator = torch.Generator().manual_seed(0)
+    chunks = [trainer.train_set[i * config.batch_size:(i + 1) * config.batch_size] for i in range(steps + 5)]
+    for chunk in chunks[:5]:
+        trainer.train_step(collate(chunk, trainer.model.cutoff, trainer.dtype), generator)
+    start = time.perf_counter()  # a whole step: neighbour list, forward, double backward, optimiser
+    for chunk in chunks[5:]:
+        trainer.train_step(collate(chunk, trainer.model.cutoff, trainer.dtype), generator)
+    return 1000 * (time.perf_counter() - start) / steps
 
 
 def main() -> None:
@@ -23,6 +45,7 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--rotations", type=int, default=8)
     parser.add_argument("--equivariance-structures", type=int, default=128)
+    parser.add_argument("--time-steps", type=int, default=40, help="training steps timed per objective")
     parser.add_argument("--json", required=True)
     parser.add_argument("--markdown", required=True)
     args = parser.parse_args()
@@ -36,15 +59,14 @@ def main() -> None:
     rows = []
     for path, payload in zip(args.checkpoints, payloads):
         model = model_from_checkpoint(payload)
-        history = payload["history"]
         row = {"checkpoint": path, "objective": payload["train_config"]["objective"],
                "epochs": payload["epoch"], "steps": payload["step"],
-               "ms_per_step": 1000 * sum(r["seconds_per_step"] for r in history) / len(history)}
+               "ms_per_step": time_training_steps(payload, args.time_steps)}
         for split in SPLITS:
             chosen = [structures[i] for i in payload["splits"][split]]
             metrics = accuracy(model, chosen)
             metrics.update({f"equivariance_{k}": v for k, v in equivariance_error(
-                model, chosen[::max(1, len(chosen) // args.equivariance_structures)], args.rotations).items()})
+                model, spread_subset(chosen, args.equivariance_structures), args.rotations).items()})
             row[split] = metrics
         rows.append(row)
         print(path, json.dumps(row, indent=1))

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
     ev.add_argument("--splits", nargs="+", default=["test_frames", "test_molecules"])
     ev.add_argument("--rotations", type=int, default=8)
+    ev.add_argument("--equivariance-structures", type=int, default=128,
+                    help="structures (spread over the split) used for the equivariance error")
     ev.add_argument("--json", help="also write the metrics to this file")
     eq = sub.add_parser("check-equivariance", help="energy-invariance and force-equivariance errors")
     eq.add_argument("checkpoint")
@@ -121,7 +123,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .checkpoint import load_checkpoint, model_from_checkpoint
     from .data import read_structures
-    from .metrics import accuracy, equivariance_error
+    from .metrics import accuracy, equivariance_error, spread_subset
 
     payload = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(payload)
@@ -138,13 +140,15 @@ def cmd_evaluate(args) -> int:
             raise SystemExit(f"transip evaluate: split {name!r} is empty")
         metrics = accuracy(model, chosen)
         metrics.update({f"equivariance_{k}": v for k, v in
-                        equivariance_error(model, chosen[:64], args.rotations).items()})
+                        equivariance_error(model, spread_subset(chosen, args.equivariance_structures),
+                                           args.rotations).items()})
         metrics["structures"] = len(chosen)
         results[name] = metrics
         print(f"{name:15s} n={len(chosen):5d} E MAE {1000 * metrics['energy_mae_per_atom']:.2f} meV/atom "
               f"({1000 * metrics['energy_mae']:.1f} meV)  F MAE {1000 * metrics['force_mae']:.1f} meV/A  "
-              f"cos {metrics['force_cosine']:.4f}  equivariance: E {1000 * metrics['equivariance_energy_abs']:.3f}"
-              f" meV, F {metrics['equivariance_force_relative']:.4f}")
+              f"cos {metrics['force_cosine']:.4f}  equivariance: E "
+              f"{1000 * metrics['equivariance_energy_abs_per_atom']:.3f} meV/atom, F "
+              f"{metrics['equivariance_force_relative']:.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -11,6 +11,11 @@ from .data import Structure, collate, evaluate_batch
 from .model import random_rotation
 
 
+def spread_subset(items: Sequence, count: int) -> list:
+    """About `count` items taken at an even stride, so that a subset spans every molecule of a split."""
+    return list(items[::max(1, len(items) // count)])[:count] if count > 0 else []
+
+
 def _chunks(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
