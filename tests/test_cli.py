@@ -75,3 +75,26 @@ def test_shipped_model_card_metrics_are_reproduced(tmp_path):
     assert "test_frames" in out.stdout
     for key in ("energy_mae_per_atom", "force_mae", "force_cosine"):
         assert metrics[key] == pytest.approx(card["test_frames"][key], rel=1e-6)
+
+
+def test_ase_calculator_energy_forces_and_stress_of_a_periodic_box():
+    import ase
+
+    from transip.calculator import TransIPCalculator
+    from transip.data import read_structures
+
+    s = read_structures(ASPIRIN, require_labels=False)[0]
+    atoms = ase.Atoms(s.numbers, positions=s.positions + 1.0, cell=[14.0, 14.5, 15.0], pbc=True)
+    atoms.calc = TransIPCalculator(SHIPPED_MODEL)
+    energy = atoms.get_potential_energy()
+    assert np.sum(atoms.get_potential_energies()) == pytest.approx(energy, abs=1e-8)  # neutral singlet: no offset
+    stress = atoms.get_stress()
+    h = 1e-5
+    strained = []
+    for sign in (1, -1):
+        a = atoms.copy()
+        a.calc = atoms.calc
+        a.set_cell(atoms.cell * (1 + sign * h), scale_atoms=True)
+        strained.append(a.get_potential_energy())
+    # isotropic strain: dE/d(eps) = V * trace(stress)
+    assert (strained[0] - strained[1]) / (2 * h) == pytest.approx(atoms.get_volume() * stress[:3].sum(), rel=1e-5)

@@ -35,7 +35,8 @@ class TransIPCalculator(Calculator):
         periodic = s.periodic
         out = predict(self.model, [s], compute_virial=periodic)
         energy = float(out["energy"][0])
-        self.results = {"energy": energy, "free_energy": energy, "forces": out["forces"][0]}
+        self.results = {"energy": energy, "free_energy": energy, "forces": out["forces"][0],
+                        "energies": out["atom_energy"][0]}
         if periodic:
             virial = out["virial"][0]
             stress = -virial / self.atoms.get_volume()

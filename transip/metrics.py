@@ -24,15 +24,17 @@ def _chunks(items: Sequence, size: int):
 def predict(model, structures: Sequence[Structure], batch_size: int = 32, compute_virial: bool = False):
     """Energies (B,), forces (list of (N_b, 3)) and, on request, virials (B, 3, 3) as numpy arrays."""
     dtype = next(model.parameters()).dtype
-    energies, forces, virials = [], [], []
+    energies, forces, atom_energies, virials = [], [], [], []
     for chunk in _chunks(structures, batch_size):
         batch = collate(chunk, model.cutoff, dtype)
         out = evaluate_batch(model, batch, compute_virial=compute_virial)
         energies.append(out["energy"].detach().numpy())
         forces.extend(torch.split(out["forces"].detach(), batch.num_atoms.tolist()))
+        atom_energies.extend(torch.split(out["atom_energy"].detach(), batch.num_atoms.tolist()))
         if compute_virial:
             virials.append(out["virial"].detach().numpy())
-    result = {"energy": np.concatenate(energies), "forces": [f.numpy() for f in forces]}
+    result = {"energy": np.concatenate(energies), "forces": [f.numpy() for f in forces],
+              "atom_energy": [e.numpy() for e in atom_energies]}
     if compute_virial:
         result["virial"] = np.concatenate(virials)
     return result
