@@ -162,7 +162,8 @@ def generate(output: Path, molecules=MOLECULES, temperatures=(300.0, 600.0, 900.
     failures = []
     start = time.perf_counter()
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by workers: one core each
-    with mp.get_context("fork").Pool(workers) as pool:
+    # spawn, not fork: a process forked after OpenMP started (torch, tblite) can deadlock in the child.
+    with mp.get_context("spawn").Pool(workers) as pool:
         for task, frames, error in tqdm(pool.imap_unordered(_run_task_single_thread, tasks), total=len(tasks),
                                         desc="xTB MD", unit="task"):
             results[task] = frames
