@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Batch, Structure, collate, evaluate_batch, file_digest, read_structures, split_indices
-from .metrics import accuracy, equivariance_error
+from .metrics import accuracy, equivariance_error, spread_subset
 from .model import ModelConfig, TransformationNetwork, TransIP, count_parameters, random_rotation
 
 OBJECTIVES = ("transip", "augment", "none")
@@ -139,6 +139,7 @@ class Trainer:
         val_pick = np.random.default_rng(config.seed + 1).permutation(len(val))[:config.val_structures]
         self.val_set = [structures[val[i]] for i in sorted(val_pick)]
         self.structures = structures
+        self.dataset_sha256 = file_digest(config.data)  # once: checkpoints are written every epoch
         elements = sorted({int(z) for s in structures for z in s.numbers})
 
         torch.manual_seed(config.seed)
@@ -167,7 +168,7 @@ class Trainer:
             "epoch": self.epoch, "step": self.step, "history": self.history,
             "best_force_mae": self.best_force_mae,
             "splits": {k: v for k, v in self.splits.items()},
-            "provenance": {"dataset": str(self.config.data), "dataset_sha256": file_digest(self.config.data),
+            "provenance": {"dataset": str(self.config.data), "dataset_sha256": self.dataset_sha256,
                            "objective": self.config.objective, "parameters": count_parameters(self.model),
                            "train_structures": len(self.train_set)},
         }
@@ -237,7 +238,7 @@ class Trainer:
     def validate(self) -> Dict[str, float]:
         self.model.eval()
         val = {f"val_{k}": v for k, v in accuracy(self.model, self.val_set).items()}
-        eq = equivariance_error(self.model, self.val_set[:self.config.equivariance_structures],
+        eq = equivariance_error(self.model, spread_subset(self.val_set, self.config.equivariance_structures),
                                 self.config.equivariance_rotations, seed=self.config.seed)
         val.update({f"equivariance_{k}": v for k, v in eq.items()})
         return val
