@@ -20,7 +20,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .attention import neighbor_attention_reference
+from . import native
+from .attention import attention_layer
 
 ELEMENT_SYMBOLS = (
     "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y "
@@ -82,7 +83,7 @@ class MLP(nn.Module):
 class AttentionBlock(nn.Module):
     """Pre-norm Transformer block: neighbour multi-head attention, then a feed-forward layer."""
 
-    def __init__(self, d_model: int, num_heads: int, edge_hidden: int, ffn_multiplier: int):
+    def __init__(self, d_model: int, num_heads: int, edge_hidden: int, ffn_multiplier: int, kernel: str):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
@@ -92,20 +93,26 @@ class AttentionBlock(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.norm_ffn = nn.LayerNorm(d_model)
         self.ffn = MLP([d_model, ffn_multiplier * d_model, d_model])
+        self.attention = attention_layer(kernel)
 
     def forward(self, h: torch.Tensor, edge_embedding: torch.Tensor, edge_envelope: torch.Tensor,
                 receivers: torch.Tensor, senders: torch.Tensor) -> torch.Tensor:
         n = h.shape[0]
         qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
         bias = self.edge_bias(edge_embedding)
-        attended = neighbor_attention_reference(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope,
-                                                receivers, senders)
+        attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, receivers, senders)
         h = h + self.out(attended.reshape(n, -1))
         return h + self.ffn(self.norm_ffn(h))
 
 
 class TransIP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """The model. `kernel` picks the attention implementation (see transip.native): 'auto' (default: the
+    TRANSIP_KERNEL environment variable, else fused when the native library is loaded), 'fused' or
+    'reference'. Both compute the same function; `set_kernel` switches an existing model."""
+
+    __jit_unused_properties__ = ["kernel"]
+
+    def __init__(self, config: ModelConfig, kernel: str = "auto"):
         super().__init__()
         self.config = config
         c = config
@@ -127,7 +134,8 @@ class TransIP(nn.Module):
         self.spin_embedding = nn.Embedding(c.max_multiplicity, c.d_model)
         self.edge_mlp = MLP([3 + c.num_rbf, c.edge_hidden, c.edge_hidden])
         self.edge_message = nn.Linear(c.edge_hidden, c.d_model)
-        self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier)
+        kernel = native.default_kernel() if kernel == "auto" else native.resolve_kernel(kernel)
+        self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier, kernel)
                                      for _ in range(c.num_layers)])
         self.final_norm = nn.LayerNorm(c.d_model)
         self.readout = MLP([c.d_model, c.d_model, 1])
@@ -139,6 +147,18 @@ class TransIP(nn.Module):
         self.register_buffer("charge_reference", torch.zeros(2 * c.max_abs_charge + 1))
         self.register_buffer("spin_reference", torch.zeros(c.max_multiplicity))
         self.register_buffer("energy_scale", torch.ones(()))
+
+    @torch.jit.unused
+    def set_kernel(self, kernel: str) -> "TransIP":
+        """Switch every attention layer to 'fused', 'reference' or 'auto'; returns the model."""
+        resolved = native.default_kernel() if kernel == "auto" else native.resolve_kernel(kernel)
+        for block in self.blocks:
+            block.attention = attention_layer(resolved)
+        return self
+
+    @property
+    def kernel(self) -> str:
+        return self.blocks[0].attention.kernel if len(self.blocks) else "reference"
 
     # ---------------------------------------------------------------- features
     def edge_features(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

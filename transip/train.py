@@ -143,7 +143,8 @@ class Trainer:
         elements = sorted({int(z) for s in structures for z in s.numbers})
 
         torch.manual_seed(config.seed)
-        self.model = TransIP(ModelConfig(elements=elements, **config.model)).to(self.dtype)
+        # The force loss differentiates the forces again (create_graph), which the fused kernel does not do.
+        self.model = TransIP(ModelConfig(elements=elements, **config.model), kernel="reference").to(self.dtype)
         self.transform = TransformationNetwork(self.model.config.d_model).to(self.dtype)
         fit_reference_energies(self.model, self.train_set)
         self.model.to(self.dtype)

@@ -1,0 +1,235 @@
+// The TORCH_LIBRARY registration of TransIP's native ops, with argument checks and autograd.
+//
+//   transip::neighbor_attention(q, k, v, bias, envelope, row_ptr, senders) -> out       (differentiable once)
+//   transip::neighbor_attention_forward(...)  -> (out, row_max, row_sum)
+//   transip::neighbor_attention_backward(grad_out, q, k, v, bias, envelope, row_ptr, senders, out, row_max,
+//                                        row_sum) -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope)
+//   transip::neighbor_list(positions, cell?, pbc?, cutoff) -> (edge_index, shifts)
+//   transip::csr_order(index, num_rows) -> (perm, row_ptr)
+//   transip::version() -> str,  transip::isa() -> str
+//
+// Loading this library (from Python through `import transip`, or with torch.ops.load_library / dlopen from
+// C++ engines) registers the ops, so TorchScript models that call them run anywhere the library is loaded.
+#include <ATen/ATen.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "attention_kernels.h"
+#include "neighbor_list.h"
+
+#ifndef TRANSIP_VERSION
+#define TRANSIP_VERSION "unknown"
+#endif
+
+namespace transip {
+
+namespace {
+
+using at::Tensor;
+
+// The instruction set the attention kernels run with: AVX-512 when the CPU has it and the compiler built it,
+// otherwise the portable build. TRANSIP_ISA=generic forces the portable build (for testing it).
+bool use_avx512() {
+  static const bool value = [] {
+    const char* forced = std::getenv("TRANSIP_ISA");
+    if (forced != nullptr && std::string(forced) == "generic") return false;
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return avx512::built_with_avx512() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+#else
+    return false;
+#endif
+  }();
+  return value;
+}
+
+std::string isa() { return use_avx512() ? "avx512" : "generic"; }
+std::string version() { return TRANSIP_VERSION; }
+
+void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
+                            const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
+  const char* op = "transip::neighbor_attention: ";
+  TORCH_CHECK(q.dim() == 3, op, "q must have shape (atoms, heads, head_dim), got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, "q, k and v must have the same shape, got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
+              "q, k, v must be float32 or float64, got ", q.scalar_type());
+  for (const Tensor* t : {&k, &v, &bias, &envelope})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, "all floating inputs must share q's dtype ",
+                q.scalar_type(), ", got ", t->scalar_type());
+  for (const Tensor* t : {&q, &k, &v, &bias, &envelope, &row_ptr, &senders})
+    TORCH_CHECK(t->device().is_cpu(), op, "inputs must be on the CPU, got ", t->device());
+  const int64_t atoms = q.size(0), heads = q.size(1);
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.scalar_type() == at::kLong && row_ptr.numel() == atoms + 1, op,
+              "row_ptr must be int64 of length atoms + 1 = ", atoms + 1, ", got ", row_ptr.scalar_type(), " ",
+              row_ptr.sizes());
+  TORCH_CHECK(senders.dim() == 1 && senders.scalar_type() == at::kLong, op, "senders must be 1-D int64, got ",
+              senders.scalar_type(), " ", senders.sizes());
+  const int64_t edges = senders.numel();
+  TORCH_CHECK(bias.dim() == 2 && bias.size(0) == edges && bias.size(1) == heads, op, "bias must have shape (edges, heads) = (",
+              edges, ", ", heads, "), got ", bias.sizes());
+  TORCH_CHECK(envelope.dim() == 1 && envelope.numel() == edges, op, "envelope must have shape (edges,) = (", edges,
+              "), got ", envelope.sizes());
+  const Tensor rp = row_ptr.contiguous();
+  const int64_t* p = rp.data_ptr<int64_t>();
+  TORCH_CHECK(p[0] == 0 && p[atoms] == edges, op, "row_ptr must start at 0 and end at the number of edges ", edges,
+              ", got ", p[0], " and ", p[atoms]);
+  for (int64_t i = 0; i < atoms; ++i)
+    TORCH_CHECK(p[i] <= p[i + 1], op, "row_ptr must be non-decreasing (edges grouped by receiver), but row ", i,
+                " has ", p[i], " > ", p[i + 1]);
+  if (edges > 0) {
+    const auto [lo, hi] = at::aminmax(senders);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < atoms, op, "senders must lie in [0, ", atoms,
+                "), got values from ", lo.item<int64_t>(), " to ", hi.item<int64_t>());
+  }
+}
+
+template <typename T>
+AttentionInputs<T> attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
+                                    const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
+  return {q.data_ptr<T>(),        k.data_ptr<T>(),           v.data_ptr<T>(),        bias.data_ptr<T>(),
+          envelope.data_ptr<T>(), row_ptr.data_ptr<int64_t>(), senders.data_ptr<int64_t>()};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                         const Tensor& bias_in, const Tensor& envelope_in,
+                                                         const Tensor& row_ptr_in, const Tensor& senders_in) {
+  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in);
+  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous(),
+               envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(),
+               senders = senders_in.contiguous();
+  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2)};
+  Tensor out = at::empty_like(q);
+  Tensor row_max = at::empty({shape.atoms, shape.heads}, q.options());
+  Tensor row_sum = at::empty({shape.atoms, shape.heads}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_forward", [&] {
+    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders);
+    const AttentionForwardOutputs<scalar_t> result{out.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>(),
+                                                   row_sum.data_ptr<scalar_t>()};
+    if (use_avx512())
+      avx512::attention_forward<scalar_t>(shape, in, result);
+    else
+      generic::attention_forward<scalar_t>(shape, in, result);
+  });
+  return {out, row_max, row_sum};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
+    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& bias_in,
+    const Tensor& envelope_in, const Tensor& row_ptr_in, const Tensor& senders_in, const Tensor& out_in,
+    const Tensor& row_max_in, const Tensor& row_sum_in) {
+  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in);
+  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "transip::neighbor_attention_backward: grad_out and out must have q's shape ", q_in.sizes());
+  TORCH_CHECK(row_max_in.sizes() == row_sum_in.sizes() && row_max_in.dim() == 2 && row_max_in.size(0) == q_in.size(0) &&
+                  row_max_in.size(1) == q_in.size(1),
+              "transip::neighbor_attention_backward: row_max and row_sum must have shape (atoms, heads)");
+  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous(),
+               envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(),
+               senders = senders_in.contiguous();
+  const Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous(), out = out_in.contiguous(),
+               row_max = row_max_in.contiguous(), row_sum = row_sum_in.contiguous();
+  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2)};
+  Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  Tensor grad_bias = at::empty_like(bias), grad_envelope = at::empty_like(envelope);
+  Tensor edge_weight = at::empty_like(bias);
+  // Receiver of each edge, and the edges regrouped by sender for the race-free second pass.
+  Tensor receivers = at::repeat_interleave(at::arange(shape.atoms, row_ptr.options()), row_ptr.diff(), /*dim=*/0,
+                                               /*output_size=*/shape.edges);
+  auto [sender_perm, sender_ptr] = csr_order(senders, shape.atoms);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_backward", [&] {
+    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders);
+    const AttentionBackwardArgs<scalar_t> args{
+        grad_out.data_ptr<scalar_t>(),      out.data_ptr<scalar_t>(),        row_max.data_ptr<scalar_t>(),
+        row_sum.data_ptr<scalar_t>(),       grad_q.data_ptr<scalar_t>(),     grad_k.data_ptr<scalar_t>(),
+        grad_v.data_ptr<scalar_t>(),        grad_bias.data_ptr<scalar_t>(),  grad_envelope.data_ptr<scalar_t>(),
+        edge_weight.data_ptr<scalar_t>(),   receivers.data_ptr<int64_t>(),   sender_ptr.data_ptr<int64_t>(),
+        sender_perm.data_ptr<int64_t>()};
+    if (use_avx512())
+      avx512::attention_backward<scalar_t>(shape, in, args);
+    else
+      generic::attention_backward<scalar_t>(shape, in, args);
+  });
+  return {grad_q, grad_k, grad_v, grad_bias, grad_envelope};
+}
+
+// Autograd: forward and backward both go through the dispatcher so that profilers and TorchScript see them.
+// The backward itself is not differentiable (training with a force loss needs second derivatives and uses
+// the reference path); asking for it fails with a message instead of silently wrong gradients.
+class NeighborAttention : public torch::autograd::Function<NeighborAttention> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& bias, const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("transip::neighbor_attention_forward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                   const Tensor&, const Tensor&, const Tensor&,
+                                                                   const Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, row_max, row_sum] = op.call(q, k, v, bias, envelope, row_ptr, senders);
+    ctx->save_for_backward({q, k, v, bias, envelope, row_ptr, senders, out, row_max, row_sum});
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "transip::neighbor_attention: the fused kernel is differentiable once (energy -> forces); a second "
+                "derivative (create_graph=True, e.g. training with a force loss) needs the reference kernel: call "
+                "model.set_kernel('reference') or set TRANSIP_KERNEL=reference");
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("transip::neighbor_attention_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+    const auto saved = ctx->get_saved_variables();
+    auto [gq, gk, gv, gbias, genv] = op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4],
+                                             saved[5], saved[6], saved[7], saved[8], saved[9]);
+    return {gq, gk, gv, gbias, genv, Tensor(), Tensor()};
+  }
+};
+
+Tensor neighbor_attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
+                                   const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
+  return NeighborAttention::apply(q, k, v, bias, envelope, row_ptr, senders);
+}
+
+Tensor neighbor_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
+                              const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
+  return std::get<0>(attention_forward_cpu(q, k, v, bias, envelope, row_ptr, senders));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(transip, m) {
+  m.def("neighbor_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, Tensor row_ptr, "
+        "Tensor senders) -> Tensor");
+  m.def("neighbor_attention_forward(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, Tensor row_ptr, "
+        "Tensor senders) -> (Tensor, Tensor, Tensor)");
+  m.def("neighbor_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, "
+        "Tensor row_ptr, Tensor senders, Tensor out, Tensor row_max, Tensor row_sum) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("neighbor_list(Tensor positions, Tensor? cell, Tensor? pbc, float cutoff) -> (Tensor, Tensor)",
+        &neighbor_list);
+  m.def("csr_order(Tensor index, int num_rows) -> (Tensor, Tensor)", &csr_order);
+  m.def("version() -> str", &version);
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(transip, CPU, m) {
+  m.impl("neighbor_attention", &neighbor_attention_cpu);
+  m.impl("neighbor_attention_forward", &attention_forward_cpu);
+  m.impl("neighbor_attention_backward", &attention_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(transip, Autograd, m) { m.impl("neighbor_attention", &neighbor_attention_autograd); }
+
+}  // namespace transip
+
+namespace transip {
+std::string library_marker() { return "libtransip_ops " TRANSIP_VERSION; }
+}  // namespace transip

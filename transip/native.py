@@ -1,0 +1,77 @@
+"""Loading the native ops library (cpp/) and choosing the attention kernel.
+
+`import transip` imports this module, which imports `transip._C`; that loads `libtransip_ops`, whose
+`TORCH_LIBRARY` block registers `torch.ops.transip.*` (fused neighbour attention, cell-list neighbour list,
+CSR grouping). Engines outside Python load the same file: `library_path()` says where it is.
+
+Kernel choice, one switch: `TRANSIP_KERNEL=fused|reference|auto` in the environment sets the default for new
+models (`auto`, the default, means fused when the library is loaded); `model.set_kernel(...)` changes one
+model.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+KERNELS = ("auto", "fused", "reference")
+
+_load_error: Optional[str] = None
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.transip)
+except ImportError as exc:  # a source checkout that was never built, or a broken build
+    _C = None
+    _load_error = str(exc)
+
+
+def available() -> bool:
+    """True when the native ops are registered in this process."""
+    return _C is not None
+
+
+def load_error() -> Optional[str]:
+    return _load_error
+
+
+def require() -> None:
+    """Raise a clear error when the native ops are needed but not loaded."""
+    if not available():
+        raise RuntimeError("the TransIP native ops library (transip._C / libtransip_ops.so) is not loaded: "
+                           f"{_load_error}. Reinstall with `bash run.sh setup` (or `pip install --no-build-isolation "
+                           "-e .`) on a machine with a C++ compiler and OpenMP, or use the reference kernel "
+                           "(TRANSIP_KERNEL=reference).")
+
+
+def library_path() -> str:
+    """Absolute path of libtransip_ops.so, for torch.ops.load_library / dlopen in other processes and engines."""
+    require()
+    return _C.library_path()
+
+
+def version() -> str:
+    require()
+    return torch.ops.transip.version()
+
+
+def isa() -> str:
+    """Instruction set the attention kernels run with here: 'avx512' or 'generic' (TRANSIP_ISA=generic forces it)."""
+    require()
+    return torch.ops.transip.isa()
+
+
+def default_kernel() -> str:
+    """The kernel a new model uses: TRANSIP_KERNEL if set, else fused when the library is loaded."""
+    requested = os.environ.get("TRANSIP_KERNEL", "auto").strip().lower() or "auto"
+    return resolve_kernel(requested)
+
+
+def resolve_kernel(requested: str) -> str:
+    if requested not in KERNELS:
+        raise ValueError(f"unknown attention kernel {requested!r}: choose one of {', '.join(KERNELS)}")
+    if requested == "auto":
+        return "fused" if available() else "reference"
+    if requested == "fused":
+        require()
+    return requested
