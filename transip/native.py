@@ -12,6 +12,7 @@ model.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -24,6 +25,8 @@ try:
 except ImportError as exc:  # a source checkout that was never built, or a broken build
     _C = None
     _load_error = str(exc)
+    warnings.warn(f"TransIP native ops not loaded ({_load_error}); models use the slower reference kernel. "
+                  "Reinstall with `bash run.sh setup` to build them.", RuntimeWarning, stacklevel=2)
 
 
 def available() -> bool:

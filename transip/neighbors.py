@@ -1,11 +1,13 @@
-"""Pure-PyTorch neighbour list: the reference the native cell-list op must reproduce.
+"""Neighbour lists: the pure-PyTorch reference and the dispatch to the native cell-list op.
 
 Edges are directed pairs (receiver i, sender j) with an integer periodic image `shift` such that the
 displacement is r_ij = x_j - x_i + shift @ cell. Every pair within the cutoff appears in both directions;
 edges are sorted by receiver (CSR order), which is the layout the attention layers consume.
 
-This implementation is O(N^2) per structure (all pairs, all needed images). It is exact and simple, which is
-what a reference should be; engines with large systems use the native op (cpp/).
+`reference_neighbors` is O(N^2) per structure (all pairs, all needed images): exact and simple, which is what
+a reference should be. `structure_neighbors` uses the native cell-list op (`torch.ops.transip.neighbor_list`,
+linear in atoms, same pairs and shifts) when the library is loaded. Both handle boxes thinner than the
+cutoff exactly, by listing every periodic image within the cutoff.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
+
+from . import native
 
 
 def _image_range(cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> List[int]:
@@ -32,8 +36,26 @@ def _image_range(cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> List[i
 
 
 def structure_neighbors(positions: torch.Tensor, cutoff: float, cell: Optional[torch.Tensor] = None,
+                        pbc: Optional[torch.Tensor] = None, method: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours of one structure. Returns (edge_index (2, E) as [receiver, sender], shifts (E, 3) int).
+
+    `method`: 'native' (cell list), 'reference' (all pairs) or 'auto' (native when loaded).
+    """
+    if method == "auto":
+        method = "native" if native.available() else "reference"
+    if method == "native":
+        native.require()
+        if cell is not None and pbc is not None and not bool(pbc.any()):
+            cell = pbc = None  # a cell without periodic axes changes nothing
+        return torch.ops.transip.neighbor_list(positions.detach(), cell, pbc, float(cutoff))
+    if method != "reference":
+        raise ValueError(f"unknown neighbour-list method {method!r}: choose auto, native or reference")
+    return reference_neighbors(positions, cutoff, cell, pbc)
+
+
+def reference_neighbors(positions: torch.Tensor, cutoff: float, cell: Optional[torch.Tensor] = None,
                         pbc: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Neighbours of one structure. Returns (edge_index (2, E) as [receiver, sender], shifts (E, 3) int)."""
+    """All-pairs neighbour list of one structure, same output as `structure_neighbors`."""
     n = positions.shape[0]
     pos = positions.detach()
     periodic = cell is not None and pbc is not None and bool(pbc.any())

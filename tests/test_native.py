@@ -1,0 +1,263 @@
+"""Native ops (cpp/): fused neighbour attention and the cell-list neighbour list against the references."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+import transip
+from transip import native
+from transip.attention import neighbor_attention_reference
+from transip.checkpoint import model_from_checkpoint
+from transip.data import Structure, collate, evaluate_batch, structure_from_atoms
+from transip.neighbors import structure_neighbors
+
+from conftest import ROOT, SHIPPED_MODEL
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native ops not built: {native.load_error()}")
+
+attention = torch.ops.transip.neighbor_attention if native.available() else None
+
+
+def random_graph(num_atoms, num_edges, heads=4, head_dim=16, dtype=torch.float64, seed=0, empty_rows=(),
+                 zero_envelope_rows=()):
+    """Random q, k, v, bias, envelope and edges grouped by receiver; some rows empty, some fully enveloped out."""
+    g = torch.Generator().manual_seed(seed)
+    receivers = torch.randint(0, num_atoms, (num_edges,), generator=g)
+    keep = ~torch.isin(receivers, torch.tensor(list(empty_rows), dtype=torch.long))
+    receivers = torch.sort(receivers[keep]).values
+    senders = torch.randint(0, num_atoms, (receivers.numel(),), generator=g)
+    q, k, v = (torch.randn(num_atoms, heads, head_dim, generator=g, dtype=dtype) for _ in range(3))
+    bias = torch.randn(receivers.numel(), heads, generator=g, dtype=dtype)
+    envelope = torch.rand(receivers.numel(), generator=g, dtype=dtype)
+    envelope[torch.isin(receivers, torch.tensor(list(zero_envelope_rows), dtype=torch.long))] = 0.0
+    row_ptr = torch.zeros(num_atoms + 1, dtype=torch.long)
+    row_ptr[1:] = torch.cumsum(torch.bincount(receivers, minlength=num_atoms), 0)
+    return dict(q=q, k=k, v=v, bias=bias, envelope=envelope, row_ptr=row_ptr, senders=senders, receivers=receivers)
+
+
+def fused_and_reference(graph):
+    inputs = [graph[name].clone().requires_grad_(True) for name in ("q", "k", "v", "bias", "envelope")]
+    fused = attention(*inputs, graph["row_ptr"], graph["senders"])
+    ref_inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
+    reference = neighbor_attention_reference(*ref_inputs, graph["receivers"], graph["senders"])
+    grad_out = torch.randn_like(fused)
+    fused_grads = torch.autograd.grad(fused, inputs, grad_out)
+    reference_grads = torch.autograd.grad(reference, ref_inputs, grad_out)
+    return (fused, *fused_grads), (reference, *reference_grads)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("head_dim", [16, 5])
+def test_fused_attention_matches_reference(dtype, rtol, head_dim):
+    graph = random_graph(60, 900, head_dim=head_dim, dtype=dtype, empty_rows=(3, 17), zero_envelope_rows=(5,))
+    names = ("out", "grad_q", "grad_k", "grad_v", "grad_bias", "grad_envelope")
+    for name, a, b in zip(names, *fused_and_reference(graph)):
+        scale = float(b.detach().abs().max())
+        assert float((a - b).detach().abs().max()) <= rtol * scale, name
+    out = fused_and_reference(graph)[0][0]
+    assert float(out[3].detach().abs().max()) == 0.0 and float(out[5].detach().abs().max()) == 0.0  # empty / enveloped-out rows
+
+
+def test_fused_attention_gradcheck():
+    # No fully enveloped-out row here: at Z = 0 the output jumps (0 -> v_j) as an envelope leaves 0, so finite
+    # differences are meaningless there; those rows are checked against the reference above.
+    graph = random_graph(7, 30, heads=2, head_dim=3, empty_rows=(2,))
+    graph["envelope"] = graph["envelope"] * 0.8 + 0.1
+    inputs = tuple(graph[name].clone().requires_grad_(True) for name in ("q", "k", "v", "bias", "envelope"))
+    assert torch.autograd.gradcheck(lambda *x: attention(*x, graph["row_ptr"], graph["senders"]), inputs,
+                                    eps=1e-6, atol=1e-8)
+
+
+def test_fused_attention_without_edges():
+    graph = random_graph(4, 0)
+    out = attention(graph["q"], graph["k"], graph["v"], graph["bias"], graph["envelope"], graph["row_ptr"],
+                    graph["senders"])
+    assert out.shape == (4, 4, 16) and float(out.abs().max()) == 0.0
+
+
+def test_portable_kernel_build_gives_the_same_numbers():
+    """TRANSIP_ISA=generic runs the build for any x86-64; it must agree with the AVX-512 one to round-off."""
+    script = textwrap.dedent("""
+        import torch, transip, sys
+        sys.path.insert(0, %r)
+        from test_native import random_graph, fused_and_reference
+        print(torch.ops.transip.isa())
+        graph = random_graph(50, 700, head_dim=16)
+        for a, b in zip(*fused_and_reference(graph)):
+            assert float((a - b).detach().abs().max()) <= 1e-10 * float(b.detach().abs().max())
+        print("ok")
+    """ % str(ROOT / "tests"))
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, "TRANSIP_ISA": "generic"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["generic", "ok"]
+
+
+def test_double_backward_through_fused_kernel_is_refused():
+    graph = random_graph(10, 40)
+    q = graph["q"].clone().requires_grad_(True)
+    out = attention(q, graph["k"], graph["v"], graph["bias"], graph["envelope"], graph["row_ptr"], graph["senders"])
+    with pytest.raises(RuntimeError, match="differentiable once.*reference kernel"):
+        torch.autograd.grad(out.sum(), q, create_graph=True)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(row_ptr=torch.tensor([0, 2, 1, 3])), "row_ptr must be non-decreasing"),
+    (dict(row_ptr=torch.tensor([0, 1, 2])), "row_ptr must be int64 of length atoms \\+ 1 = 4"),
+    (dict(senders=torch.tensor([0, 1, 7])), "senders must lie in \\[0, 3\\)"),
+    (dict(bias=torch.zeros(3, 2, dtype=torch.float64)), "bias must have shape \\(edges, heads\\) = \\(3, 4\\)"),
+    (dict(k=torch.zeros(3, 4, 7, dtype=torch.float64)), "must have the same shape"),
+    (dict(envelope=torch.zeros(3, dtype=torch.float32)), "must share q's dtype"),
+])
+def test_fused_attention_rejects_bad_input(change, message):
+    args = dict(q=torch.zeros(3, 4, 8, dtype=torch.float64), k=torch.zeros(3, 4, 8, dtype=torch.float64),
+                v=torch.zeros(3, 4, 8, dtype=torch.float64), bias=torch.zeros(3, 4, dtype=torch.float64),
+                envelope=torch.ones(3, dtype=torch.float64), row_ptr=torch.tensor([0, 1, 2, 3]),
+                senders=torch.tensor([0, 1, 2]))
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        attention(**args)
+
+
+# ------------------------------------------------------------------------------------------ neighbour list
+def edge_set(edge_index, shifts):
+    return set(zip(edge_index[0].tolist(), edge_index[1].tolist(), map(tuple, shifts.tolist())))
+
+
+def random_box(g, n):
+    cell = torch.randn(3, 3, generator=g, dtype=torch.float64) * 2 + torch.eye(3, dtype=torch.float64) * (
+        2 + 12 * float(torch.rand(1, generator=g)))
+    positions = (torch.rand(n, 3, generator=g, dtype=torch.float64) * 1.6 - 0.3) @ cell  # some atoms outside
+    return positions, cell
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_native_neighbor_list_equals_brute_force_in_triclinic_boxes(seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(8):
+        n = int(torch.randint(1, 50, (1,), generator=g))
+        positions, cell = random_box(g, n)
+        pbc = torch.rand(3, generator=g) < 0.75
+        cutoff = 1.0 + 5.0 * float(torch.rand(1, generator=g))  # often longer than the box is thick
+        native_edges = structure_neighbors(positions, cutoff, cell, pbc, method="native")
+        reference_edges = structure_neighbors(positions, cutoff, cell, pbc, method="reference")
+        assert edge_set(*native_edges) == edge_set(*reference_edges)
+        receivers = native_edges[0][0]
+        assert bool((receivers[1:] >= receivers[:-1]).all())  # grouped by receiver (CSR order)
+
+
+def test_native_neighbor_list_equals_brute_force_for_molecules():
+    for name in ("aspirin", "caffeine"):
+        positions = torch.tensor(ase.io.read(ROOT / "examples" / "molecules" / f"{name}.xyz").positions)
+        for cutoff in (1.2, 3.0, 6.0, 50.0):
+            assert edge_set(*structure_neighbors(positions, cutoff, method="native")) == edge_set(
+                *structure_neighbors(positions, cutoff, method="reference"))
+    # a sparse gas: two far-apart clusters must not allocate a grid spanning the gap
+    g = torch.Generator().manual_seed(0)
+    gas = torch.cat([torch.randn(20, 3, generator=g, dtype=torch.float64),
+                     torch.randn(20, 3, generator=g, dtype=torch.float64) + 1e7])
+    assert edge_set(*structure_neighbors(gas, 2.0, method="native")) == edge_set(
+        *structure_neighbors(gas, 2.0, method="reference"))
+
+
+def test_native_neighbor_list_edge_cases():
+    nl = torch.ops.transip.neighbor_list
+    edges, shifts = nl(torch.zeros(0, 3, dtype=torch.float64), None, None, 5.0)
+    assert edges.shape == (2, 0) and shifts.shape == (0, 3)
+    edges, _ = nl(torch.zeros(1, 3, dtype=torch.float64), None, None, 5.0)
+    assert edges.shape == (2, 0)  # an isolated atom has no neighbours
+    with pytest.raises(RuntimeError, match="cell vectors are degenerate"):
+        nl(torch.zeros(2, 3), torch.zeros(3, 3), None, 5.0)
+    with pytest.raises(RuntimeError, match="NaN or infinite"):
+        nl(torch.full((2, 3), float("nan")), None, None, 5.0)
+    with pytest.raises(RuntimeError, match="pbc is set but no cell"):
+        nl(torch.zeros(2, 3), None, torch.tensor([True, False, False]), 5.0)
+    with pytest.raises(RuntimeError, match="positions must have shape \\(N, 3\\)"):
+        nl(torch.zeros(2, 2), None, None, 5.0)
+    with pytest.raises(RuntimeError, match="cutoff must be positive"):
+        nl(torch.zeros(2, 3), None, None, -1.0)
+    with pytest.raises(RuntimeError, match="far thinner than the cutoff"):
+        nl(torch.zeros(2, 3), torch.eye(3) * 0.01, None, 6.0)
+
+
+# ------------------------------------------------------------------------------------------ whole model
+def shipped_structures():
+    aspirin = structure_from_atoms(ase.io.read(ROOT / "examples" / "molecules" / "aspirin.xyz"),
+                                   require_labels=False)
+    # A periodic triclinic box of the same chemistry: two aspirin copies, closer than the cutoff across faces.
+    cell = np.array([[11.0, 0.0, 0.0], [2.0, 10.5, 0.0], [-1.0, 1.5, 12.0]])
+    positions = np.concatenate([aspirin.positions, aspirin.positions[:, ::-1] + 5.0])
+    box = Structure(np.concatenate([aspirin.numbers, aspirin.numbers]), positions, cell=cell, pbc=[True] * 3)
+    return [aspirin, box]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_model_identical_through_both_kernels(dtype, tol):
+    model = model_from_checkpoint(SHIPPED_MODEL, dtype=dtype)
+    for structure in shipped_structures():
+        batch = collate([structure], model.cutoff, dtype=dtype)
+        fused = evaluate_batch(model.set_kernel("fused"), batch, compute_virial=True)
+        reference = evaluate_batch(model.set_kernel("reference"), batch, compute_virial=True)
+        for key in ("energy", "atom_energy", "forces", "virial"):
+            scale = max(1.0, float(reference[key].abs().max()))
+            assert float((fused[key] - reference[key]).abs().max()) <= tol * scale, key
+
+
+def test_kernel_switch():
+    model = model_from_checkpoint(SHIPPED_MODEL)
+    assert model.kernel == "fused"  # the library is loaded, so auto means fused
+    assert model.set_kernel("reference").kernel == "reference"
+    with pytest.raises(ValueError, match="unknown attention kernel 'cuda'"):
+        model.set_kernel("cuda")
+    out = subprocess.run([sys.executable, "-c", "from transip.checkpoint import model_from_checkpoint as m; "
+                          f"print(m({str(SHIPPED_MODEL)!r}).kernel)"],
+                         env={**os.environ, "TRANSIP_KERNEL": "reference"}, capture_output=True, text=True)
+    assert out.stdout.strip() == "reference", out.stderr
+
+
+def test_fused_requested_without_library_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(native, "_C", None)
+    monkeypatch.setattr(native, "_load_error", "No module named 'transip._C'")
+    with pytest.raises(RuntimeError, match="native ops library .* is not loaded: No module named"):
+        native.resolve_kernel("fused")
+    assert native.resolve_kernel("auto") == "reference"
+
+
+def test_scripted_fused_model_loads_in_a_fresh_process(tmp_path):
+    """Save a scripted model that calls the ops; reload it in a new process that only loads the library
+    (as a C++ engine would, through torch.ops.load_library) and compare numbers."""
+    model = model_from_checkpoint(SHIPPED_MODEL).set_kernel("fused")
+    structure = shipped_structures()[1]
+    batch = collate([structure], model.cutoff)
+    expected = evaluate_batch(model, batch, compute_virial=True)
+    path = tmp_path / "fused.pt"
+    torch.jit.script(model).save(str(path))
+    inputs = {name: getattr(batch, name) for name in ("positions", "numbers", "charge", "spin", "batch", "edge_index")}
+    torch.save({**inputs, "shift_vectors": batch.shift_vectors()}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        torch.ops.load_library({native.library_path()!r})
+        model = torch.jit.load({str(path)!r})
+        x = torch.load({str(tmp_path / 'inputs.pt')!r})
+        out = model(x["positions"], x["numbers"], x["charge"], x["spin"], x["batch"], x["edge_index"],
+                    x["shift_vectors"], 1, True, True)
+        torch.save({{k: out[k] for k in ("energy", "forces", "atom_energy", "virial")}}, {str(tmp_path / 'out.pt')!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "transip" not in result.stderr
+    reloaded = torch.load(tmp_path / "out.pt")
+    for key in ("energy", "forces", "atom_energy", "virial"):
+        torch.testing.assert_close(reloaded[key], expected[key], rtol=0, atol=1e-12)
+
+
+def test_native_library_reports_itself():
+    assert native.version() == transip.__version__
+    assert native.isa() in ("avx512", "generic")
+    assert os.path.isfile(native.library_path())
