@@ -261,3 +261,59 @@ def test_native_library_reports_itself():
     assert native.version() == transip.__version__
     assert native.isa() in ("avx512", "generic")
     assert os.path.isfile(native.library_path())
+
+
+# ------------------------------------------------------------------------------------------ edge encoder
+def edge_inputs(num_edges=300, hidden=32, num_rbf=16, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(num_edges, 3, generator=g, dtype=dtype) * 2.5
+    params = dict(centers=torch.linspace(0.0, 6.0, num_rbf, dtype=dtype), width=6.0 / num_rbf, cutoff=6.0,
+                  w1=torch.randn(hidden, 3 + num_rbf, generator=g, dtype=dtype) / 4,
+                  b1=torch.randn(hidden, generator=g, dtype=dtype),
+                  w2=torch.randn(hidden, hidden, generator=g, dtype=dtype) / 5,
+                  b2=torch.randn(hidden, generator=g, dtype=dtype))
+    return vectors, params
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("hidden", [32, 24])  # 32 has a compile-time specialisation, 24 takes the generic loop
+def test_fused_edge_embedding_matches_reference(dtype, rtol, hidden):
+    from transip.kernels import reference_edge_embedding
+
+    vectors, p = edge_inputs(hidden=hidden, dtype=dtype)
+    vectors[0] = 0.0  # a zero displacement: the radial part has no direction, its gradient must stay finite
+    a = vectors.clone().requires_grad_(True)
+    b = vectors.clone().requires_grad_(True)
+    fused = torch.ops.transip.edge_embedding(a, p["centers"], p["width"], p["cutoff"], p["w1"], p["b1"], p["w2"],
+                                             p["b2"])
+    reference = reference_edge_embedding(b, torch.linalg.norm(b, dim=1), p["centers"], p["width"], p["cutoff"],
+                                         p["w1"], p["b1"], p["w2"], p["b2"])
+    grad = torch.randn_like(fused)
+    (ga,) = torch.autograd.grad(fused, a, grad)
+    (gb,) = torch.autograd.grad(reference, b, grad)
+    assert float((fused - reference).detach().abs().max()) <= rtol * float(reference.detach().abs().max())
+    assert float((ga - gb).abs().max()) <= rtol * float(gb.abs().max())
+
+
+def test_fused_edge_embedding_gradcheck_and_refusals():
+    vectors, p = edge_inputs(num_edges=12, hidden=8, num_rbf=4)
+    args = (p["centers"], p["width"], p["cutoff"], p["w1"], p["b1"], p["w2"], p["b2"])
+    assert torch.autograd.gradcheck(lambda v: torch.ops.transip.edge_embedding(v, *args),
+                                    (vectors.requires_grad_(True),), eps=1e-6, atol=1e-8)
+    w1 = p["w1"].clone().requires_grad_(True)
+    out = torch.ops.transip.edge_embedding(vectors, p["centers"], p["width"], p["cutoff"], w1, p["b1"], p["w2"],
+                                           p["b2"])
+    with pytest.raises(RuntimeError, match="edge vectors only.*reference kernel"):
+        torch.autograd.grad(out.sum(), w1)
+    with pytest.raises(RuntimeError, match="w1 must have shape \\(8, 7\\)"):
+        torch.ops.transip.edge_embedding(vectors, p["centers"], p["width"], p["cutoff"], p["w1"][:, :5], p["b1"],
+                                         p["w2"], p["b2"])
+
+
+def test_forces_through_fused_model_with_trainable_parameters():
+    """Parameters that require grad (an un-frozen model) do not stop force evaluation: only the gradient with
+    respect to geometry is asked for, so the edge encoder's parameter-gradient refusal must not trigger."""
+    model = model_from_checkpoint(SHIPPED_MODEL).set_kernel("fused")
+    assert all(p.requires_grad for p in model.parameters())
+    batch = collate(shipped_structures()[:1], model.cutoff)
+    assert torch.isfinite(evaluate_batch(model, batch)["forces"]).all()

@@ -37,39 +37,3 @@ def neighbor_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     numer = torch.zeros_like(v).index_add(0, receivers, weights[:, :, None] * v.index_select(0, senders))
     safe = torch.where(denom > 0, denom, torch.ones_like(denom))
     return numer / safe[:, :, None]
-
-
-class ReferenceNeighborAttention(torch.nn.Module):
-    """Attention layer on the reference path (any edge order; differentiable to any order)."""
-
-    kernel = "reference"
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,
-                receivers: torch.Tensor, senders: torch.Tensor) -> torch.Tensor:
-        return neighbor_attention_reference(q, k, v, bias, envelope, receivers, senders)
-
-
-class FusedNeighborAttention(torch.nn.Module):
-    """Attention layer through the native op `torch.ops.transip.neighbor_attention` (cpp/).
-
-    The op reads edges grouped by receiver (CSR); edges in any order are grouped here with a linear-time
-    counting sort, permuting only the per-edge scalars (bias, envelope, sender). Differentiable once: enough
-    for forces and virial; training with a force loss uses the reference kernel.
-    """
-
-    kernel = "fused"
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,
-                receivers: torch.Tensor, senders: torch.Tensor) -> torch.Tensor:
-        perm, row_ptr = torch.ops.transip.csr_order(receivers, q.shape[0])
-        return torch.ops.transip.neighbor_attention(q, k, v, bias.index_select(0, perm), envelope.index_select(0, perm),
-                                                    row_ptr, senders.index_select(0, perm))
-
-
-def attention_layer(kernel: str) -> torch.nn.Module:
-    """The attention module for a resolved kernel name ('fused' or 'reference')."""
-    if kernel == "fused":
-        return FusedNeighborAttention()
-    if kernel == "reference":
-        return ReferenceNeighborAttention()
-    raise ValueError(f"unknown attention kernel {kernel!r}: choose 'fused' or 'reference'")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import native
-from .attention import attention_layer
+from .kernels import attention_module, edge_embedding_module, reference_edge_embedding
 
 ELEMENT_SYMBOLS = (
     "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y "
@@ -93,13 +93,14 @@ class AttentionBlock(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.norm_ffn = nn.LayerNorm(d_model)
         self.ffn = MLP([d_model, ffn_multiplier * d_model, d_model])
-        self.attention = attention_layer(kernel)
+        self.attention = attention_module(kernel)
 
-    def forward(self, h: torch.Tensor, edge_embedding: torch.Tensor, edge_envelope: torch.Tensor,
-                receivers: torch.Tensor, senders: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, bias: torch.Tensor, edge_envelope: torch.Tensor, receivers: torch.Tensor,
+                senders: torch.Tensor) -> torch.Tensor:
+        """`bias` (edges, heads) is this block's `edge_bias` of the edge embeddings (computed for all blocks at
+        once by the model, one matrix product instead of one per block)."""
         n = h.shape[0]
         qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
-        bias = self.edge_bias(edge_embedding)
         attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, receivers, senders)
         h = h + self.out(attended.reshape(n, -1))
         return h + self.ffn(self.norm_ffn(h))
@@ -135,6 +136,8 @@ class TransIP(nn.Module):
         self.edge_mlp = MLP([3 + c.num_rbf, c.edge_hidden, c.edge_hidden])
         self.edge_message = nn.Linear(c.edge_hidden, c.d_model)
         kernel = native.default_kernel() if kernel == "auto" else native.resolve_kernel(kernel)
+        self.pooled_messages = kernel == "fused"
+        self.edge_embedding = edge_embedding_module(kernel)
         self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier, kernel)
                                      for _ in range(c.num_layers)])
         self.final_norm = nn.LayerNorm(c.d_model)
@@ -153,7 +156,9 @@ class TransIP(nn.Module):
         """Switch every attention layer to 'fused', 'reference' or 'auto'; returns the model."""
         resolved = native.default_kernel() if kernel == "auto" else native.resolve_kernel(kernel)
         for block in self.blocks:
-            block.attention = attention_layer(resolved)
+            block.attention = attention_module(resolved)
+        self.edge_embedding = edge_embedding_module(resolved)
+        self.pooled_messages = resolved == "fused"
         return self
 
     @property
@@ -161,10 +166,43 @@ class TransIP(nn.Module):
         return self.blocks[0].attention.kernel if len(self.blocks) else "reference"
 
     # ---------------------------------------------------------------- features
-    def edge_features(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Raw Cartesian displacement (scaled by the cutoff) and Gaussian radial basis: not rotation invariant."""
-        rbf = torch.exp(-0.5 * ((lengths[:, None] - self.rbf_centers) / self.rbf_width) ** 2)
-        return torch.cat([vectors / self.cutoff, rbf], dim=1)
+    def embed_edges(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Edge embeddings from raw Cartesian displacements and a radial basis, through the kernel's module."""
+        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
+        return self.edge_embedding(vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff,
+                                   first.weight, first.bias, second.weight, second.bias)
+
+    def self_edge_embedding(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Embedding of the self edge (zero displacement), one row built from constants so that no gradient
+        passes through |0|."""
+        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
+        zero = torch.zeros(1, 3, dtype=dtype, device=device)
+        return reference_edge_embedding(zero, zero[:, 0], self.rbf_centers, self.rbf_width, self.cutoff,
+                                        first.weight, first.bias, second.weight, second.bias)
+
+    def initial_messages(self, edge_embedding: torch.Tensor, env: torch.Tensor, species: torch.Tensor,
+                         receivers: torch.Tensor, senders: torch.Tensor, n: int) -> torch.Tensor:
+        """sum over neighbours j of f_c(r_ij) * W e_ij * u_{species j}: the neighbour part of the initial tokens.
+
+        Reference form: one d_model-sized message per edge. Pooled form (used with the fused kernel): the neighbour
+        embedding u takes one value per species, so the sum is regrouped as sum_s u_s * W (sum_{j of species s}
+        f_c e_ij): edges are pooled per (atom, species) at the edge MLP's width before W is applied, and no
+        per-edge d_model-sized tensor is formed. Same function, different round-off.
+        """
+        if not self.pooled_messages:
+            messages = (env[:, None] * self.edge_message(edge_embedding)
+                        * self.neighbor_element_embedding(species.index_select(0, senders)))
+            return torch.zeros(n, messages.shape[1], dtype=messages.dtype,
+                               device=messages.device).index_add(0, receivers, messages)
+        num_species = self.neighbor_element_embedding.num_embeddings
+        slot = receivers * num_species + species.index_select(0, senders)
+        pooled = torch.zeros(n * num_species, edge_embedding.shape[1], dtype=edge_embedding.dtype,
+                             device=edge_embedding.device).index_add(0, slot, env[:, None] * edge_embedding)
+        weight = torch.zeros(n * num_species, dtype=env.dtype, device=env.device).index_add(0, slot, env)
+        # W e + b summed with weights f_c: W (sum f_c e) + b (sum f_c)
+        projected = (torch.nn.functional.linear(pooled, self.edge_message.weight)
+                     + weight[:, None] * self.edge_message.bias)
+        return (projected.view(n, num_species, -1) * self.neighbor_element_embedding.weight).sum(1)
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         if bool((numbers < 1).any()) or bool((numbers >= self.species_of_z.shape[0]).any()):
@@ -187,26 +225,34 @@ class TransIP(nn.Module):
             raise ValueError("spin multiplicity outside the model's range 1.." + str(self.max_multiplicity))
         lengths = torch.linalg.norm(edge_vectors, dim=1)
         env = envelope(lengths, self.cutoff)
-        edge_embedding = self.edge_mlp(self.edge_features(edge_vectors, lengths))
+        edge_embedding = self.embed_edges(edge_vectors, lengths)
 
         h = (self.element_embedding(species) + self.charge_embedding(charge + self.max_abs_charge)[batch]
              + self.spin_embedding(spin - 1)[batch])
-        messages = (env[:, None] * self.edge_message(edge_embedding)
-                    * self.neighbor_element_embedding(species.index_select(0, senders)))
-        h = h + torch.zeros_like(h).index_add(0, receivers, messages) / self.avg_num_neighbors
+        h = h + self.initial_messages(edge_embedding, env, species, receivers, senders, n) / self.avg_num_neighbors
 
-        # Every atom attends to itself too: a self edge with zero displacement and envelope 1, built from
-        # constants so that no gradient passes through |0|.
-        zero = torch.zeros(1, 3, dtype=edge_vectors.dtype, device=edge_vectors.device)
-        self_embedding = self.edge_mlp(self.edge_features(zero, torch.zeros(1, dtype=zero.dtype,
-                                                                             device=zero.device)))
+        # Every atom attends to itself too: a self edge with zero displacement and envelope 1.
+        self_embedding = self.self_edge_embedding(edge_vectors.dtype, edge_vectors.device)
         atoms = torch.arange(n, device=numbers.device)
-        att_embedding = torch.cat([self_embedding.expand(n, -1), edge_embedding])
         att_envelope = torch.cat([torch.ones(n, dtype=env.dtype, device=env.device), env])
         att_receivers = torch.cat([atoms, receivers])
         att_senders = torch.cat([atoms, senders])
+        # Attention biases of every block in one product; edges are the n self edges, then the neighbours.
+        bias_weights: List[torch.Tensor] = []
+        bias_offsets: List[torch.Tensor] = []
         for block in self.blocks:
-            h = block(h, att_embedding, att_envelope, att_receivers, att_senders)
+            bias_weights.append(block.edge_bias.weight)
+            bias_offsets.append(block.edge_bias.bias)
+        weight, offset = torch.cat(bias_weights), torch.cat(bias_offsets)
+        self_bias = torch.nn.functional.linear(self_embedding, weight, offset).expand(n, -1)
+        edge_bias = torch.nn.functional.linear(edge_embedding, weight, offset)
+        layer = 0
+        for block in self.blocks:
+            heads = block.num_heads
+            columns = slice(layer * heads, (layer + 1) * heads)
+            bias = torch.cat([self_bias[:, columns], edge_bias[:, columns]])
+            h = block(h, bias, att_envelope, att_receivers, att_senders)
+            layer += 1
 
         latent = self.final_norm(h)
         atom_energy = self.readout(latent).squeeze(-1) * self.energy_scale + self.reference_energy[species]

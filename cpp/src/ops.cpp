@@ -4,6 +4,9 @@
 //   transip::neighbor_attention_forward(...)  -> (out, row_max, row_sum)
 //   transip::neighbor_attention_backward(grad_out, q, k, v, bias, envelope, row_ptr, senders, out, row_max,
 //                                        row_sum) -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope)
+//   transip::edge_embedding(vectors, centers, width, cutoff, w1, b1, w2, b2) -> embedding  (differentiable once,
+//                                                                          in `vectors` only)
+//   transip::edge_embedding_backward(grad, vectors, centers, width, cutoff, w1, b1, w2, b2) -> grad_vectors
 //   transip::neighbor_list(positions, cell?, pbc?, cutoff) -> (edge_index, shifts)
 //   transip::csr_order(index, num_rows) -> (perm, row_ptr)
 //   transip::version() -> str,  transip::isa() -> str
@@ -17,7 +20,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "attention_kernels.h"
+#include "kernels.h"
 #include "neighbor_list.h"
 
 #ifndef TRANSIP_VERSION
@@ -203,6 +206,123 @@ Tensor neighbor_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
   return std::get<0>(attention_forward_cpu(q, k, v, bias, envelope, row_ptr, senders));
 }
 
+// ------------------------------------------------------------------------------------------ edge encoder
+void check_edge_inputs(const Tensor& vectors, const Tensor& centers, const Tensor& w1, const Tensor& b1,
+                       const Tensor& w2, const Tensor& b2) {
+  const char* op = "transip::edge_embedding: ";
+  TORCH_CHECK(vectors.dim() == 2 && vectors.size(1) == 3, op, "vectors must have shape (edges, 3), got ",
+              vectors.sizes());
+  TORCH_CHECK(vectors.scalar_type() == at::kFloat || vectors.scalar_type() == at::kDouble, op,
+              "vectors must be float32 or float64, got ", vectors.scalar_type());
+  for (const Tensor* t : {&centers, &w1, &b1, &w2, &b2}) {
+    TORCH_CHECK(t->scalar_type() == vectors.scalar_type(), op, "parameters must share the dtype of vectors ",
+                vectors.scalar_type(), ", got ", t->scalar_type());
+    TORCH_CHECK(t->device().is_cpu(), op, "inputs must be on the CPU, got ", t->device());
+  }
+  TORCH_CHECK(vectors.device().is_cpu(), op, "inputs must be on the CPU, got ", vectors.device());
+  const int64_t rbf = centers.numel(), hidden = b1.numel();
+  TORCH_CHECK(centers.dim() == 1, op, "centers must be 1-D, got ", centers.sizes());
+  TORCH_CHECK(w1.dim() == 2 && w1.size(0) == hidden && w1.size(1) == 3 + rbf, op, "w1 must have shape (", hidden,
+              ", ", 3 + rbf, "), got ", w1.sizes());
+  TORCH_CHECK(w2.dim() == 2 && w2.size(0) == hidden && w2.size(1) == hidden && b2.numel() == hidden, op,
+              "w2 must have shape (", hidden, ", ", hidden, ") and b2 (", hidden, "), got ", w2.sizes(), " and ",
+              b2.sizes());
+}
+
+template <typename T>
+EdgeEncoderParams<T> edge_params(int64_t edges, const Tensor& centers, double width, double cutoff, const Tensor& w1,
+                                 const Tensor& w1t, const Tensor& b1, const Tensor& w2, const Tensor& w2t,
+                                 const Tensor& b2) {
+  return {edges,          centers.numel(),  b1.numel(),       centers.data_ptr<T>(), static_cast<T>(width),
+          static_cast<T>(cutoff), w1.data_ptr<T>(), w1t.data_ptr<T>(), b1.data_ptr<T>(), w2.data_ptr<T>(),
+          w2t.data_ptr<T>(), b2.data_ptr<T>()};
+}
+
+Tensor edge_embedding_cpu(const Tensor& vectors_in, const Tensor& centers_in, double width, double cutoff,
+                          const Tensor& w1_in, const Tensor& b1_in, const Tensor& w2_in, const Tensor& b2_in) {
+  check_edge_inputs(vectors_in, centers_in, w1_in, b1_in, w2_in, b2_in);
+  const Tensor vectors = vectors_in.contiguous(), centers = centers_in.contiguous(), w1 = w1_in.contiguous(),
+               b1 = b1_in.contiguous(), w2 = w2_in.contiguous(), b2 = b2_in.contiguous();
+  const Tensor w1t = w1.t().contiguous(), w2t = w2.t().contiguous();
+  Tensor embedding = at::empty({vectors.size(0), b1.numel()}, vectors.options());
+  AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_embedding", [&] {
+    const auto p = edge_params<scalar_t>(vectors.size(0), centers, width, cutoff, w1, w1t, b1, w2, w2t, b2);
+    if (use_avx512())
+      avx512::edge_encoder_forward<scalar_t>(p, vectors.data_ptr<scalar_t>(), embedding.data_ptr<scalar_t>());
+    else
+      generic::edge_encoder_forward<scalar_t>(p, vectors.data_ptr<scalar_t>(), embedding.data_ptr<scalar_t>());
+  });
+  return embedding;
+}
+
+Tensor edge_embedding_backward_cpu(const Tensor& grad_in, const Tensor& vectors_in, const Tensor& centers_in,
+                                   double width, double cutoff, const Tensor& w1_in, const Tensor& b1_in,
+                                   const Tensor& w2_in, const Tensor& b2_in) {
+  check_edge_inputs(vectors_in, centers_in, w1_in, b1_in, w2_in, b2_in);
+  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == vectors_in.size(0) && grad_in.size(1) == b1_in.numel(),
+              "transip::edge_embedding_backward: grad must have shape (edges, hidden), got ", grad_in.sizes());
+  const Tensor vectors = vectors_in.contiguous(), centers = centers_in.contiguous(), w1 = w1_in.contiguous(),
+               b1 = b1_in.contiguous(), w2 = w2_in.contiguous(), b2 = b2_in.contiguous();
+  const Tensor grad = grad_in.to(vectors.scalar_type()).contiguous();
+  const Tensor w1t = w1.t().contiguous(), w2t = w2.t().contiguous();
+  Tensor grad_vectors = at::empty_like(vectors);
+  AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_embedding_backward", [&] {
+    const auto p = edge_params<scalar_t>(vectors.size(0), centers, width, cutoff, w1, w1t, b1, w2, w2t, b2);
+    if (use_avx512())
+      avx512::edge_encoder_backward<scalar_t>(p, vectors.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                              grad_vectors.data_ptr<scalar_t>());
+    else
+      generic::edge_encoder_backward<scalar_t>(p, vectors.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                                               grad_vectors.data_ptr<scalar_t>());
+  });
+  return grad_vectors;
+}
+
+// Differentiable in the displacements only: forces and virial. Gradients for the parameters (training) are
+// refused with a message, as is a second derivative, rather than returned as silent zeros.
+class EdgeEmbedding : public torch::autograd::Function<EdgeEmbedding> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& vectors, const Tensor& centers,
+                        double width, double cutoff, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                        const Tensor& b2) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("transip::edge_embedding", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, double, double, const Tensor&, const Tensor&,
+                                       const Tensor&, const Tensor&)>();
+    ctx->save_for_backward({vectors, centers, w1, b1, w2, b2});
+    ctx->saved_data["width"] = width;
+    ctx->saved_data["cutoff"] = cutoff;
+    return op.call(vectors, centers, width, cutoff, w1, b1, w2, b2);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    for (size_t input : {1, 2, 3, 4, 5})  // tensor inputs other than vectors (edges count tensors only)
+      TORCH_CHECK(!ctx->needs_input_grad(input),
+                  "transip::edge_embedding: the fused kernel differentiates with respect to the edge vectors only "
+                  "(forces, virial); gradients for the model's parameters (training) need the reference kernel: "
+                  "call model.set_kernel('reference') or set TRANSIP_KERNEL=reference");
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "transip::edge_embedding: the fused kernel is differentiable once (energy -> forces); a second "
+                "derivative (create_graph=True) needs the reference kernel: call model.set_kernel('reference') or "
+                "set TRANSIP_KERNEL=reference");
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("transip::edge_embedding_backward", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, double, double, const Tensor&,
+                                       const Tensor&, const Tensor&, const Tensor&)>();
+    const auto saved = ctx->get_saved_variables();
+    Tensor grad_vectors = op.call(grad_outputs[0], saved[0], saved[1], ctx->saved_data["width"].toDouble(),
+                                  ctx->saved_data["cutoff"].toDouble(), saved[2], saved[3], saved[4], saved[5]);
+    return {grad_vectors, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor edge_embedding_autograd(const Tensor& vectors, const Tensor& centers, double width, double cutoff,
+                               const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
+  return EdgeEmbedding::apply(vectors, centers, width, cutoff, w1, b1, w2, b2);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(transip, m) {
@@ -213,6 +333,10 @@ TORCH_LIBRARY(transip, m) {
   m.def("neighbor_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, "
         "Tensor row_ptr, Tensor senders, Tensor out, Tensor row_max, Tensor row_sum) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("edge_embedding(Tensor vectors, Tensor centers, float width, float cutoff, Tensor w1, Tensor b1, Tensor w2, "
+        "Tensor b2) -> Tensor");
+  m.def("edge_embedding_backward(Tensor grad, Tensor vectors, Tensor centers, float width, float cutoff, Tensor w1, "
+        "Tensor b1, Tensor w2, Tensor b2) -> Tensor");
   m.def("neighbor_list(Tensor positions, Tensor? cell, Tensor? pbc, float cutoff) -> (Tensor, Tensor)",
         &neighbor_list);
   m.def("csr_order(Tensor index, int num_rows) -> (Tensor, Tensor)", &csr_order);
@@ -224,9 +348,14 @@ TORCH_LIBRARY_IMPL(transip, CPU, m) {
   m.impl("neighbor_attention", &neighbor_attention_cpu);
   m.impl("neighbor_attention_forward", &attention_forward_cpu);
   m.impl("neighbor_attention_backward", &attention_backward_cpu);
+  m.impl("edge_embedding", &edge_embedding_cpu);
+  m.impl("edge_embedding_backward", &edge_embedding_backward_cpu);
 }
 
-TORCH_LIBRARY_IMPL(transip, Autograd, m) { m.impl("neighbor_attention", &neighbor_attention_autograd); }
+TORCH_LIBRARY_IMPL(transip, Autograd, m) {
+  m.impl("neighbor_attention", &neighbor_attention_autograd);
+  m.impl("edge_embedding", &edge_embedding_autograd);
+}
 
 }  // namespace transip
 

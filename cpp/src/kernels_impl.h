@@ -5,10 +5,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
-#include "attention_kernels.h"
+#include "kernels.h"
 
 namespace transip {
 namespace TRANSIP_KERNEL_NAMESPACE {
@@ -168,6 +169,160 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
   });
 }
 
+namespace {
+
+constexpr int64_t kGrainEdges = 256;
+
+// y = exp(x) for an array, written as plain arithmetic so that the compiler vectorises it (std::exp is a scalar
+// library call). Range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-13 Taylor polynomial for exp(r)
+// (truncation error below 2e-16 relative), and 2^n assembled in the exponent bits; computed in double for
+// both precisions. Arguments below -708 give 0 (as exp underflows), above 709 are clamped (never reached here).
+template <typename T>
+void exp_array(const T* x, T* y, int64_t n) {
+  constexpr double log2e = 1.4426950408889634, ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double xi = std::min(std::max(static_cast<double>(x[i]), -708.0), 709.0);
+    const double k = std::nearbyint(xi * log2e);
+    const double r = (xi - k * ln2_hi) - k * ln2_lo;
+    double p = 1.0 / 6227020800.0;  // 1/13!
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
+    double scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    y[i] = static_cast<T>(x[i] < T(-708) ? 0.0 : p * scale);
+  }
+}
+
+// Features of one edge and the first layer: f = [r / cutoff, rbf(|r|)], z = w1 f + b1, s = sigmoid(z).
+// Returns |r|.
+template <typename T, int kHidden>
+T edge_first_layer(const EdgeEncoderParams<T>& p, const T* r, T* __restrict f, T* __restrict z, T* __restrict s) {
+  const int64_t in = 3 + p.num_rbf, H = kHidden > 0 ? kHidden : p.hidden;
+  const T length = std::sqrt(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]);
+  for (int a = 0; a < 3; ++a) f[a] = r[a] / p.cutoff;
+  T* rbf = f + 3;
+#pragma omp simd
+  for (int64_t k = 0; k < p.num_rbf; ++k) {
+    const T u = (length - p.centers[k]) / p.width;
+    rbf[k] = T(-0.5) * u * u;
+  }
+  exp_array(rbf, rbf, p.num_rbf);
+  std::copy(p.b1, p.b1 + H, z);
+  for (int64_t k = 0; k < in; ++k) {
+    const T fk = f[k];
+    const T* __restrict w = p.w1t + k * H;
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) z[h] += fk * w[h];
+  }
+#pragma omp simd
+  for (int64_t h = 0; h < H; ++h) s[h] = -z[h];
+  exp_array(s, s, H);
+#pragma omp simd
+  for (int64_t h = 0; h < H; ++h) s[h] = T(1) / (T(1) + s[h]);  // sigmoid(z)
+  return length;
+}
+
+}  // namespace
+
+// The hidden width as a compile-time constant (kHidden > 0) lets the compiler unroll the short inner loops
+// completely instead of paying loop and alias checks per row; 0 means any width.
+template <typename T, int kHidden>
+void edge_forward_impl(const EdgeEncoderParams<T>& p, const T* vectors, T* embedding) {
+  const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf;
+  at::parallel_for(0, p.edges, kGrainEdges, [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(in + 2 * H);
+    T* f = buffer.data();
+    T* z = f + in;
+    T* s = z + H;
+    for (int64_t e = begin; e < end; ++e) {
+      edge_first_layer<T, kHidden>(p, vectors + 3 * e, f, z, s);
+      T* __restrict out = embedding + e * H;
+      std::copy(p.b2, p.b2 + H, out);
+      for (int64_t k = 0; k < H; ++k) {
+        const T a = z[k] * s[k];  // SiLU
+        const T* __restrict w = p.w2t + k * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) out[h] += a * w[h];
+      }
+    }
+  });
+}
+
+template <typename T, int kHidden>
+void edge_backward_impl(const EdgeEncoderParams<T>& p, const T* vectors, const T* grad_embedding, T* grad_vectors) {
+  const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf;
+  at::parallel_for(0, p.edges, kGrainEdges, [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(2 * in + 3 * H);
+    T* __restrict f = buffer.data();
+    T* __restrict z = f + in;
+    T* __restrict s = z + H;
+    T* __restrict gz = s + H;
+    T* __restrict gf = gz + H;
+    for (int64_t e = begin; e < end; ++e) {
+      const T* r = vectors + 3 * e;
+      const T length = edge_first_layer<T, kHidden>(p, r, f, z, s);
+      // dL/da = w2^T g, then through SiLU: d(z s)/dz = s (1 + z (1 - s)).
+      std::fill(gz, gz + H, T(0));
+      const T* g = grad_embedding + e * H;
+      for (int64_t h = 0; h < H; ++h) {
+        const T gh = g[h];
+        const T* __restrict w = p.w2 + h * H;
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) gz[k] += gh * w[k];
+      }
+      for (int64_t k = 0; k < H; ++k) gz[k] *= s[k] * (T(1) + z[k] * (T(1) - s[k]));
+      // dL/df = w1^T dL/dz
+      std::fill(gf, gf + in, T(0));
+      for (int64_t h = 0; h < H; ++h) {
+        const T gh = gz[h];
+        const T* __restrict w = p.w1 + h * in;
+#pragma omp simd
+        for (int64_t k = 0; k < in; ++k) gf[k] += gh * w[k];
+      }
+      // Through the features: r / cutoff directly, and the radial basis through |r|.
+      T d_length = 0;
+      for (int64_t k = 0; k < p.num_rbf; ++k)
+        d_length += gf[3 + k] * f[3 + k] * (-(length - p.centers[k]) / (p.width * p.width));
+      const T radial = length > T(0) ? d_length / length : T(0);
+      for (int a = 0; a < 3; ++a) grad_vectors[3 * e + a] = gf[a] / p.cutoff + radial * r[a];
+    }
+  });
+}
+
+template <typename T>
+void edge_encoder_forward(const EdgeEncoderParams<T>& p, const T* vectors, T* embedding) {
+  switch (p.hidden) {
+    case 16: return edge_forward_impl<T, 16>(p, vectors, embedding);
+    case 32: return edge_forward_impl<T, 32>(p, vectors, embedding);
+    case 64: return edge_forward_impl<T, 64>(p, vectors, embedding);
+    default: return edge_forward_impl<T, 0>(p, vectors, embedding);
+  }
+}
+
+template <typename T>
+void edge_encoder_backward(const EdgeEncoderParams<T>& p, const T* vectors, const T* grad_embedding,
+                           T* grad_vectors) {
+  switch (p.hidden) {
+    case 16: return edge_backward_impl<T, 16>(p, vectors, grad_embedding, grad_vectors);
+    case 32: return edge_backward_impl<T, 32>(p, vectors, grad_embedding, grad_vectors);
+    case 64: return edge_backward_impl<T, 64>(p, vectors, grad_embedding, grad_vectors);
+    default: return edge_backward_impl<T, 0>(p, vectors, grad_embedding, grad_vectors);
+  }
+}
+
 bool built_with_avx512() {
 #ifdef TRANSIP_AVX512_BUILD
   return true;
@@ -184,6 +339,11 @@ template void attention_backward<float>(const AttentionShape&, const AttentionIn
                                         const AttentionBackwardArgs<float>&);
 template void attention_backward<double>(const AttentionShape&, const AttentionInputs<double>&,
                                          const AttentionBackwardArgs<double>&);
+template void edge_encoder_forward<float>(const EdgeEncoderParams<float>&, const float*, float*);
+template void edge_encoder_forward<double>(const EdgeEncoderParams<double>&, const double*, double*);
+template void edge_encoder_backward<float>(const EdgeEncoderParams<float>&, const float*, const float*, float*);
+template void edge_encoder_backward<double>(const EdgeEncoderParams<double>&, const double*, const double*,
+                                            double*);
 
 }  // namespace TRANSIP_KERNEL_NAMESPACE
 }  // namespace transip

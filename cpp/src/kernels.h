@@ -59,6 +59,25 @@ struct AttentionBackwardArgs {
   const int64_t* sender_perm;  // edges in sender order
 };
 
+// Edge encoder: displacement r_e (E, 3) -> features [r_e / cutoff, exp(-((|r_e| - c_k) / width)^2 / 2)] ->
+// Linear(w1, b1) -> SiLU -> Linear(w2, b2) -> embedding (E, hidden), one edge at a time in registers-sized
+// buffers. The backward gives the gradient with respect to r_e only (all that forces and virial need).
+template <typename T>
+struct EdgeEncoderParams {
+  int64_t edges;
+  int64_t num_rbf;
+  int64_t hidden;
+  const T* centers;  // (num_rbf,)
+  T width;
+  T cutoff;
+  const T* w1;  // (hidden, 3 + num_rbf), nn.Linear layout
+  const T* w1t; // the same transposed, (3 + num_rbf, hidden)
+  const T* b1;
+  const T* w2;  // (hidden, hidden)
+  const T* w2t;
+  const T* b2;
+};
+
 #define TRANSIP_DECLARE_KERNELS(NS)                                                                  \
   namespace NS {                                                                                     \
   bool built_with_avx512();                                                                          \
@@ -68,6 +87,11 @@ struct AttentionBackwardArgs {
   template <typename T>                                                                              \
   void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& in,                 \
                           const AttentionBackwardArgs<T>& args);                                     \
+  template <typename T>                                                                              \
+  void edge_encoder_forward(const EdgeEncoderParams<T>& p, const T* vectors, T* embedding);          \
+  template <typename T>                                                                              \
+  void edge_encoder_backward(const EdgeEncoderParams<T>& p, const T* vectors, const T* grad_embedding, \
+                             T* grad_vectors);                                                       \
   }
 
 TRANSIP_DECLARE_KERNELS(generic)

@@ -1,3 +1,0 @@
-// Attention kernels for any x86-64 (and any other CPU the compiler targets): the portable fallback.
-#define TRANSIP_KERNEL_NAMESPACE generic
-#include "attention_kernels_impl.h"
