@@ -1,0 +1,27 @@
+"""Smoke runs of the benchmark scripts, so that they cannot rot (the numbers are not judged here)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_native_ops_benchmark_smoke(tmp_path):
+    out = tmp_path / "native_ops"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "native_ops.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    runs = data["results"]
+    assert {(r["kind"], r["kernel"]) for r in runs} == {("box", "fused"), ("box", "reference"),
+                                                        ("molecule", "fused"), ("molecule", "reference")}
+    for r in runs:
+        assert "skipped" not in r, r
+        assert r["seconds"] > 0 and r["edges"] > 0 and r["attention_gflops"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n| box |") == 2 and table.count("\n| molecule |") == 2
+    assert out.with_suffix(".png").stat().st_size > 10_000
