@@ -3,8 +3,8 @@
 `reference`: plain PyTorch ops (transip/attention.py and `reference_edge_embedding`), any edge order,
 differentiable to any order: what training uses and what the tests compare against.
 
-`fused`: the native ops of cpp/ (`torch.ops.transip.*`): the edge encoder (features + two-layer MLP per edge,
-no per-edge intermediate tensors) and the neighbour attention (online softmax over each atom's CSR row).
+`fused`: the native ops of cpp/ (`torch.ops.transip.*`): the edge encoder (features, edge MLP, attention
+biases, envelope and pooled initial messages in one pass per edge) and the neighbour attention (online softmax over each atom's CSR row).
 Differentiable once, with respect to the geometry: exactly what energy -> forces and virial need.
 
 Each implementation is its own module, so a scripted model only references the native ops when it uses them.
@@ -12,9 +12,18 @@ Each implementation is its own module, so a scripted model only references the n
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
+import torch.nn.functional as F
 
 from .attention import neighbor_attention_reference
+
+
+def envelope(r: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """1 - 10x^3 + 15x^4 - 6x^5 with x = r / cutoff: value, slope and curvature vanish at the cutoff."""
+    x = (r / cutoff).clamp(max=1.0)
+    return torch.where(r < cutoff, 1.0 + x * x * x * (-10.0 + x * (15.0 - 6.0 * x)), torch.zeros_like(r))
 
 
 def reference_edge_embedding(vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
@@ -24,45 +33,81 @@ def reference_edge_embedding(vectors: torch.Tensor, lengths: torch.Tensor, cente
     Linear(w1, b1) -> SiLU -> Linear(w2, b2)."""
     rbf = torch.exp(-0.5 * ((lengths[:, None] - centers) / width) ** 2)
     features = torch.cat([vectors / cutoff, rbf], dim=1)
-    return torch.nn.functional.linear(torch.nn.functional.silu(torch.nn.functional.linear(features, w1, b1)), w2, b2)
+    return F.linear(F.silu(F.linear(features, w1, b1)), w2, b2)
 
 
-class ReferenceEdgeEmbedding(torch.nn.Module):
+class ReferenceEdgeEncoder(torch.nn.Module):
+    """Everything per neighbour edge except attention, in plain PyTorch. Returns (attention biases of every
+    layer (layers, E, heads), the neighbour sum of the initial tokens (N, d_model), envelope (E,)):
+
+        a_ij = edge MLP(e_ij),   bias_ij = W_bias a_ij,   m_i = sum_j f_c(r_ij) (W_msg a_ij + b_msg) * u[species j]
+    """
+
     kernel = "reference"
 
-    def forward(self, vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
-                cutoff: float, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-        return reference_edge_embedding(vectors, lengths, centers, width, cutoff, w1, b1, w2, b2)
+    def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
+                num_atoms: int, centers: torch.Tensor, width: float, cutoff: float, w1: torch.Tensor,
+                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w_bias: torch.Tensor, b_bias: torch.Tensor,
+                bias_groups: int, w_msg: torch.Tensor, b_msg: torch.Tensor,
+                neighbor_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lengths = torch.linalg.norm(vectors, dim=1)
+        env = envelope(lengths, cutoff)
+        embedding = reference_edge_embedding(vectors, lengths, centers, width, cutoff, w1, b1, w2, b2)
+        messages = env[:, None] * F.linear(embedding, w_msg, b_msg) * neighbor_embedding[species.index_select(0, senders)]
+        summed = torch.zeros(num_atoms, messages.shape[1], dtype=messages.dtype,
+                             device=messages.device).index_add(0, receivers, messages)
+        bias = F.linear(embedding, w_bias, b_bias).view(vectors.shape[0], bias_groups, -1).transpose(0, 1)
+        return bias, summed, env
 
 
-class FusedEdgeEmbedding(torch.nn.Module):
+class FusedEdgeEncoder(torch.nn.Module):
+    """The same outputs through `torch.ops.transip.edge_encoder`: one pass per edge, nothing hidden-sized per
+    edge in memory. The neighbour embedding u takes one value per species, so the message sum is regrouped as
+    sum_s u_s * (W_msg (sum_{j of species s} f_c a_ij) + b_msg sum f_c): the op pools edges per (atom, species)
+    and the projection runs on the pooled sums. Same function, other round-off."""
+
     kernel = "fused"
 
-    def forward(self, vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
-                cutoff: float, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
-        return torch.ops.transip.edge_embedding(vectors, centers, width, cutoff, w1, b1, w2, b2)
+    def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
+                num_atoms: int, centers: torch.Tensor, width: float, cutoff: float, w1: torch.Tensor,
+                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w_bias: torch.Tensor, b_bias: torch.Tensor,
+                bias_groups: int, w_msg: torch.Tensor, b_msg: torch.Tensor,
+                neighbor_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        num_species = neighbor_embedding.shape[0]
+        slot = receivers * num_species + species.index_select(0, senders)
+        bias, pooled, weight, env = torch.ops.transip.edge_encoder(vectors, slot, num_atoms * num_species, centers,
+                                                                   width, cutoff, w1, b1, w2, b2, w_bias, b_bias,
+                                                                   bias_groups)
+        projected = F.linear(pooled, w_msg) + weight[:, None] * b_msg
+        return bias, (projected.view(num_atoms, num_species, -1) * neighbor_embedding).sum(1), env
 
 
 class ReferenceNeighborAttention(torch.nn.Module):
+    """Self edges made explicit (prepended), then the reference function."""
+
     kernel = "reference"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,
-                receivers: torch.Tensor, senders: torch.Tensor) -> torch.Tensor:
-        return neighbor_attention_reference(q, k, v, bias, envelope, receivers, senders)
+                self_bias: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
+                row_ptr: torch.Tensor) -> torch.Tensor:
+        n = q.shape[0]
+        atoms = torch.arange(n, device=receivers.device)
+        return neighbor_attention_reference(
+            q, k, v, torch.cat([self_bias.expand(n, -1), bias]),
+            torch.cat([torch.ones(n, dtype=envelope.dtype, device=envelope.device), envelope]),
+            torch.cat([atoms, receivers]), torch.cat([atoms, senders]))
 
 
 class FusedNeighborAttention(torch.nn.Module):
-    """`torch.ops.transip.neighbor_attention` reads edges grouped by receiver (CSR); edges in any order are
-    grouped here with a linear-time counting sort, permuting only the per-edge scalars (bias, envelope,
-    sender)."""
+    """`torch.ops.transip.neighbor_attention` on edges grouped by receiver (CSR `row_ptr`); each row's own atom
+    is included by the op (`self_bias`, envelope 1), so no self-edge arrays are built."""
 
     kernel = "fused"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,
-                receivers: torch.Tensor, senders: torch.Tensor) -> torch.Tensor:
-        perm, row_ptr = torch.ops.transip.csr_order(receivers, q.shape[0])
-        return torch.ops.transip.neighbor_attention(q, k, v, bias.index_select(0, perm), envelope.index_select(0, perm),
-                                                    row_ptr, senders.index_select(0, perm))
+                self_bias: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
+                row_ptr: torch.Tensor) -> torch.Tensor:
+        return torch.ops.transip.neighbor_attention(q, k, v, bias, envelope, row_ptr, senders, self_bias)
 
 
 def attention_module(kernel: str) -> torch.nn.Module:
@@ -70,8 +115,8 @@ def attention_module(kernel: str) -> torch.nn.Module:
     return _pick(kernel, FusedNeighborAttention, ReferenceNeighborAttention)()
 
 
-def edge_embedding_module(kernel: str) -> torch.nn.Module:
-    return _pick(kernel, FusedEdgeEmbedding, ReferenceEdgeEmbedding)()
+def edge_encoder_module(kernel: str) -> torch.nn.Module:
+    return _pick(kernel, FusedEdgeEncoder, ReferenceEdgeEncoder)()
 
 
 def _pick(kernel: str, fused, reference):

@@ -15,13 +15,13 @@ sender, local or ghost.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import native
-from .kernels import attention_module, edge_embedding_module, reference_edge_embedding
+from .kernels import attention_module, edge_encoder_module, envelope, reference_edge_embedding
 
 ELEMENT_SYMBOLS = (
     "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y "
@@ -62,12 +62,6 @@ class ModelConfig:
         return self.num_layers * self.cutoff
 
 
-def envelope(r: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """1 - 10x^3 + 15x^4 - 6x^5 with x = r / cutoff: value, slope and curvature vanish at the cutoff."""
-    x = (r / cutoff).clamp(max=1.0)
-    return torch.where(r < cutoff, 1.0 + x * x * x * (-10.0 + x * (15.0 - 6.0 * x)), torch.zeros_like(r))
-
-
 class MLP(nn.Module):
     def __init__(self, sizes: List[int]):
         super().__init__()
@@ -95,13 +89,14 @@ class AttentionBlock(nn.Module):
         self.ffn = MLP([d_model, ffn_multiplier * d_model, d_model])
         self.attention = attention_module(kernel)
 
-    def forward(self, h: torch.Tensor, bias: torch.Tensor, edge_envelope: torch.Tensor, receivers: torch.Tensor,
-                senders: torch.Tensor) -> torch.Tensor:
-        """`bias` (edges, heads) is this block's `edge_bias` of the edge embeddings (computed for all blocks at
-        once by the model, one matrix product instead of one per block)."""
+    def forward(self, h: torch.Tensor, bias: torch.Tensor, edge_envelope: torch.Tensor, self_bias: torch.Tensor,
+                receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor) -> torch.Tensor:
+        """`bias` (edges, heads) and `self_bias` (heads,) are this block's `edge_bias` of the neighbour edges
+        and of the self edge (computed for all blocks at once by the model). Edges are grouped by receiver."""
         n = h.shape[0]
         qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
-        attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, receivers, senders)
+        attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, self_bias, receivers,
+                                  senders, row_ptr)
         h = h + self.out(attended.reshape(n, -1))
         return h + self.ffn(self.norm_ffn(h))
 
@@ -136,8 +131,7 @@ class TransIP(nn.Module):
         self.edge_mlp = MLP([3 + c.num_rbf, c.edge_hidden, c.edge_hidden])
         self.edge_message = nn.Linear(c.edge_hidden, c.d_model)
         kernel = native.default_kernel() if kernel == "auto" else native.resolve_kernel(kernel)
-        self.pooled_messages = kernel == "fused"
-        self.edge_embedding = edge_embedding_module(kernel)
+        self.edge_encoder = edge_encoder_module(kernel)
         self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier, kernel)
                                      for _ in range(c.num_layers)])
         self.final_norm = nn.LayerNorm(c.d_model)
@@ -157,8 +151,7 @@ class TransIP(nn.Module):
         resolved = native.default_kernel() if kernel == "auto" else native.resolve_kernel(kernel)
         for block in self.blocks:
             block.attention = attention_module(resolved)
-        self.edge_embedding = edge_embedding_module(resolved)
-        self.pooled_messages = resolved == "fused"
+        self.edge_encoder = edge_encoder_module(resolved)
         return self
 
     @property
@@ -166,43 +159,24 @@ class TransIP(nn.Module):
         return self.blocks[0].attention.kernel if len(self.blocks) else "reference"
 
     # ---------------------------------------------------------------- features
-    def embed_edges(self, vectors: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Edge embeddings from raw Cartesian displacements and a radial basis, through the kernel's module."""
-        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
-        return self.edge_embedding(vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff,
-                                   first.weight, first.bias, second.weight, second.bias)
+    def bias_parameters(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The attention-bias layers of every block stacked: one product gives all blocks' biases."""
+        weights: List[torch.Tensor] = []
+        offsets: List[torch.Tensor] = []
+        for block in self.blocks:
+            weights.append(block.edge_bias.weight)
+            offsets.append(block.edge_bias.bias)
+        return torch.cat(weights), torch.cat(offsets)
 
-    def self_edge_embedding(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Embedding of the self edge (zero displacement), one row built from constants so that no gradient
-        passes through |0|."""
+    def self_edge_bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Attention biases (1, layers * heads) of the self edge (zero displacement), built from constants so
+        that no gradient passes through |0|."""
         first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
         zero = torch.zeros(1, 3, dtype=dtype, device=device)
-        return reference_edge_embedding(zero, zero[:, 0], self.rbf_centers, self.rbf_width, self.cutoff,
-                                        first.weight, first.bias, second.weight, second.bias)
-
-    def initial_messages(self, edge_embedding: torch.Tensor, env: torch.Tensor, species: torch.Tensor,
-                         receivers: torch.Tensor, senders: torch.Tensor, n: int) -> torch.Tensor:
-        """sum over neighbours j of f_c(r_ij) * W e_ij * u_{species j}: the neighbour part of the initial tokens.
-
-        Reference form: one d_model-sized message per edge. Pooled form (used with the fused kernel): the neighbour
-        embedding u takes one value per species, so the sum is regrouped as sum_s u_s * W (sum_{j of species s}
-        f_c e_ij): edges are pooled per (atom, species) at the edge MLP's width before W is applied, and no
-        per-edge d_model-sized tensor is formed. Same function, different round-off.
-        """
-        if not self.pooled_messages:
-            messages = (env[:, None] * self.edge_message(edge_embedding)
-                        * self.neighbor_element_embedding(species.index_select(0, senders)))
-            return torch.zeros(n, messages.shape[1], dtype=messages.dtype,
-                               device=messages.device).index_add(0, receivers, messages)
-        num_species = self.neighbor_element_embedding.num_embeddings
-        slot = receivers * num_species + species.index_select(0, senders)
-        pooled = torch.zeros(n * num_species, edge_embedding.shape[1], dtype=edge_embedding.dtype,
-                             device=edge_embedding.device).index_add(0, slot, env[:, None] * edge_embedding)
-        weight = torch.zeros(n * num_species, dtype=env.dtype, device=env.device).index_add(0, slot, env)
-        # W e + b summed with weights f_c: W (sum f_c e) + b (sum f_c)
-        projected = (torch.nn.functional.linear(pooled, self.edge_message.weight)
-                     + weight[:, None] * self.edge_message.bias)
-        return (projected.view(n, num_species, -1) * self.neighbor_element_embedding.weight).sum(1)
+        embedding = reference_edge_embedding(zero, zero[:, 0], self.rbf_centers, self.rbf_width, self.cutoff,
+                                             first.weight, first.bias, second.weight, second.bias)
+        weight, offset = self.bias_parameters()
+        return torch.nn.functional.linear(embedding, weight, offset)
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         if bool((numbers < 1).any()) or bool((numbers >= self.species_of_z.shape[0]).any()):
@@ -223,35 +197,31 @@ class TransIP(nn.Module):
             raise ValueError("total charge outside the model's range +-" + str(self.max_abs_charge))
         if bool((spin < 1).any()) or bool((spin > self.max_multiplicity).any()):
             raise ValueError("spin multiplicity outside the model's range 1.." + str(self.max_multiplicity))
-        lengths = torch.linalg.norm(edge_vectors, dim=1)
-        env = envelope(lengths, self.cutoff)
-        edge_embedding = self.embed_edges(edge_vectors, lengths)
+        # Edges grouped by receiver (CSR), as the fused attention reads them; neighbour lists from
+        # transip.neighbors already are, engines' lists may not be.
+        if receivers.numel() > 1 and not bool((receivers[1:] >= receivers[:-1]).all()):
+            order = torch.argsort(receivers, stable=True)
+            edge_vectors, receivers, senders = edge_vectors[order], receivers[order], senders[order]
+        row_ptr = torch.zeros(n + 1, dtype=torch.long, device=receivers.device)
+        row_ptr[1:] = torch.cumsum(torch.bincount(receivers, minlength=n), 0)
+
+        # Per-edge work (kernels.py): attention biases of every block, neighbour messages, envelope.
+        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
+        bias_weight, bias_offset = self.bias_parameters()
+        edge_bias, messages, env = self.edge_encoder(
+            edge_vectors, receivers, senders, species, n, self.rbf_centers, self.rbf_width, self.cutoff,
+            first.weight, first.bias, second.weight, second.bias, bias_weight, bias_offset, len(self.blocks),
+            self.edge_message.weight, self.edge_message.bias, self.neighbor_element_embedding.weight)
 
         h = (self.element_embedding(species) + self.charge_embedding(charge + self.max_abs_charge)[batch]
-             + self.spin_embedding(spin - 1)[batch])
-        h = h + self.initial_messages(edge_embedding, env, species, receivers, senders, n) / self.avg_num_neighbors
+             + self.spin_embedding(spin - 1)[batch] + messages / self.avg_num_neighbors)
 
-        # Every atom attends to itself too: a self edge with zero displacement and envelope 1.
-        self_embedding = self.self_edge_embedding(edge_vectors.dtype, edge_vectors.device)
-        atoms = torch.arange(n, device=numbers.device)
-        att_envelope = torch.cat([torch.ones(n, dtype=env.dtype, device=env.device), env])
-        att_receivers = torch.cat([atoms, receivers])
-        att_senders = torch.cat([atoms, senders])
-        # Attention biases of every block in one product; edges are the n self edges, then the neighbours.
-        bias_weights: List[torch.Tensor] = []
-        bias_offsets: List[torch.Tensor] = []
-        for block in self.blocks:
-            bias_weights.append(block.edge_bias.weight)
-            bias_offsets.append(block.edge_bias.bias)
-        weight, offset = torch.cat(bias_weights), torch.cat(bias_offsets)
-        self_bias = torch.nn.functional.linear(self_embedding, weight, offset).expand(n, -1)
-        edge_bias = torch.nn.functional.linear(edge_embedding, weight, offset)
+        # Every atom also attends to itself (zero displacement, envelope 1).
+        self_bias = self.self_edge_bias(edge_vectors.dtype, edge_vectors.device).view(len(self.blocks), -1)
+        layer_biases = torch.unbind(edge_bias, 0)
         layer = 0
         for block in self.blocks:
-            heads = block.num_heads
-            columns = slice(layer * heads, (layer + 1) * heads)
-            bias = torch.cat([self_bias[:, columns], edge_bias[:, columns]])
-            h = block(h, bias, att_envelope, att_receivers, att_senders)
+            h = block(h, layer_biases[layer], env, self_bias[layer], receivers, senders, row_ptr)
             layer += 1
 
         latent = self.final_norm(h)

@@ -1,5 +1,5 @@
 // Fused neighbour attention on the CPU: declarations shared by the op layer (ops.cpp) and the kernels,
-// which are compiled once per instruction set (attention_kernels_{generic,avx512}.cpp).
+// which are compiled once per instruction set (kernels_{generic,avx512}.cpp).
 //
 // Layout: q, k, v are (N, H, D) contiguous; bias is (E, H); envelope (E,); edges are grouped by receiving atom
 // in CSR form: row i owns edges row_ptr[i] .. row_ptr[i+1]-1 and senders[e] is the atom j that edge e reads.
@@ -28,6 +28,7 @@ struct AttentionInputs {
   const T* envelope;
   const int64_t* row_ptr;
   const int64_t* senders;
+  const T* self_bias;  // (H,) or null: every row also holds the edge (i, i) with this bias and envelope 1
 };
 
 // Forward: writes out (N, H, D) and the per-row softmax state m (running maximum) and Z (normaliser),
@@ -57,25 +58,62 @@ struct AttentionBackwardArgs {
   const int64_t* receivers;    // receiving atom of each edge (expanded from row_ptr)
   const int64_t* sender_ptr;   // CSR over senders
   const int64_t* sender_perm;  // edges in sender order
+  T* self_grad;                // (N, H): dL/ds of each atom's self edge (summed into grad_self_bias)
+  T* self_weight;              // (N, H): its w / Z
 };
 
-// Edge encoder: displacement r_e (E, 3) -> features [r_e / cutoff, exp(-((|r_e| - c_k) / width)^2 / 2)] ->
-// Linear(w1, b1) -> SiLU -> Linear(w2, b2) -> embedding (E, hidden), one edge at a time in registers-sized
-// buffers. The backward gives the gradient with respect to r_e only (all that forces and virial need).
+// Edge encoder: everything the model computes per neighbour edge besides attention, in one pass, with no
+// per-edge hidden-sized tensor in memory. For edge e with displacement r_e (receiver i, slot = (i, species of
+// the sender)):
+//   features  f_e = [r_e / cutoff, exp(-((|r_e| - c_k) / width)^2 / 2)]
+//   embedding a_e = w2 SiLU(w1 f_e + b1) + b2                                   (kept in a per-thread buffer)
+//   bias_e    = wb a_e + bb           (attention biases of every layer: num_bias = groups x heads, written as
+//                                      (groups, E, heads) so that each layer's slice is contiguous)
+//   envelope_e = f_c(|r_e|)            (1 - 10x^3 + 15x^4 - 6x^5, x = |r_e| / cutoff; 0 beyond)
+//   pooled[slot]        += envelope_e a_e,   pooled_weight[slot] += envelope_e
+// The backward returns the gradient with respect to r_e only (all that forces and virial need).
 template <typename T>
 struct EdgeEncoderParams {
   int64_t edges;
   int64_t num_rbf;
   int64_t hidden;
+  int64_t num_bias;
+  int64_t bias_groups;
   const T* centers;  // (num_rbf,)
   T width;
   T cutoff;
-  const T* w1;  // (hidden, 3 + num_rbf), nn.Linear layout
-  const T* w1t; // the same transposed, (3 + num_rbf, hidden)
+  const T* w1;   // (hidden, 3 + num_rbf), nn.Linear layout
+  const T* w1t;  // its transpose
   const T* b1;
   const T* w2;  // (hidden, hidden)
   const T* w2t;
   const T* b2;
+  const T* wb;  // (num_bias, hidden)
+  const T* wbt;
+  const T* bb;
+};
+
+template <typename T>
+struct EdgeEncoderForward {
+  const T* vectors;          // (E, 3)
+  int64_t num_slots;
+  const int64_t* slot_ptr;   // edges grouped by slot (CSR), so each thread owns whole slots
+  const int64_t* slot_perm;
+  T* bias;                   // (groups, E, heads)
+  T* pooled;                 // (num_slots, hidden)
+  T* pooled_weight;          // (num_slots,)
+  T* envelope;               // (E,)
+};
+
+template <typename T>
+struct EdgeEncoderBackward {
+  const T* vectors;
+  const int64_t* slot;  // (E,)
+  const T* grad_bias;
+  const T* grad_pooled;
+  const T* grad_pooled_weight;
+  const T* grad_envelope;
+  T* grad_vectors;
 };
 
 #define TRANSIP_DECLARE_KERNELS(NS)                                                                  \
@@ -88,10 +126,9 @@ struct EdgeEncoderParams {
   void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& in,                 \
                           const AttentionBackwardArgs<T>& args);                                     \
   template <typename T>                                                                              \
-  void edge_encoder_forward(const EdgeEncoderParams<T>& p, const T* vectors, T* embedding);          \
+  void edge_encoder_forward(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T>& io);          \
   template <typename T>                                                                              \
-  void edge_encoder_backward(const EdgeEncoderParams<T>& p, const T* vectors, const T* grad_embedding, \
-                             T* grad_vectors);                                                       \
+  void edge_encoder_backward(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward<T>& io);        \
   }
 
 TRANSIP_DECLARE_KERNELS(generic)

@@ -43,10 +43,18 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
     T* w = c + H;
     for (int64_t i = begin; i < end; ++i) {
       T* acc = result.out + i * HD;
-      std::fill(acc, acc + HD, T(0));
-      std::fill(m, m + H, -std::numeric_limits<T>::infinity());
-      std::fill(z, z + H, T(0));
       const T* qi = in.q + i * HD;
+      if (in.self_bias != nullptr) {  // the row starts with the atom itself: weight exp(0) = 1, envelope 1
+        std::copy(in.v + i * HD, in.v + (i + 1) * HD, acc);
+        for (int64_t h = 0; h < H; ++h) {
+          m[h] = dot(qi + h * D, in.k + i * HD + h * D, D) * scale + in.self_bias[h];
+          z[h] = T(1);
+        }
+      } else {
+        std::fill(acc, acc + HD, T(0));
+        std::fill(m, m + H, -std::numeric_limits<T>::infinity());
+        std::fill(z, z + H, T(0));
+      }
       for (int64_t e = in.row_ptr[i]; e < in.row_ptr[i + 1]; ++e) {
         const int64_t j = in.senders[e];
         const T* kj = in.k + j * HD;
@@ -110,6 +118,22 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
         inv_z[h] = zh > T(0) ? T(1) / zh : T(1);
         g_dot_out[h] = zh > T(0) ? dot(gi + h * D, oi + h * D, D) : T(0);
       }
+      if (in.self_bias != nullptr) {  // the self edge: its k_i, v_i gradients are added in pass 2
+        const T* ki = in.k + i * HD;
+        const T* vi = in.v + i * HD;
+        for (int64_t h = 0; h < H; ++h) {
+          const T s = dot(qi + h * D, ki + h * D, D) * scale + in.self_bias[h];
+          const T p = std::exp(s - mi[h]);
+          const T t = (dot(gi + h * D, vi + h * D, D) - g_dot_out[h]) * inv_z[h];
+          const T ds = t * p;
+          args.self_grad[i * H + h] = ds;
+          args.self_weight[i * H + h] = p * inv_z[h];
+          T* g = gqi + h * D;
+          const T* kh = ki + h * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) g[d] += ds * scale * kh[d];
+        }
+      }
       for (int64_t e = in.row_ptr[i]; e < in.row_ptr[i + 1]; ++e) {
         const int64_t j = in.senders[e];
         const T* kj = in.k + j * HD;
@@ -146,6 +170,19 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
       T* gvj = args.grad_v + j * HD;
       std::fill(gkj, gkj + HD, T(0));
       std::fill(gvj, gvj + HD, T(0));
+      if (in.self_bias != nullptr) {
+        const T* qj = in.q + j * HD;
+        const T* gj = args.grad_out + j * HD;
+        for (int64_t h = 0; h < H; ++h) {
+          const T cs = args.self_grad[j * H + h] * scale;
+          const T cw = args.self_weight[j * H + h];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            gkj[h * D + d] += cs * qj[h * D + d];
+            gvj[h * D + d] += cw * gj[h * D + d];
+          }
+        }
+      }
       for (int64_t idx = args.sender_ptr[j]; idx < args.sender_ptr[j + 1]; ++idx) {
         const int64_t e = args.sender_perm[idx];
         const int64_t i = args.receivers[e];
@@ -237,52 +274,117 @@ T edge_first_layer(const EdgeEncoderParams<T>& p, const T* r, T* __restrict f, T
 
 }  // namespace
 
+// Second layer: a = w2 SiLU(z) + b2, with s = sigmoid(z).
+template <typename T, int kHidden>
+inline void edge_second_layer(const EdgeEncoderParams<T>& p, const T* __restrict z, const T* __restrict s,
+                              T* __restrict a) {
+  const int64_t H = kHidden > 0 ? kHidden : p.hidden;
+  std::copy(p.b2, p.b2 + H, a);
+  for (int64_t k = 0; k < H; ++k) {
+    const T silu = z[k] * s[k];
+    const T* __restrict w = p.w2t + k * H;
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) a[h] += silu * w[h];
+  }
+}
+
+// The smooth cutoff envelope and its derivative with respect to |r| (polynomial, zero beyond the cutoff).
+template <typename T>
+inline T envelope_value(T length, T cutoff, T* slope) {
+  if (!(length < cutoff)) {
+    *slope = T(0);
+    return T(0);
+  }
+  const T x = length / cutoff;
+  *slope = x * x * (T(-30) + x * (T(60) - T(30) * x)) / cutoff;
+  return T(1) + x * x * x * (T(-10) + x * (T(15) - T(6) * x));
+}
+
 // The hidden width as a compile-time constant (kHidden > 0) lets the compiler unroll the short inner loops
 // completely instead of paying loop and alias checks per row; 0 means any width.
 template <typename T, int kHidden>
-void edge_forward_impl(const EdgeEncoderParams<T>& p, const T* vectors, T* embedding) {
-  const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf;
-  at::parallel_for(0, p.edges, kGrainEdges, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(in + 2 * H);
-    T* f = buffer.data();
-    T* z = f + in;
-    T* s = z + H;
-    for (int64_t e = begin; e < end; ++e) {
-      edge_first_layer<T, kHidden>(p, vectors + 3 * e, f, z, s);
-      T* __restrict out = embedding + e * H;
-      std::copy(p.b2, p.b2 + H, out);
-      for (int64_t k = 0; k < H; ++k) {
-        const T a = z[k] * s[k];  // SiLU
-        const T* __restrict w = p.w2t + k * H;
+void edge_forward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T>& io) {
+  const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf, B = p.num_bias;
+  const int64_t heads = B / p.bias_groups;
+  at::parallel_for(0, io.num_slots, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(in + 3 * H + B);
+    T* __restrict f = buffer.data();
+    T* __restrict z = f + in;
+    T* __restrict s = z + H;
+    T* __restrict a = s + H;
+    T* __restrict bias = a + H;
+    for (int64_t slot = begin; slot < end; ++slot) {
+      T* __restrict pooled = io.pooled + slot * H;
+      std::fill(pooled, pooled + H, T(0));
+      T weight = 0;
+      for (int64_t idx = io.slot_ptr[slot]; idx < io.slot_ptr[slot + 1]; ++idx) {
+        const int64_t e = io.slot_perm[idx];
+        const T length = edge_first_layer<T, kHidden>(p, io.vectors + 3 * e, f, z, s);
+        edge_second_layer<T, kHidden>(p, z, s, a);
+        T slope;
+        const T env = envelope_value(length, p.cutoff, &slope);
+        io.envelope[e] = env;
+        weight += env;
 #pragma omp simd
-        for (int64_t h = 0; h < H; ++h) out[h] += a * w[h];
+        for (int64_t h = 0; h < H; ++h) pooled[h] += env * a[h];
+        std::copy(p.bb, p.bb + B, bias);
+        for (int64_t k = 0; k < H; ++k) {
+          const T ak = a[k];
+          const T* __restrict w = p.wbt + k * B;
+#pragma omp simd
+          for (int64_t b = 0; b < B; ++b) bias[b] += ak * w[b];
+        }
+        for (int64_t g = 0; g < p.bias_groups; ++g)  // (groups, E, heads) layout
+          std::copy(bias + g * heads, bias + (g + 1) * heads, io.bias + (g * p.edges + e) * heads);
       }
+      io.pooled_weight[slot] = weight;
     }
   });
 }
 
 template <typename T, int kHidden>
-void edge_backward_impl(const EdgeEncoderParams<T>& p, const T* vectors, const T* grad_embedding, T* grad_vectors) {
-  const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf;
+void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward<T>& io) {
+  const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf, B = p.num_bias;
+  const int64_t heads = B / p.bias_groups;
   at::parallel_for(0, p.edges, kGrainEdges, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(2 * in + 3 * H);
+    std::vector<T> buffer(2 * in + 5 * H);
     T* __restrict f = buffer.data();
     T* __restrict z = f + in;
     T* __restrict s = z + H;
-    T* __restrict gz = s + H;
+    T* __restrict a = s + H;
+    T* __restrict ga = a + H;
+    T* __restrict gz = ga + H;
     T* __restrict gf = gz + H;
     for (int64_t e = begin; e < end; ++e) {
-      const T* r = vectors + 3 * e;
+      const T* r = io.vectors + 3 * e;
       const T length = edge_first_layer<T, kHidden>(p, r, f, z, s);
-      // dL/da = w2^T g, then through SiLU: d(z s)/dz = s (1 + z (1 - s)).
-      std::fill(gz, gz + H, T(0));
-      const T* g = grad_embedding + e * H;
+      edge_second_layer<T, kHidden>(p, z, s, a);
+      T slope;
+      const T env = envelope_value(length, p.cutoff, &slope);
+      const int64_t slot = io.slot[e];
+      const T* __restrict gp = io.grad_pooled + slot * H;
+      // dL/da from the pooled sum (envelope-weighted) and from the attention biases; dL/d envelope likewise.
+      T g_env = io.grad_pooled_weight[slot] + io.grad_envelope[e];
+#pragma omp simd reduction(+ : g_env)
       for (int64_t h = 0; h < H; ++h) {
-        const T gh = g[h];
+        ga[h] = env * gp[h];
+        g_env += a[h] * gp[h];
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const T gbb = io.grad_bias[((b / heads) * p.edges + e) * heads + b % heads];
+        const T* __restrict w = p.wb + b * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) ga[h] += gbb * w[h];
+      }
+      // Through the second layer and SiLU: d(z s)/dz = s (1 + z (1 - s)).
+      std::fill(gz, gz + H, T(0));
+      for (int64_t h = 0; h < H; ++h) {
+        const T gh = ga[h];
         const T* __restrict w = p.w2 + h * H;
 #pragma omp simd
         for (int64_t k = 0; k < H; ++k) gz[k] += gh * w[k];
       }
+#pragma omp simd
       for (int64_t k = 0; k < H; ++k) gz[k] *= s[k] * (T(1) + z[k] * (T(1) - s[k]));
       // dL/df = w1^T dL/dz
       std::fill(gf, gf + in, T(0));
@@ -292,34 +394,33 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const T* vectors, const T
 #pragma omp simd
         for (int64_t k = 0; k < in; ++k) gf[k] += gh * w[k];
       }
-      // Through the features: r / cutoff directly, and the radial basis through |r|.
-      T d_length = 0;
+      // Through the features: r / cutoff directly; the radial basis and the envelope through |r|.
+      T d_length = g_env * slope;
       for (int64_t k = 0; k < p.num_rbf; ++k)
         d_length += gf[3 + k] * f[3 + k] * (-(length - p.centers[k]) / (p.width * p.width));
       const T radial = length > T(0) ? d_length / length : T(0);
-      for (int a = 0; a < 3; ++a) grad_vectors[3 * e + a] = gf[a] / p.cutoff + radial * r[a];
+      for (int c = 0; c < 3; ++c) io.grad_vectors[3 * e + c] = gf[c] / p.cutoff + radial * r[c];
     }
   });
 }
 
 template <typename T>
-void edge_encoder_forward(const EdgeEncoderParams<T>& p, const T* vectors, T* embedding) {
+void edge_encoder_forward(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T>& io) {
   switch (p.hidden) {
-    case 16: return edge_forward_impl<T, 16>(p, vectors, embedding);
-    case 32: return edge_forward_impl<T, 32>(p, vectors, embedding);
-    case 64: return edge_forward_impl<T, 64>(p, vectors, embedding);
-    default: return edge_forward_impl<T, 0>(p, vectors, embedding);
+    case 16: return edge_forward_impl<T, 16>(p, io);
+    case 32: return edge_forward_impl<T, 32>(p, io);
+    case 64: return edge_forward_impl<T, 64>(p, io);
+    default: return edge_forward_impl<T, 0>(p, io);
   }
 }
 
 template <typename T>
-void edge_encoder_backward(const EdgeEncoderParams<T>& p, const T* vectors, const T* grad_embedding,
-                           T* grad_vectors) {
+void edge_encoder_backward(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward<T>& io) {
   switch (p.hidden) {
-    case 16: return edge_backward_impl<T, 16>(p, vectors, grad_embedding, grad_vectors);
-    case 32: return edge_backward_impl<T, 32>(p, vectors, grad_embedding, grad_vectors);
-    case 64: return edge_backward_impl<T, 64>(p, vectors, grad_embedding, grad_vectors);
-    default: return edge_backward_impl<T, 0>(p, vectors, grad_embedding, grad_vectors);
+    case 16: return edge_backward_impl<T, 16>(p, io);
+    case 32: return edge_backward_impl<T, 32>(p, io);
+    case 64: return edge_backward_impl<T, 64>(p, io);
+    default: return edge_backward_impl<T, 0>(p, io);
   }
 }
 
@@ -339,11 +440,10 @@ template void attention_backward<float>(const AttentionShape&, const AttentionIn
                                         const AttentionBackwardArgs<float>&);
 template void attention_backward<double>(const AttentionShape&, const AttentionInputs<double>&,
                                          const AttentionBackwardArgs<double>&);
-template void edge_encoder_forward<float>(const EdgeEncoderParams<float>&, const float*, float*);
-template void edge_encoder_forward<double>(const EdgeEncoderParams<double>&, const double*, double*);
-template void edge_encoder_backward<float>(const EdgeEncoderParams<float>&, const float*, const float*, float*);
-template void edge_encoder_backward<double>(const EdgeEncoderParams<double>&, const double*, const double*,
-                                            double*);
+template void edge_encoder_forward<float>(const EdgeEncoderParams<float>&, const EdgeEncoderForward<float>&);
+template void edge_encoder_forward<double>(const EdgeEncoderParams<double>&, const EdgeEncoderForward<double>&);
+template void edge_encoder_backward<float>(const EdgeEncoderParams<float>&, const EdgeEncoderBackward<float>&);
+template void edge_encoder_backward<double>(const EdgeEncoderParams<double>&, const EdgeEncoderBackward<double>&);
 
 }  // namespace TRANSIP_KERNEL_NAMESPACE
 }  // namespace transip

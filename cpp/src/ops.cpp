@@ -1,12 +1,14 @@
 // The TORCH_LIBRARY registration of TransIP's native ops, with argument checks and autograd.
 //
-//   transip::neighbor_attention(q, k, v, bias, envelope, row_ptr, senders) -> out       (differentiable once)
+//   transip::neighbor_attention(q, k, v, bias, envelope, row_ptr, senders, self_bias?) -> out
+//       (differentiable once; with self_bias every row also holds its own atom, bias self_bias, envelope 1)
 //   transip::neighbor_attention_forward(...)  -> (out, row_max, row_sum)
-//   transip::neighbor_attention_backward(grad_out, q, k, v, bias, envelope, row_ptr, senders, out, row_max,
-//                                        row_sum) -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope)
-//   transip::edge_embedding(vectors, centers, width, cutoff, w1, b1, w2, b2) -> embedding  (differentiable once,
-//                                                                          in `vectors` only)
-//   transip::edge_embedding_backward(grad, vectors, centers, width, cutoff, w1, b1, w2, b2) -> grad_vectors
+//   transip::neighbor_attention_backward(grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias?, out,
+//       row_max, row_sum) -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias)
+//   transip::edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups)
+//       -> (bias (groups, E, heads), pooled, pooled_weight, envelope)  (differentiable once, in `vectors` only)
+//   transip::edge_encoder_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot,
+//                                  centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups) -> grad_vectors
 //   transip::neighbor_list(positions, cell?, pbc?, cutoff) -> (edge_index, shifts)
 //   transip::csr_order(index, num_rows) -> (perm, row_ptr)
 //   transip::version() -> str,  transip::isa() -> str
@@ -18,6 +20,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <optional>
 #include <string>
 
 #include "kernels.h"
@@ -54,7 +57,8 @@ std::string isa() { return use_avx512() ? "avx512" : "generic"; }
 std::string version() { return TRANSIP_VERSION; }
 
 void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
-                            const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
+                            const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
+                            const std::optional<Tensor>& self_bias) {
   const char* op = "transip::neighbor_attention: ";
   TORCH_CHECK(q.dim() == 3, op, "q must have shape (atoms, heads, head_dim), got ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, "q, k and v must have the same shape, got ",
@@ -77,6 +81,12 @@ void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, c
               edges, ", ", heads, "), got ", bias.sizes());
   TORCH_CHECK(envelope.dim() == 1 && envelope.numel() == edges, op, "envelope must have shape (edges,) = (", edges,
               "), got ", envelope.sizes());
+  if (self_bias.has_value()) {
+    TORCH_CHECK(self_bias->dim() == 1 && self_bias->numel() == heads && self_bias->scalar_type() == q.scalar_type() &&
+                    self_bias->device().is_cpu(),
+                op, "self_bias must be a CPU tensor of shape (heads,) = (", heads, ") and dtype ", q.scalar_type(),
+                ", got ", self_bias->scalar_type(), " ", self_bias->sizes());
+  }
   const Tensor rp = row_ptr.contiguous();
   const int64_t* p = rp.data_ptr<int64_t>();
   TORCH_CHECK(p[0] == 0 && p[atoms] == edges, op, "row_ptr must start at 0 and end at the number of edges ", edges,
@@ -93,15 +103,19 @@ void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, c
 
 template <typename T>
 AttentionInputs<T> attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
-                                    const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
-  return {q.data_ptr<T>(),        k.data_ptr<T>(),           v.data_ptr<T>(),        bias.data_ptr<T>(),
-          envelope.data_ptr<T>(), row_ptr.data_ptr<int64_t>(), senders.data_ptr<int64_t>()};
+                                    const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
+                                    const Tensor& self_bias) {
+  return {q.data_ptr<T>(),          k.data_ptr<T>(),           v.data_ptr<T>(),
+          bias.data_ptr<T>(),       envelope.data_ptr<T>(),    row_ptr.data_ptr<int64_t>(),
+          senders.data_ptr<int64_t>(), self_bias.defined() ? self_bias.data_ptr<T>() : nullptr};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                          const Tensor& bias_in, const Tensor& envelope_in,
-                                                         const Tensor& row_ptr_in, const Tensor& senders_in) {
-  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in);
+                                                         const Tensor& row_ptr_in, const Tensor& senders_in,
+                                                         const std::optional<Tensor>& self_bias_in) {
+  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in);
+  const Tensor self_bias = self_bias_in.has_value() ? self_bias_in->contiguous() : Tensor();
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous(),
                envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(),
                senders = senders_in.contiguous();
@@ -110,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, con
   Tensor row_max = at::empty({shape.atoms, shape.heads}, q.options());
   Tensor row_sum = at::empty({shape.atoms, shape.heads}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_forward", [&] {
-    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders);
+    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, self_bias);
     const AttentionForwardOutputs<scalar_t> result{out.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>(),
                                                    row_sum.data_ptr<scalar_t>()};
     if (use_avx512())
@@ -121,11 +135,13 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, con
   return {out, row_max, row_sum};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
     const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& bias_in,
-    const Tensor& envelope_in, const Tensor& row_ptr_in, const Tensor& senders_in, const Tensor& out_in,
-    const Tensor& row_max_in, const Tensor& row_sum_in) {
-  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in);
+    const Tensor& envelope_in, const Tensor& row_ptr_in, const Tensor& senders_in,
+    const std::optional<Tensor>& self_bias_in, const Tensor& out_in, const Tensor& row_max_in,
+    const Tensor& row_sum_in) {
+  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in);
+  const Tensor self_bias = self_bias_in.has_value() ? self_bias_in->contiguous() : Tensor();
   TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
               "transip::neighbor_attention_backward: grad_out and out must have q's shape ", q_in.sizes());
   TORCH_CHECK(row_max_in.sizes() == row_sum_in.sizes() && row_max_in.dim() == 2 && row_max_in.size(0) == q_in.size(0) &&
@@ -140,24 +156,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
   Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   Tensor grad_bias = at::empty_like(bias), grad_envelope = at::empty_like(envelope);
   Tensor edge_weight = at::empty_like(bias);
+  Tensor self_grad = at::zeros({shape.atoms, shape.heads}, q.options());
+  Tensor self_weight = at::zeros({shape.atoms, shape.heads}, q.options());
   // Receiver of each edge, and the edges regrouped by sender for the race-free second pass.
   Tensor receivers = at::repeat_interleave(at::arange(shape.atoms, row_ptr.options()), row_ptr.diff(), /*dim=*/0,
                                                /*output_size=*/shape.edges);
   auto [sender_perm, sender_ptr] = csr_order(senders, shape.atoms);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_backward", [&] {
-    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders);
+    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, self_bias);
     const AttentionBackwardArgs<scalar_t> args{
         grad_out.data_ptr<scalar_t>(),      out.data_ptr<scalar_t>(),        row_max.data_ptr<scalar_t>(),
         row_sum.data_ptr<scalar_t>(),       grad_q.data_ptr<scalar_t>(),     grad_k.data_ptr<scalar_t>(),
         grad_v.data_ptr<scalar_t>(),        grad_bias.data_ptr<scalar_t>(),  grad_envelope.data_ptr<scalar_t>(),
         edge_weight.data_ptr<scalar_t>(),   receivers.data_ptr<int64_t>(),   sender_ptr.data_ptr<int64_t>(),
-        sender_perm.data_ptr<int64_t>()};
+        sender_perm.data_ptr<int64_t>(),   self_grad.data_ptr<scalar_t>(),  self_weight.data_ptr<scalar_t>()};
     if (use_avx512())
       avx512::attention_backward<scalar_t>(shape, in, args);
     else
       generic::attention_backward<scalar_t>(shape, in, args);
   });
-  return {grad_q, grad_k, grad_v, grad_bias, grad_envelope};
+  Tensor grad_self_bias = self_bias.defined() ? self_grad.sum(0) : Tensor();
+  return {grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias};
 }
 
 // Autograd: forward and backward both go through the dispatcher so that profilers and TorchScript see them.
@@ -166,15 +185,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
 class NeighborAttention : public torch::autograd::Function<NeighborAttention> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                        const Tensor& bias, const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
+                        const Tensor& bias, const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
+                        const std::optional<Tensor>& self_bias) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("transip::neighbor_attention_forward", "")
                          .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                    const Tensor&, const Tensor&, const Tensor&,
-                                                                   const Tensor&)>();
+                                                                   const Tensor&, const std::optional<Tensor>&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, row_max, row_sum] = op.call(q, k, v, bias, envelope, row_ptr, senders);
-    ctx->save_for_backward({q, k, v, bias, envelope, row_ptr, senders, out, row_max, row_sum});
+    auto [out, row_max, row_sum] = op.call(q, k, v, bias, envelope, row_ptr, senders, self_bias);
+    ctx->save_for_backward({q, k, v, bias, envelope, row_ptr, senders, self_bias.value_or(Tensor()), out, row_max,
+                            row_sum});
     return out;
   }
 
@@ -186,157 +207,254 @@ class NeighborAttention : public torch::autograd::Function<NeighborAttention> {
                 "model.set_kernel('reference') or set TRANSIP_KERNEL=reference");
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("transip::neighbor_attention_backward", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
                              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+                             const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                             const Tensor&)>();
     const auto saved = ctx->get_saved_variables();
-    auto [gq, gk, gv, gbias, genv] = op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4],
-                                             saved[5], saved[6], saved[7], saved[8], saved[9]);
-    return {gq, gk, gv, gbias, genv, Tensor(), Tensor()};
+    const std::optional<Tensor> self_bias = saved[7].defined() ? std::optional<Tensor>(saved[7]) : std::nullopt;
+    auto [gq, gk, gv, gbias, genv, gself] = op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
+                                                    saved[4], saved[5], saved[6], self_bias, saved[8], saved[9],
+                                                    saved[10]);
+    return {gq, gk, gv, gbias, genv, Tensor(), Tensor(), gself};
   }
 };
 
 Tensor neighbor_attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
-                                   const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
-  return NeighborAttention::apply(q, k, v, bias, envelope, row_ptr, senders);
+                                   const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
+                                   const std::optional<Tensor>& self_bias) {
+  return NeighborAttention::apply(q, k, v, bias, envelope, row_ptr, senders, self_bias);
 }
 
 Tensor neighbor_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
-                              const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders) {
-  return std::get<0>(attention_forward_cpu(q, k, v, bias, envelope, row_ptr, senders));
+                              const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
+                              const std::optional<Tensor>& self_bias) {
+  return std::get<0>(attention_forward_cpu(q, k, v, bias, envelope, row_ptr, senders, self_bias));
 }
 
 // ------------------------------------------------------------------------------------------ edge encoder
-void check_edge_inputs(const Tensor& vectors, const Tensor& centers, const Tensor& w1, const Tensor& b1,
-                       const Tensor& w2, const Tensor& b2) {
-  const char* op = "transip::edge_embedding: ";
+struct EdgeTensors {
+  Tensor centers, w1, w1t, b1, w2, w2t, b2, wb, wbt, bb;
+};
+
+EdgeTensors check_edge_inputs(const Tensor& vectors, const Tensor& slot, const Tensor& centers, const Tensor& w1,
+                              const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& wb,
+                              const Tensor& bb) {
+  const char* op = "transip::edge_encoder: ";
   TORCH_CHECK(vectors.dim() == 2 && vectors.size(1) == 3, op, "vectors must have shape (edges, 3), got ",
               vectors.sizes());
   TORCH_CHECK(vectors.scalar_type() == at::kFloat || vectors.scalar_type() == at::kDouble, op,
               "vectors must be float32 or float64, got ", vectors.scalar_type());
-  for (const Tensor* t : {&centers, &w1, &b1, &w2, &b2}) {
+  TORCH_CHECK(slot.dim() == 1 && slot.scalar_type() == at::kLong && slot.numel() == vectors.size(0), op,
+              "slot must be int64 with one entry per edge (", vectors.size(0), "), got ", slot.scalar_type(), " ",
+              slot.sizes());
+  for (const Tensor* t : {&vectors, &slot, &centers, &w1, &b1, &w2, &b2, &wb, &bb})
+    TORCH_CHECK(t->device().is_cpu(), op, "inputs must be on the CPU, got ", t->device());
+  for (const Tensor* t : {&centers, &w1, &b1, &w2, &b2, &wb, &bb})
     TORCH_CHECK(t->scalar_type() == vectors.scalar_type(), op, "parameters must share the dtype of vectors ",
                 vectors.scalar_type(), ", got ", t->scalar_type());
-    TORCH_CHECK(t->device().is_cpu(), op, "inputs must be on the CPU, got ", t->device());
-  }
-  TORCH_CHECK(vectors.device().is_cpu(), op, "inputs must be on the CPU, got ", vectors.device());
-  const int64_t rbf = centers.numel(), hidden = b1.numel();
+  const int64_t rbf = centers.numel(), hidden = b1.numel(), num_bias = bb.numel();
   TORCH_CHECK(centers.dim() == 1, op, "centers must be 1-D, got ", centers.sizes());
   TORCH_CHECK(w1.dim() == 2 && w1.size(0) == hidden && w1.size(1) == 3 + rbf, op, "w1 must have shape (", hidden,
               ", ", 3 + rbf, "), got ", w1.sizes());
   TORCH_CHECK(w2.dim() == 2 && w2.size(0) == hidden && w2.size(1) == hidden && b2.numel() == hidden, op,
               "w2 must have shape (", hidden, ", ", hidden, ") and b2 (", hidden, "), got ", w2.sizes(), " and ",
               b2.sizes());
+  TORCH_CHECK(wb.dim() == 2 && wb.size(0) == num_bias && wb.size(1) == hidden, op, "wb must have shape (", num_bias,
+              ", ", hidden, "), got ", wb.sizes());
+  EdgeTensors t{centers.contiguous(), w1.contiguous(), w1.t().contiguous(), b1.contiguous(), w2.contiguous(),
+                w2.t().contiguous(),  b2.contiguous(), wb.contiguous(), wb.t().contiguous(), bb.contiguous()};
+  return t;
 }
 
 template <typename T>
-EdgeEncoderParams<T> edge_params(int64_t edges, const Tensor& centers, double width, double cutoff, const Tensor& w1,
-                                 const Tensor& w1t, const Tensor& b1, const Tensor& w2, const Tensor& w2t,
-                                 const Tensor& b2) {
-  return {edges,          centers.numel(),  b1.numel(),       centers.data_ptr<T>(), static_cast<T>(width),
-          static_cast<T>(cutoff), w1.data_ptr<T>(), w1t.data_ptr<T>(), b1.data_ptr<T>(), w2.data_ptr<T>(),
-          w2t.data_ptr<T>(), b2.data_ptr<T>()};
+EdgeEncoderParams<T> edge_params(int64_t edges, const EdgeTensors& t, double width, double cutoff,
+                                 int64_t bias_groups) {
+  return {edges,
+          t.centers.numel(),
+          t.b1.numel(),
+          t.bb.numel(),
+          bias_groups,
+          t.centers.data_ptr<T>(),
+          static_cast<T>(width),
+          static_cast<T>(cutoff),
+          t.w1.data_ptr<T>(),
+          t.w1t.data_ptr<T>(),
+          t.b1.data_ptr<T>(),
+          t.w2.data_ptr<T>(),
+          t.w2t.data_ptr<T>(),
+          t.b2.data_ptr<T>(),
+          t.wb.data_ptr<T>(),
+          t.wbt.data_ptr<T>(),
+          t.bb.data_ptr<T>()};
 }
 
-Tensor edge_embedding_cpu(const Tensor& vectors_in, const Tensor& centers_in, double width, double cutoff,
-                          const Tensor& w1_in, const Tensor& b1_in, const Tensor& w2_in, const Tensor& b2_in) {
-  check_edge_inputs(vectors_in, centers_in, w1_in, b1_in, w2_in, b2_in);
-  const Tensor vectors = vectors_in.contiguous(), centers = centers_in.contiguous(), w1 = w1_in.contiguous(),
-               b1 = b1_in.contiguous(), w2 = w2_in.contiguous(), b2 = b2_in.contiguous();
-  const Tensor w1t = w1.t().contiguous(), w2t = w2.t().contiguous();
-  Tensor embedding = at::empty({vectors.size(0), b1.numel()}, vectors.options());
-  AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_embedding", [&] {
-    const auto p = edge_params<scalar_t>(vectors.size(0), centers, width, cutoff, w1, w1t, b1, w2, w2t, b2);
+void check_bias_groups(int64_t bias_groups, const Tensor& bb) {
+  TORCH_CHECK(bias_groups >= 1 && bb.numel() % bias_groups == 0, "transip::edge_encoder: bias_groups (", bias_groups,
+              ") must divide the number of biases (", bb.numel(), ")");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> edge_encoder_cpu(const Tensor& vectors_in, const Tensor& slot_in,
+                                                            int64_t num_slots, const Tensor& centers, double width,
+                                                            double cutoff, const Tensor& w1, const Tensor& b1,
+                                                            const Tensor& w2, const Tensor& b2, const Tensor& wb,
+                                                            const Tensor& bb, int64_t bias_groups) {
+  const EdgeTensors t = check_edge_inputs(vectors_in, slot_in, centers, w1, b1, w2, b2, wb, bb);
+  check_bias_groups(bias_groups, bb);
+  const Tensor vectors = vectors_in.contiguous(), slot = slot_in.contiguous();
+  auto [slot_perm, slot_ptr] = csr_order(slot, num_slots);  // checks 0 <= slot < num_slots
+  const int64_t edges = vectors.size(0);
+  Tensor bias = at::empty({bias_groups, edges, t.bb.numel() / bias_groups}, vectors.options());
+  Tensor pooled = at::empty({num_slots, t.b1.numel()}, vectors.options());
+  Tensor pooled_weight = at::empty({num_slots}, vectors.options());
+  Tensor envelope = at::empty({edges}, vectors.options());
+  AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_encoder", [&] {
+    const auto p = edge_params<scalar_t>(edges, t, width, cutoff, bias_groups);
+    const EdgeEncoderForward<scalar_t> io{vectors.data_ptr<scalar_t>(),  num_slots,
+                                          slot_ptr.data_ptr<int64_t>(),  slot_perm.data_ptr<int64_t>(),
+                                          bias.data_ptr<scalar_t>(),     pooled.data_ptr<scalar_t>(),
+                                          pooled_weight.data_ptr<scalar_t>(), envelope.data_ptr<scalar_t>()};
     if (use_avx512())
-      avx512::edge_encoder_forward<scalar_t>(p, vectors.data_ptr<scalar_t>(), embedding.data_ptr<scalar_t>());
+      avx512::edge_encoder_forward<scalar_t>(p, io);
     else
-      generic::edge_encoder_forward<scalar_t>(p, vectors.data_ptr<scalar_t>(), embedding.data_ptr<scalar_t>());
+      generic::edge_encoder_forward<scalar_t>(p, io);
   });
-  return embedding;
+  return {bias, pooled, pooled_weight, envelope};
 }
 
-Tensor edge_embedding_backward_cpu(const Tensor& grad_in, const Tensor& vectors_in, const Tensor& centers_in,
-                                   double width, double cutoff, const Tensor& w1_in, const Tensor& b1_in,
-                                   const Tensor& w2_in, const Tensor& b2_in) {
-  check_edge_inputs(vectors_in, centers_in, w1_in, b1_in, w2_in, b2_in);
-  TORCH_CHECK(grad_in.dim() == 2 && grad_in.size(0) == vectors_in.size(0) && grad_in.size(1) == b1_in.numel(),
-              "transip::edge_embedding_backward: grad must have shape (edges, hidden), got ", grad_in.sizes());
-  const Tensor vectors = vectors_in.contiguous(), centers = centers_in.contiguous(), w1 = w1_in.contiguous(),
-               b1 = b1_in.contiguous(), w2 = w2_in.contiguous(), b2 = b2_in.contiguous();
-  const Tensor grad = grad_in.to(vectors.scalar_type()).contiguous();
-  const Tensor w1t = w1.t().contiguous(), w2t = w2.t().contiguous();
+Tensor edge_encoder_backward_cpu(const Tensor& grad_bias_in, const Tensor& grad_pooled_in,
+                                 const Tensor& grad_pooled_weight_in, const Tensor& grad_envelope_in,
+                                 const Tensor& vectors_in, const Tensor& slot_in, const Tensor& centers, double width,
+                                 double cutoff, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                                 const Tensor& b2, const Tensor& wb, const Tensor& bb, int64_t bias_groups) {
+  const EdgeTensors t = check_edge_inputs(vectors_in, slot_in, centers, w1, b1, w2, b2, wb, bb);
+  check_bias_groups(bias_groups, bb);
+  const Tensor vectors = vectors_in.contiguous(), slot = slot_in.contiguous();
+  const int64_t edges = vectors.size(0);
+  const auto dtype = vectors.scalar_type();
+  const Tensor grad_bias = grad_bias_in.to(dtype).contiguous(), grad_pooled = grad_pooled_in.to(dtype).contiguous(),
+               grad_pooled_weight = grad_pooled_weight_in.to(dtype).contiguous(),
+               grad_envelope = grad_envelope_in.to(dtype).contiguous();
+  TORCH_CHECK(grad_bias.numel() == edges * t.bb.numel() && grad_envelope.numel() == edges &&
+                  grad_pooled.dim() == 2 && grad_pooled.size(1) == t.b1.numel() &&
+                  grad_pooled_weight.numel() == grad_pooled.size(0),
+              "transip::edge_encoder_backward: gradient shapes do not match the forward outputs");
+  if (edges > 0) {
+    const auto [lo, hi] = at::aminmax(slot);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < grad_pooled.size(0),
+                "transip::edge_encoder_backward: slot outside [0, ", grad_pooled.size(0), ")");
+  }
   Tensor grad_vectors = at::empty_like(vectors);
-  AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_embedding_backward", [&] {
-    const auto p = edge_params<scalar_t>(vectors.size(0), centers, width, cutoff, w1, w1t, b1, w2, w2t, b2);
+  AT_DISPATCH_FLOATING_TYPES(dtype, "transip::edge_encoder_backward", [&] {
+    const auto p = edge_params<scalar_t>(edges, t, width, cutoff, bias_groups);
+    const EdgeEncoderBackward<scalar_t> io{vectors.data_ptr<scalar_t>(),      slot.data_ptr<int64_t>(),
+                                           grad_bias.data_ptr<scalar_t>(),    grad_pooled.data_ptr<scalar_t>(),
+                                           grad_pooled_weight.data_ptr<scalar_t>(),
+                                           grad_envelope.data_ptr<scalar_t>(), grad_vectors.data_ptr<scalar_t>()};
     if (use_avx512())
-      avx512::edge_encoder_backward<scalar_t>(p, vectors.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                                              grad_vectors.data_ptr<scalar_t>());
+      avx512::edge_encoder_backward<scalar_t>(p, io);
     else
-      generic::edge_encoder_backward<scalar_t>(p, vectors.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                                               grad_vectors.data_ptr<scalar_t>());
+      generic::edge_encoder_backward<scalar_t>(p, io);
   });
   return grad_vectors;
 }
 
 // Differentiable in the displacements only: forces and virial. Gradients for the parameters (training) are
 // refused with a message, as is a second derivative, rather than returned as silent zeros.
-class EdgeEmbedding : public torch::autograd::Function<EdgeEmbedding> {
+class EdgeEncoder : public torch::autograd::Function<EdgeEncoder> {
  public:
-  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& vectors, const Tensor& centers,
-                        double width, double cutoff, const Tensor& w1, const Tensor& b1, const Tensor& w2,
-                        const Tensor& b2) {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& vectors,
+                                                const Tensor& slot, int64_t num_slots, const Tensor& centers,
+                                                double width, double cutoff, const Tensor& w1, const Tensor& b1,
+                                                const Tensor& w2, const Tensor& b2, const Tensor& wb,
+                                                const Tensor& bb, int64_t bias_groups) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("transip::edge_embedding", "")
-                         .typed<Tensor(const Tensor&, const Tensor&, double, double, const Tensor&, const Tensor&,
-                                       const Tensor&, const Tensor&)>();
-    ctx->save_for_backward({vectors, centers, w1, b1, w2, b2});
+                         .findSchemaOrThrow("transip::edge_encoder", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                             const Tensor&, const Tensor&, int64_t, const Tensor&, double, double, const Tensor&,
+                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+    auto [bias, pooled, pooled_weight, envelope] =
+        op.call(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups);
+    ctx->save_for_backward({vectors, slot, centers, w1, b1, w2, b2, wb, bb});
     ctx->saved_data["width"] = width;
     ctx->saved_data["cutoff"] = cutoff;
-    return op.call(vectors, centers, width, cutoff, w1, b1, w2, b2);
+    ctx->saved_data["bias_groups"] = bias_groups;
+    return {bias, pooled, pooled_weight, envelope};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grad_outputs) {
-    for (size_t input : {1, 2, 3, 4, 5})  // tensor inputs other than vectors (edges count tensors only)
+                                                 torch::autograd::variable_list grads) {
+    // Tensor inputs, in order: vectors 0, slot 1, centers 2, w1 3, b1 4, w2 5, b2 6, wb 7, bb 8.
+    for (size_t input = 2; input <= 8; ++input)
       TORCH_CHECK(!ctx->needs_input_grad(input),
-                  "transip::edge_embedding: the fused kernel differentiates with respect to the edge vectors only "
+                  "transip::edge_encoder: the fused kernel differentiates with respect to the edge vectors only "
                   "(forces, virial); gradients for the model's parameters (training) need the reference kernel: "
                   "call model.set_kernel('reference') or set TRANSIP_KERNEL=reference");
     TORCH_CHECK(!at::GradMode::is_enabled(),
-                "transip::edge_embedding: the fused kernel is differentiable once (energy -> forces); a second "
+                "transip::edge_encoder: the fused kernel is differentiable once (energy -> forces); a second "
                 "derivative (create_graph=True) needs the reference kernel: call model.set_kernel('reference') or "
                 "set TRANSIP_KERNEL=reference");
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("transip::edge_embedding_backward", "")
-                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, double, double, const Tensor&,
-                                       const Tensor&, const Tensor&, const Tensor&)>();
     const auto saved = ctx->get_saved_variables();
-    Tensor grad_vectors = op.call(grad_outputs[0], saved[0], saved[1], ctx->saved_data["width"].toDouble(),
-                                  ctx->saved_data["cutoff"].toDouble(), saved[2], saved[3], saved[4], saved[5]);
-    return {grad_vectors, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor& vectors = saved[0];
+    const int64_t edges = vectors.size(0), num_bias = saved[8].numel(), hidden = saved[4].numel();
+    // Outputs that did not reach the loss come with undefined gradients: zeros of the right shape.
+    auto or_zeros = [&](const Tensor& g, at::IntArrayRef shape) {
+      return g.defined() ? g : at::zeros(shape, vectors.options());
+    };
+    const int64_t num_slots = grads[1].defined() ? grads[1].size(0) : grads[2].defined() ? grads[2].size(0) : 0;
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("transip::edge_encoder_backward", "")
+                         .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                       const Tensor&, const Tensor&, double, double, const Tensor&, const Tensor&,
+                                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+    const int64_t bias_groups = ctx->saved_data["bias_groups"].toInt();
+    Tensor grad_pooled = grads[1], grad_pooled_weight = grads[2];
+    if (!grad_pooled.defined() && !grad_pooled_weight.defined()) {
+      // Neither pooled output is used: one zero slot, and every edge points at it.
+      grad_pooled = at::zeros({1, hidden}, vectors.options());
+      grad_pooled_weight = at::zeros({1}, vectors.options());
+    } else {
+      grad_pooled = or_zeros(grad_pooled, {num_slots, hidden});
+      grad_pooled_weight = or_zeros(grad_pooled_weight, {num_slots});
+    }
+    const Tensor slot = grads[1].defined() || grads[2].defined() ? saved[1] : at::zeros_like(saved[1]);
+    Tensor grad_vectors = op.call(or_zeros(grads[0], {bias_groups, edges, num_bias / bias_groups}), grad_pooled,
+                                  grad_pooled_weight, or_zeros(grads[3], {edges}), vectors, slot, saved[2],
+                                  ctx->saved_data["width"].toDouble(), ctx->saved_data["cutoff"].toDouble(), saved[3],
+                                  saved[4], saved[5], saved[6], saved[7], saved[8], bias_groups);
+    torch::autograd::variable_list result(13);
+    result[0] = grad_vectors;
+    return result;
   }
 };
 
-Tensor edge_embedding_autograd(const Tensor& vectors, const Tensor& centers, double width, double cutoff,
-                               const Tensor& w1, const Tensor& b1, const Tensor& w2, const Tensor& b2) {
-  return EdgeEmbedding::apply(vectors, centers, width, cutoff, w1, b1, w2, b2);
+std::tuple<Tensor, Tensor, Tensor, Tensor> edge_encoder_autograd(const Tensor& vectors, const Tensor& slot,
+                                                                 int64_t num_slots, const Tensor& centers,
+                                                                 double width, double cutoff, const Tensor& w1,
+                                                                 const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                                                                 const Tensor& wb, const Tensor& bb,
+                                                                 int64_t bias_groups) {
+  auto out = EdgeEncoder::apply(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups);
+  return {out[0], out[1], out[2], out[3]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY(transip, m) {
   m.def("neighbor_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, Tensor row_ptr, "
-        "Tensor senders) -> Tensor");
+        "Tensor senders, Tensor? self_bias=None) -> Tensor");
   m.def("neighbor_attention_forward(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, Tensor row_ptr, "
-        "Tensor senders) -> (Tensor, Tensor, Tensor)");
+        "Tensor senders, Tensor? self_bias=None) -> (Tensor, Tensor, Tensor)");
   m.def("neighbor_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, "
-        "Tensor row_ptr, Tensor senders, Tensor out, Tensor row_max, Tensor row_sum) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("edge_embedding(Tensor vectors, Tensor centers, float width, float cutoff, Tensor w1, Tensor b1, Tensor w2, "
-        "Tensor b2) -> Tensor");
-  m.def("edge_embedding_backward(Tensor grad, Tensor vectors, Tensor centers, float width, float cutoff, Tensor w1, "
-        "Tensor b1, Tensor w2, Tensor b2) -> Tensor");
+        "Tensor row_ptr, Tensor senders, Tensor? self_bias, Tensor out, Tensor row_max, Tensor row_sum) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("edge_encoder(Tensor vectors, Tensor slot, int num_slots, Tensor centers, float width, float cutoff, "
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("edge_encoder_backward(Tensor grad_bias, Tensor grad_pooled, Tensor grad_pooled_weight, "
+        "Tensor grad_envelope, Tensor vectors, Tensor slot, Tensor centers, float width, float cutoff, Tensor w1, "
+        "Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1) -> Tensor");
   m.def("neighbor_list(Tensor positions, Tensor? cell, Tensor? pbc, float cutoff) -> (Tensor, Tensor)",
         &neighbor_list);
   m.def("csr_order(Tensor index, int num_rows) -> (Tensor, Tensor)", &csr_order);
@@ -348,13 +466,13 @@ TORCH_LIBRARY_IMPL(transip, CPU, m) {
   m.impl("neighbor_attention", &neighbor_attention_cpu);
   m.impl("neighbor_attention_forward", &attention_forward_cpu);
   m.impl("neighbor_attention_backward", &attention_backward_cpu);
-  m.impl("edge_embedding", &edge_embedding_cpu);
-  m.impl("edge_embedding_backward", &edge_embedding_backward_cpu);
+  m.impl("edge_encoder", &edge_encoder_cpu);
+  m.impl("edge_encoder_backward", &edge_encoder_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(transip, Autograd, m) {
   m.impl("neighbor_attention", &neighbor_attention_autograd);
-  m.impl("edge_embedding", &edge_embedding_autograd);
+  m.impl("edge_encoder", &edge_encoder_autograd);
 }
 
 }  // namespace transip
