@@ -6,8 +6,8 @@
 For every system size, kind (periodic water box; the same water cluster without a box, i.e. a large molecule)
 and path, a fresh subprocess loads the shipped model, builds the neighbour list with the native cell list,
 and times forward + backward (energy and forces, no neighbour list) after a warm-up: the median over repeats.
-Peak memory is the process's resident-set high-water mark during evaluation above what it held before
-(Linux: /proc/self/clear_refs resets the mark). The attention op alone is timed on the same graphs with
+Peak memory is the process's resident-set high-water mark during the first evaluation above what it held
+before (Linux: /proc/self/clear_refs resets the mark). The attention op alone is timed on the same graphs with
 the model's head layout, and its arithmetic rate is compared with the CPU's peak.
 
 Outputs: <out>.json (every measurement), <out>.md (table), <out>.png (time per atom, memory, ratio).
@@ -94,9 +94,12 @@ def measure(task: dict) -> dict:
         return model(batch.positions, batch.numbers, batch.charge, batch.spin, batch.batch, batch.edge_index,
                      shift_vectors, 1, compute_forces=True)
 
-    evaluate()  # warm-up
+    # Peak memory of the first evaluation, from a clean heap: after it, the allocator keeps freed blocks mapped,
+    # which would hide part of the next evaluations' use.
     before = rss_kib("VmRSS")
     reset_peak_rss()
+    evaluate()  # also the warm-up
+    peak = rss_kib("VmHWM")
     times = []
     deadline = time.perf_counter() + task["min_seconds"]
     while len(times) < task["min_repeats"] or (time.perf_counter() < deadline and len(times) < task["max_repeats"]):
@@ -104,7 +107,6 @@ def measure(task: dict) -> dict:
         out = evaluate()
         times.append(time.perf_counter() - start)
         del out
-    peak = rss_kib("VmHWM")
     result = dict(task, edges=int(batch.edge_index.shape[1]), seconds=statistics.median(times), repeats=len(times),
                   neighbor_seconds=neighbor_seconds, peak_mib=max(0, peak - before) / 1024)
     result.update(attention_rate(model, batch, task, dtype))

@@ -1,4 +1,5 @@
-"""`transip` command line: data generation, training, evaluation, equivariance checks, a short MD demo."""
+"""`transip` command line: data generation, training, evaluation, equivariance checks, a short MD demo,
+export of TorchScript artifacts and their inspection."""
 
 from __future__ import annotations
 
@@ -74,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--spin", type=int)
     md.add_argument("--trajectory", default="md.extxyz", help="output trajectory (extended XYZ)")
     md.add_argument("--seed", type=int, default=0)
+    ex = sub.add_parser("export", help="checkpoint -> one TorchScript artifact (with metadata) for every engine")
+    ex.add_argument("checkpoint")
+    ex.add_argument("-o", "--output", required=True, help="artifact file, e.g. model.pt")
+    ex.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    ex.add_argument("--kernel", choices=("fused", "reference"), default="fused",
+                    help="fused: native ops (fast, needs libtransip_ops); reference: plain TorchScript, no ops")
+    ins = sub.add_parser("inspect", help="print the metadata of an exported artifact")
+    ins.add_argument("artifact")
+    ins.add_argument("--json", action="store_true", help="the whole metadata as JSON")
     return parser
 
 
@@ -190,13 +200,32 @@ def cmd_md(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from transip.export import describe, export_checkpoint
+
+    metadata = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, kernel=args.kernel)
+    print(f"wrote {args.output}\n{describe(metadata)}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from transip.export import describe, read_metadata
+
+    metadata = read_metadata(args.artifact)
+    print(json.dumps(metadata, indent=1) if args.json else describe(metadata))
+    return 0
+
+
 def main(argv=None) -> int:
+    from transip.export import ArtifactError
+
     args = build_parser().parse_args(argv)
     handlers = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate,
-                "check-equivariance": cmd_check_equivariance, "md": cmd_md}
+                "check-equivariance": cmd_check_equivariance, "md": cmd_md, "export": cmd_export,
+                "inspect": cmd_inspect}
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ArtifactError) as exc:
         print(f"transip {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -59,7 +59,9 @@ class ModelConfig:
 
     @property
     def receptive_field(self) -> float:
-        return self.num_layers * self.cutoff
+        """How far an atom's energy reaches: one cutoff for the neighbour sum in the initial tokens, plus one
+        per attention block. Engines with ghost atoms need ghosts out to this distance."""
+        return (self.num_layers + 1) * self.cutoff
 
 
 class MLP(nn.Module):

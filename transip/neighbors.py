@@ -23,14 +23,13 @@ from . import native
 def _image_range(cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> List[int]:
     """How many periodic images along each lattice vector can hold a neighbour within `cutoff`."""
     counts: List[int] = []
-    volume = torch.abs(torch.det(cell))
+    volume = torch.abs(torch.linalg.det(cell))
     for axis in range(3):
         if not bool(pbc[axis]):
             counts.append(0)
             continue
-        other = [a for a in range(3) if a != axis]
-        # distance between lattice planes spanned by the other two vectors
-        spacing = volume / torch.linalg.norm(torch.linalg.cross(cell[other[0]], cell[other[1]]))
+        # distance between the lattice planes spanned by the other two vectors
+        spacing = volume / torch.linalg.norm(torch.linalg.cross(cell[(axis + 1) % 3], cell[(axis + 2) % 3]))
         counts.append(int(math.ceil(cutoff / float(spacing))))
     return counts
 
@@ -55,36 +54,36 @@ def structure_neighbors(positions: torch.Tensor, cutoff: float, cell: Optional[t
 
 def reference_neighbors(positions: torch.Tensor, cutoff: float, cell: Optional[torch.Tensor] = None,
                         pbc: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """All-pairs neighbour list of one structure, same output as `structure_neighbors`."""
+    """All-pairs neighbour list of one structure, same output as `structure_neighbors`. TorchScript-compatible,
+    so that an artifact exported with the reference kernel needs no native library."""
     n = positions.shape[0]
     pos = positions.detach()
-    periodic = cell is not None and pbc is not None and bool(pbc.any())
-    if periodic:
-        assert cell is not None and pbc is not None
-        cell_d = cell.detach().to(pos.dtype)
-        if abs(float(torch.det(cell_d))) < 1e-12:
-            raise ValueError("periodic box has zero volume: cell vectors are degenerate")
-        # Wrap atoms into the cell first (fractional coordinates in [0, 1) along periodic axes) so that
-        # the image range below is enough; `wrap` is added back to the shifts at the end.
-        frac = torch.linalg.solve(cell_d.T, pos.T).T
-        wrap = torch.where(pbc[None, :], torch.floor(frac), torch.zeros_like(frac))
-        pos = pos - wrap @ cell_d
-        counts = _image_range(cell_d, pbc, cutoff)
-        ranges = [torch.arange(-c, c + 1) for c in counts]
-        images = torch.cartesian_prod(*ranges).reshape(-1, 3)
-        offsets = images.to(pos.dtype) @ cell_d  # (S, 3)
-    else:
-        wrap = torch.zeros(n, 3, dtype=pos.dtype)
-        images = torch.zeros(1, 3, dtype=torch.long)
-        offsets = torch.zeros(1, 3, dtype=pos.dtype)
+    wrap = torch.zeros(n, 3, dtype=pos.dtype, device=pos.device)
+    images = torch.zeros(1, 3, dtype=torch.long, device=pos.device)
+    offsets = torch.zeros(1, 3, dtype=pos.dtype, device=pos.device)
+    if cell is not None and pbc is not None:
+        if bool(pbc.any()):
+            cell_d = cell.detach().to(pos.dtype)
+            if abs(float(torch.linalg.det(cell_d))) < 1e-12:
+                raise ValueError("periodic box has zero volume: cell vectors are degenerate")
+            # Wrap atoms into the cell first (fractional coordinates in [0, 1) along periodic axes) so that
+            # the image range below is enough; `wrap` is added back to the shifts at the end.
+            frac = torch.linalg.solve(cell_d.T, pos.T).T
+            wrap = torch.where(pbc[None, :], torch.floor(frac), torch.zeros_like(frac))
+            pos = pos - wrap @ cell_d
+            counts = _image_range(cell_d, pbc, cutoff)
+            grids = torch.meshgrid([torch.arange(-c, c + 1, device=pos.device) for c in counts], indexing="ij")
+            images = torch.stack(grids, dim=-1).reshape(-1, 3)
+            offsets = images.to(pos.dtype) @ cell_d  # (S, 3)
     # displacement[s, i, j] = x_j + offset_s - x_i
     disp = pos[None, None, :, :] + offsets[:, None, None, :] - pos[None, :, None, :]
     dist2 = (disp * disp).sum(-1)
     mask = dist2 < cutoff * cutoff
     zero_image = (images == 0).all(dim=1)
-    eye = torch.eye(n, dtype=torch.bool)
+    eye = torch.eye(n, dtype=torch.bool, device=pos.device)
     mask &= ~(zero_image[:, None, None] & eye[None])  # an atom is not its own neighbour in the home cell
-    s, i, j = torch.nonzero(mask, as_tuple=True)
+    found = torch.nonzero(mask)
+    s, i, j = found[:, 0], found[:, 1], found[:, 2]
     order = torch.argsort(i * (n * images.shape[0]) + j * images.shape[0] + s, stable=True)
     s, i, j = s[order], i[order], j[order]
     shifts = images[s] + (wrap[i] - wrap[j]).round().long()

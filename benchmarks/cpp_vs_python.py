@@ -1,0 +1,114 @@
+"""Per-evaluation time of the shipped model: C++ (transip-bench, libtorch only) versus Python, same run.
+
+    python benchmarks/cpp_vs_python.py                 # writes benchmarks/results/cpp_vs_python.{json,md}
+    python benchmarks/cpp_vs_python.py --smoke         # one repeat, for CI
+
+For float64 and float32, fused and reference kernels, the shipped checkpoint is exported to a temporary
+folder; on aspirin (21 atoms) and a periodic water box (999 atoms) it then times one energy + forces
+evaluation, neighbour list included, three ways: `transip-bench` (C++), the artifact loaded in Python
+(`transip.export.load(...).compute`) and the eager Python model (`collate` + `evaluate_batch`). Each time is
+the median of the repeats after warm-up; every process uses the same number of threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
+KINDS = [(d, k) for d in ("float64", "float32") for k in ("fused", "reference")]
+
+
+def median_time(function, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpp_vs_python")
+    args = parser.parse_args(argv)
+
+    import ase
+    import ase.io
+    import torch
+    from tqdm import tqdm
+
+    from native_ops import water_system
+    from transip import native
+    from transip.checkpoint import model_from_checkpoint
+    from transip.data import collate, evaluate_batch, structure_from_atoms
+    from transip.export import export_checkpoint, load
+
+    torch.set_num_threads(args.threads)
+    warmup, repeat = (1, 1) if args.smoke else (3, 15)
+    bench = Path(native.library_path()).parent / "transip-bench"
+    structures = {"aspirin (21 atoms)": structure_from_atoms(ase.io.read(ROOT / "examples/molecules/aspirin.xyz"),
+                                                             require_labels=False),
+                  "water box (999 atoms, periodic)": water_system(999, periodic=True)}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, s in structures.items():
+            atoms = ase.Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell if s.periodic else None,
+                              pbc=s.periodic)
+            ase.io.write(tmp / "structure.extxyz", atoms, format="extxyz")
+            s_inputs = (torch.tensor(s.positions), torch.tensor(s.numbers),
+                        torch.tensor(s.cell if s.periodic else [[0.0] * 3] * 3),
+                        torch.tensor(s.pbc if s.periodic else [False] * 3))
+            for dtype, kernel in tqdm(KINDS, desc=name, unit="artifact"):
+                path = tmp / f"{dtype}-{kernel}.pt"
+                if not path.exists():
+                    export_checkpoint(MODEL, path, dtype=dtype, kernel=kernel)
+                run = subprocess.run([str(bench), str(path), str(tmp / "structure.extxyz"), "--warmup", str(warmup),
+                                      "--repeat", str(repeat), "--threads", str(args.threads), "--json",
+                                      str(tmp / "cpp.json")], capture_output=True, text=True)
+                if run.returncode != 0:
+                    raise SystemExit(f"transip-bench failed: {run.stderr}")
+                cpp = json.loads((tmp / "cpp.json").read_text())
+                module, _ = load(path)
+                artifact_seconds = median_time(lambda: module.compute(*s_inputs, 0, 1, False), warmup, repeat)
+                model = model_from_checkpoint(MODEL, dtype=getattr(torch, dtype)).set_kernel(kernel)
+                eager_seconds = median_time(
+                    lambda: evaluate_batch(model, collate([s], model.cutoff, dtype=getattr(torch, dtype))),
+                    warmup, repeat)
+                energy_python = float(module.compute(*s_inputs, 0, 1, False)["energy"])
+                rows.append(dict(structure=name, dtype=dtype, kernel=kernel, cpp_ms=1e3 * cpp["seconds_median"],
+                                 python_artifact_ms=1e3 * artifact_seconds, python_eager_ms=1e3 * eager_seconds,
+                                 cpp_peak_mib=cpp["peak_rss_mib"], energy_difference=abs(cpp["energy"] - energy_python)))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1) + "\n")
+    lines = [f"Shipped model, energy + forces including the neighbour list, {args.threads} threads, median of "
+             f"{repeat} after {warmup} warm-up.", "",
+             "| structure | dtype | kernel | C++ (ms) | Python, artifact (ms) | Python, eager model (ms) "
+             "| eager / C++ | C++ peak MiB | C++ vs Python energy |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['structure']} | {r['dtype']} | {r['kernel']} | {r['cpp_ms']:.2f} | "
+                     f"{r['python_artifact_ms']:.2f} | {r['python_eager_ms']:.2f} | "
+                     f"{r['python_eager_ms'] / r['cpp_ms']:.2f} | {r['cpp_peak_mib']:.0f} | "
+                     f"{r['energy_difference']:.1e} eV |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Checkpoint -> one TorchScript artifact with its metadata inside, for Python, C++, OpenMM and LAMMPS.
+
+The artifact is a scripted `TransIPArtifact` with two methods (Angstrom and eV in, eV and eV/A out, the
+dtype chosen at export):
+
+- `compute(positions, numbers, cell, pbc, charge, spin, compute_virial)`: one structure; the artifact builds
+  its own neighbour list (native cell list for the fused kernel, the all-pairs reference otherwise). Returns
+  energy (scalar), forces (N, 3), atom_energies (N,), virial (3, 3).
+- `compute_with_neighbors(positions, numbers, edge_index, shift_vectors, num_local, charge, spin,
+  include_offsets, compute_virial)`: for engines that own the neighbour list and ghost atoms (LAMMPS).
+  `positions` holds local atoms first, then ghosts; `edge_index` (2, E) is [receiver, sender] over that
+  array and `shift_vectors` (E, 3) the Cartesian periodic shifts (zeros when ghosts are explicit images).
+  The energy is the sum over local atoms (plus the structure's charge/spin offsets when `include_offsets`,
+  so that exactly one rank adds them); forces act on every atom, ghosts included (the engine sums ghost
+  forces back onto their owners); the virial is -sum_e g_e (x) r_e over all edges.
+
+Metadata (format version, elements, cutoff, layers, receptive field, units, dtype, charge/spin ranges,
+native ops and their version, provenance, metrics, creation time) is a JSON extra file,
+`transip_metadata.json`, readable without running the model (`torch.jit.load(..., _extra_files=...)` in
+Python, `torch::jit::load(path, device, extra_files)` in C++).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from transip import __version__, native
+from transip.checkpoint import load_checkpoint, model_from_checkpoint
+from transip.model import ELEMENT_SYMBOLS, TransIP
+from transip.neighbors import reference_neighbors
+
+FORMAT = "transip-artifact"
+FORMAT_VERSION = 1
+METADATA_FILE = "transip_metadata.json"
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# Ops a fused artifact calls; the library version must match at load time.
+FUSED_OPS = ["transip::neighbor_list", "transip::edge_encoder", "transip::neighbor_attention"]
+
+
+class NativeNeighborList(nn.Module):
+    """Cell list (`torch.ops.transip.neighbor_list`), linear in atoms."""
+
+    def __init__(self, cutoff: float):
+        super().__init__()
+        self.cutoff = cutoff
+
+    def forward(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if bool(pbc.any()):
+            return torch.ops.transip.neighbor_list(positions, cell, pbc, self.cutoff)
+        return torch.ops.transip.neighbor_list(positions, None, None, self.cutoff)
+
+
+class ReferenceNeighborList(nn.Module):
+    """All pairs in plain TorchScript: an artifact with it needs no native library."""
+
+    def __init__(self, cutoff: float):
+        super().__init__()
+        self.cutoff = cutoff
+
+    def forward(self, positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return reference_neighbors(positions, self.cutoff, cell, pbc)
+
+
+class TransIPArtifact(nn.Module):
+    def __init__(self, model: TransIP, native_neighbors: bool):
+        super().__init__()
+        self.model = model
+        self.cutoff = float(model.cutoff)
+        self.max_abs_charge = int(model.max_abs_charge)
+        # A submodule, not a flag: TorchScript compiles only the chosen one, so a reference artifact never
+        # names a native op.
+        self.neighbors = (NativeNeighborList if native_neighbors else ReferenceNeighborList)(self.cutoff)
+
+    @torch.jit.export
+    def compute(self, positions: torch.Tensor, numbers: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                charge: int = 0, spin: int = 1, compute_virial: bool = True) -> Dict[str, torch.Tensor]:
+        dtype = self.model.reference_energy.dtype
+        positions = positions.to(dtype)
+        cell = cell.to(dtype)
+        edge_index, shifts = self.neighbors(positions, cell, pbc)
+        shift_vectors = shifts.to(dtype) @ cell
+        n = positions.shape[0]
+        out = self.model(positions, numbers, torch.tensor([charge]), torch.tensor([spin]),
+                         torch.zeros(n, dtype=torch.long), edge_index, shift_vectors, 1, True, compute_virial)
+        result = {"energy": out["energy"][0], "forces": out["forces"], "atom_energies": out["atom_energy"]}
+        if compute_virial:
+            result["virial"] = out["virial"][0]
+        return result
+
+    def forward(self, positions: torch.Tensor, numbers: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                charge: int = 0, spin: int = 1, compute_virial: bool = True) -> Dict[str, torch.Tensor]:
+        return self.compute(positions, numbers, cell, pbc, charge, spin, compute_virial)
+
+    @torch.jit.export
+    def compute_with_neighbors(self, positions: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor,
+                               shift_vectors: torch.Tensor, num_local: int, charge: int = 0, spin: int = 1,
+                               include_offsets: bool = True, compute_virial: bool = True) -> Dict[str, torch.Tensor]:
+        dtype = self.model.reference_energy.dtype
+        positions = positions.to(dtype)
+        receivers, senders = edge_index[0], edge_index[1]
+        edge_vectors = (positions.index_select(0, senders) - positions.index_select(0, receivers)
+                        + shift_vectors.to(dtype))
+        edge_vectors.requires_grad_(True)
+        n = positions.shape[0]
+        charge_t, spin_t = torch.tensor([charge]), torch.tensor([spin])
+        out = self.model.energy_from_edges(edge_vectors, numbers, charge_t, spin_t,
+                                           torch.zeros(n, dtype=torch.long), receivers, senders, 1)
+        atom_energies = out["atom_energy"][:num_local]
+        energy = atom_energies.sum()
+        if include_offsets:
+            energy = (energy + self.model.charge_reference[charge + self.max_abs_charge]
+                      + self.model.spin_reference[spin - 1])
+        grads = torch.autograd.grad([energy], [edge_vectors], allow_unused=True)
+        g = grads[0]
+        if g is None:
+            g = torch.zeros_like(edge_vectors)
+        forces = torch.zeros_like(positions).index_add(0, receivers, g).index_add(0, senders, -g)
+        result = {"energy": energy.detach(), "forces": forces, "atom_energies": atom_energies.detach()}
+        if compute_virial:
+            result["virial"] = -(g.t() @ edge_vectors.detach())
+        return result
+
+
+def build_metadata(payload: dict, model: TransIP, dtype: str, kernel: str, checkpoint: Path) -> dict:
+    config = model.config
+    metrics_file = checkpoint.parent / "test_metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    history = payload.get("history") or []
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "transip_version": __version__,
+        "torch_version": torch.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "elements": [ELEMENT_SYMBOLS[int(z)] for z in config.elements],
+        "atomic_numbers": [int(z) for z in config.elements],
+        "cutoff": float(config.cutoff),
+        "num_layers": int(config.num_layers),
+        "receptive_field": float(config.receptive_field),
+        "units": {"length": "angstrom", "energy": "eV", "forces": "eV/angstrom", "virial": "eV"},
+        "dtype": dtype,
+        "kernel": kernel,
+        "charge_spin": {"inputs": True, "max_abs_charge": int(config.max_abs_charge),
+                        "max_multiplicity": int(config.max_multiplicity)},
+        "native_ops": ({"library": "transip", "version": native.version(), "ops": FUSED_OPS}
+                       if kernel == "fused" else None),
+        "methods": ["compute", "compute_with_neighbors"],
+        "model_config": {k: v for k, v in config.__dict__.items()},
+        "provenance": {**(payload.get("provenance") or {}), "checkpoint": checkpoint.name,
+                       "epoch": payload.get("epoch"), "step": payload.get("step")},
+        "metrics": {"validation": history[-1] if history else None, "test": metrics},
+    }
+
+
+def export_checkpoint(checkpoint, output, dtype: str = "float64", kernel: str = "fused") -> dict:
+    """Script the checkpoint's model with the chosen dtype and kernel and write the artifact atomically.
+    Returns the metadata written into it."""
+    checkpoint, output = Path(checkpoint), Path(output)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: choose float64 or float32")
+    if kernel not in ("fused", "reference"):
+        raise ValueError(f"unknown kernel {kernel!r}: choose fused or reference")
+    payload = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(payload, dtype=DTYPES[dtype]).set_kernel(kernel)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # inference: forces come from geometry gradients only
+    metadata = build_metadata(payload, model, dtype, kernel, checkpoint)
+    scripted = torch.jit.script(TransIPArtifact(model, native_neighbors=kernel == "fused"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name + ".", suffix=".partial")
+    os.close(fd)
+    try:
+        torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return metadata
+
+
+def elements_of(metadata: dict) -> List[str]:
+    return list(metadata["elements"])
+
+
+def describe(metadata: dict) -> str:
+    """Human-readable summary for `transip inspect`."""
+    ops: Optional[dict] = metadata.get("native_ops")
+    test = (metadata.get("metrics") or {}).get("test") or {}
+    frames = test.get("test_frames") or {}
+    lines = [
+        f"format            {metadata['format']} v{metadata['format_version']} (transip {metadata['transip_version']},"
+        f" torch {metadata['torch_version']})",
+        f"created           {metadata['created']}",
+        f"elements          {' '.join(metadata['elements'])}",
+        f"cutoff            {metadata['cutoff']} A, {metadata['num_layers']} layers, receptive field "
+        f"{metadata['receptive_field']} A",
+        f"units             {metadata['units']['length']}, {metadata['units']['energy']}",
+        f"dtype / kernel    {metadata['dtype']} / {metadata['kernel']}",
+        f"charge, spin      inputs; |charge| <= {metadata['charge_spin']['max_abs_charge']}, multiplicity 1.."
+        f"{metadata['charge_spin']['max_multiplicity']}",
+        "native ops        " + (f"{ops['library']} {ops['version']}: {', '.join(ops['ops'])}" if ops else "none"),
+        f"methods           {', '.join(metadata['methods'])}",
+        f"trained on        {metadata['provenance'].get('dataset')} (objective {metadata['provenance'].get('objective')},"
+        f" {metadata['provenance'].get('parameters')} parameters)",
+    ]
+    if frames:
+        lines.append(f"test (frames)     energy MAE {1000 * frames['energy_mae_per_atom']:.2f} meV/atom, force MAE "
+                     f"{1000 * frames['force_mae']:.1f} meV/A")
+    return "\n".join(lines)

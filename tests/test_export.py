@@ -1,0 +1,280 @@
+"""The TorchScript artifact: export -> load in a fresh process -> same numbers; the C++ program; every error."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, SHIPPED_MODEL
+from transip import native
+from transip.checkpoint import model_from_checkpoint
+from transip.data import Structure, collate, evaluate_batch, structure_from_atoms
+from transip.export import ArtifactError, export_checkpoint, load, read_metadata
+from transip.export.load import check_device, check_native_ops
+
+KINDS = [(dtype, kernel) for dtype in ("float64", "float32") for kernel in ("fused", "reference")]
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+
+
+def aspirin() -> Structure:
+    return structure_from_atoms(ase.io.read(ROOT / "examples" / "molecules" / "aspirin.xyz"), require_labels=False)
+
+
+def periodic_box() -> Structure:
+    """Two aspirins in a triclinic box, more than 12 A between opposite faces."""
+    a = aspirin()
+    cell = np.array([[13.0, 0.0, 0.0], [1.5, 12.5, 0.0], [-1.0, 1.0, 13.5]])
+    positions = np.concatenate([a.positions, a.positions[:, ::-1] + 6.0])
+    return Structure(np.concatenate([a.numbers, a.numbers]), positions, cell=cell, pbc=[True] * 3)
+
+
+def python_reference(structure: Structure, dtype: str, kernel: str) -> dict:
+    model = model_from_checkpoint(SHIPPED_MODEL, dtype=getattr(torch, dtype)).set_kernel(kernel)
+    out = evaluate_batch(model, collate([structure], model.cutoff, dtype=getattr(torch, dtype)), compute_virial=True)
+    return {"energy": out["energy"][0], "forces": out["forces"], "atom_energies": out["atom_energy"],
+            "virial": out["virial"][0]}
+
+
+def inputs_of(structure: Structure):
+    cell = structure.cell if structure.periodic else np.zeros((3, 3))
+    return (torch.tensor(structure.positions), torch.tensor(structure.numbers), torch.tensor(cell),
+            torch.tensor(structure.pbc if structure.periodic else [False] * 3))
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("artifacts")
+    paths = {}
+    for dtype, kernel in KINDS:
+        paths[dtype, kernel] = folder / f"model-{dtype}-{kernel}.pt"
+        export_checkpoint(SHIPPED_MODEL, paths[dtype, kernel], dtype=dtype, kernel=kernel)
+    return paths
+
+
+def assert_close(actual, expected, tol, what):
+    actual = torch.as_tensor(actual, dtype=torch.float64)  # a Python float would become float32 by default
+    expected = torch.as_tensor(expected).detach().double()
+    scale = max(1.0, float(expected.abs().max()))
+    assert float((actual - expected).abs().max()) <= tol * scale, what
+
+
+def test_artifacts_in_a_fresh_process_equal_the_checkpoint(artifacts, tmp_path):
+    structures = {"molecule": aspirin(), "box": periodic_box()}
+    torch.save({name: inputs_of(s) for name, s in structures.items()}, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import torch, transip.export as ex
+        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        paths = {{k: v for k, v in {json.dumps({f'{d}-{k}': str(p) for (d, k), p in artifacts.items()})}.items()}}
+        results = {{}}
+        for key, path in paths.items():
+            module, metadata = ex.load(path)
+            for name, args in inputs.items():
+                out = module.compute(*args, 0, 1, True)
+                results[key + "/" + name] = {{k: v.detach() for k, v in out.items()}}
+        torch.save(results, {str(tmp_path / 'out.pt')!r})
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = torch.load(tmp_path / "out.pt")
+    for dtype, kernel in KINDS:
+        for name, structure in structures.items():
+            expected = python_reference(structure, dtype, kernel)
+            got = results[f"{dtype}-{kernel}/{name}"]
+            assert got["forces"].dtype == getattr(torch, dtype)
+            for key in ("energy", "forces", "atom_energies", "virial"):
+                assert_close(got[key], expected[key], TOLERANCE[dtype], f"{dtype} {kernel} {name} {key}")
+
+
+def test_engine_method_with_explicit_ghost_atoms(artifacts):
+    """compute_with_neighbors, as LAMMPS uses it: the periodic box as local atoms plus two layers of image
+    copies as ghosts (more than the 18 A receptive field around every wrapped atom), an ordinary (non-periodic)
+    neighbour list over all of them, energy summed over local atoms only. Folding ghost forces onto their
+    owners must give the periodic forces; the virial must be the periodic one."""
+    from transip.neighbors import structure_neighbors
+
+    box = periodic_box()
+    fractional = box.positions @ np.linalg.inv(box.cell)
+    box = Structure(box.numbers, (fractional % 1.0) @ box.cell, cell=box.cell, pbc=box.pbc)  # atoms inside the cell
+    module, _ = load(artifacts["float64", "fused"])
+    expected = module.compute(*inputs_of(box), 0, 1, True)
+    n = len(box.numbers)
+    layers = (0, -1, 1, -2, 2)
+    offsets = [np.array([a, b, c]) @ box.cell for a in layers for b in layers for c in layers]
+    positions = torch.tensor(np.concatenate([box.positions + o for o in offsets]))
+    numbers = torch.tensor(np.tile(box.numbers, len(offsets)))
+    edge_index, _ = structure_neighbors(positions, 6.0)
+    out = module.compute_with_neighbors(positions, numbers, edge_index, torch.zeros(edge_index.shape[1], 3), n, 0, 1,
+                                        True, True)
+    folded = out["forces"].view(len(offsets), n, 3).sum(0)
+    assert_close(out["energy"], expected["energy"], 1e-10, "energy")
+    assert_close(out["atom_energies"], expected["atom_energies"], 1e-10, "atom energies")
+    assert_close(folded, expected["forces"], 1e-10, "forces")
+    assert_close(out["virial"], expected["virial"], 1e-10, "virial")
+    without = module.compute_with_neighbors(positions, numbers, edge_index, torch.zeros(edge_index.shape[1], 3), n, 0,
+                                            1, False, False)
+    model = model_from_checkpoint(SHIPPED_MODEL)
+    offset = float(model.charge_reference[model.max_abs_charge] + model.spin_reference[0])
+    assert abs(float(out["energy"] - without["energy"]) - offset) < 1e-10
+
+
+def test_metadata_says_what_an_engine_needs(artifacts):
+    fused, reference = read_metadata(artifacts["float64", "fused"]), read_metadata(artifacts["float32", "reference"])
+    assert fused["format"] == "transip-artifact" and fused["format_version"] == 1
+    assert fused["elements"] == ["H", "C", "N", "O", "F", "S", "Cl"]
+    assert fused["cutoff"] == 6.0 and fused["num_layers"] == 2 and fused["receptive_field"] == 18.0
+    assert fused["units"]["energy"] == "eV" and fused["units"]["length"] == "angstrom"
+    assert fused["native_ops"]["version"] == native.version() and "transip::neighbor_attention" in fused["native_ops"]["ops"]
+    assert reference["native_ops"] is None and reference["dtype"] == "float32"
+    assert fused["provenance"]["objective"] == "transip" and fused["provenance"]["dataset_sha256"]
+    assert abs(fused["metrics"]["test"]["test_frames"]["force_mae"] - 0.0824) < 1e-3
+    assert fused["created"].endswith("+00:00")
+
+
+def test_reference_artifact_runs_without_the_native_library(artifacts, tmp_path):
+    script = textwrap.dedent(f"""
+        import torch
+        module = torch.jit.load({str(artifacts['float64', 'reference'])!r})
+        out = module.compute(torch.zeros(2, 3, dtype=torch.float64) + torch.tensor([[0., 0, 0], [0.96, 0, 0]]),
+                             torch.tensor([8, 1]), torch.zeros(3, 3, dtype=torch.float64),
+                             torch.zeros(3, dtype=torch.bool), 0, 2, False)
+        assert "transip" not in torch.ops.loaded_libraries.__repr__()
+        print(float(out["energy"]))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert np.isfinite(float(run.stdout.split()[-1]))
+
+
+# ------------------------------------------------------------------------------------------ errors
+def rewrite_metadata(source: Path, target: Path, **changes):
+    metadata = read_metadata(source)
+    metadata.update(changes)
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
+        for item in old.infolist():
+            data = old.read(item)
+            if item.filename.endswith("/extra/transip_metadata.json"):
+                data = json.dumps(metadata).encode()
+            new.writestr(item, data)
+
+
+def test_load_errors_name_the_problem(artifacts, tmp_path):
+    good = artifacts["float64", "fused"]
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load(tmp_path / "missing.pt")
+    text = tmp_path / "model.pt"
+    text.write_text("not a model\n")
+    with pytest.raises(ArtifactError, match="not a TorchScript file .*transip export"):
+        load(text)
+    with pytest.raises(ArtifactError, match="training checkpoint .*transip export"):
+        load(SHIPPED_MODEL)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="truncated or corrupt"):
+        load(truncated)
+    newer = tmp_path / "newer.pt"
+    rewrite_metadata(good, newer, format_version=99)
+    with pytest.raises(ArtifactError, match="format version 99; this transip reads up to 1: upgrade"):
+        load(newer)
+    other_ops = tmp_path / "other-ops.pt"
+    rewrite_metadata(good, other_ops, native_ops={**read_metadata(good)["native_ops"], "version": "9.9.9"})
+    with pytest.raises(ArtifactError, match="exported with TransIP native ops 9.9.9, but this process has version"):
+        load(other_ops)
+    no_metadata = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(no_metadata))
+    with pytest.raises(ArtifactError, match="without TransIP metadata"):
+        load(no_metadata)
+
+
+def test_corrupt_content_is_reported(artifacts, tmp_path):
+    good = artifacts["float64", "reference"]
+    corrupt = tmp_path / "corrupt.pt"
+    with zipfile.ZipFile(good) as old, zipfile.ZipFile(corrupt, "w") as new:
+        for item in old.infolist():
+            data = old.read(item)
+            if "/code/" in item.filename and item.filename.endswith(".py"):
+                data = b"this is not TorchScript code (\n"
+            new.writestr(item, data)
+    with pytest.raises(ArtifactError, match="could not be loaded .*corrupt"):
+        load(corrupt)
+
+
+def test_missing_ops_device_and_dtype_errors(artifacts, monkeypatch):
+    metadata = read_metadata(artifacts["float64", "fused"])
+    with pytest.raises(ArtifactError, match="fused kernel, which runs on the CPU only"):
+        check_device("m.pt", {**metadata}, torch.device("meta"))  # any non-CPU device
+    if not torch.cuda.is_available():
+        with pytest.raises(ArtifactError, match="CUDA is not available here"):
+            load(artifacts["float64", "reference"], device="cuda")
+    with pytest.raises(ArtifactError, match="float64, which device mps does not support"):
+        check_device("m.pt", {**metadata, "kernel": "reference"}, torch.device("mps"))
+    monkeypatch.setattr(native, "_C", None)
+    monkeypatch.setattr(native, "_load_error", "No module named 'transip._C'")
+    with pytest.raises(ArtifactError, match="needs the TransIP native ops library .* not loaded.*--kernel reference"):
+        check_native_ops("m.pt", metadata)
+
+
+def test_export_and_inspect_commands(tmp_path):
+    out = tmp_path / "model.pt"
+    run = subprocess.run([sys.executable, "-m", "transip", "export", str(SHIPPED_MODEL), "-o", str(out),
+                          "--dtype", "float32", "--kernel", "reference"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    shown = subprocess.run([sys.executable, "-m", "transip", "inspect", str(out)], capture_output=True, text=True)
+    assert "elements          H C N O F S Cl" in shown.stdout
+    assert "dtype / kernel    float32 / reference" in shown.stdout and "native ops        none" in shown.stdout
+    as_json = json.loads(subprocess.run([sys.executable, "-m", "transip", "inspect", str(out), "--json"],
+                                        capture_output=True, text=True).stdout)
+    assert as_json["receptive_field"] == 18.0
+    bad = subprocess.run([sys.executable, "-m", "transip", "inspect", str(tmp_path / "nope.pt")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope.pt does not exist" in bad.stderr
+    assert not list(tmp_path.glob("*.partial"))
+
+
+# ------------------------------------------------------------------------------------------ C++ program
+def bench_binary() -> Path:
+    return Path(native.library_path()).parent / "transip-bench"
+
+
+@pytest.mark.parametrize("dtype,kernel", [("float64", "fused"), ("float32", "reference")])
+def test_cpp_program_gives_the_python_numbers(artifacts, tmp_path, dtype, kernel):
+    structure = periodic_box()
+    xyz = tmp_path / "box.extxyz"
+    # Full precision (ase writes 8 decimals, which alone moves forces by ~1e-7 eV/A).
+    from ase.data import chemical_symbols
+    lines = [str(len(structure.numbers)),
+             'Lattice="' + " ".join(repr(float(x)) for x in structure.cell.ravel()) + '" pbc="T T T"']
+    lines += [f"{chemical_symbols[z]} {x!r} {y!r} {w!r}" for z, (x, y, w) in
+              zip(structure.numbers, structure.positions.tolist())]
+    xyz.write_text("\n".join(lines) + "\n")
+    result = tmp_path / "result.json"
+    run = subprocess.run([str(bench_binary()), str(artifacts[dtype, kernel]), str(xyz), "--warmup", "1",
+                          "--repeat", "2", "--json", str(result)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "time per evaluation" in run.stderr and "atom-evaluations per second" in run.stderr
+    got = json.loads(result.read_text())
+    expected = python_reference(structure, dtype, kernel)
+    assert got["atoms"] == len(structure.numbers) and got["dtype"] == dtype and got["seconds_median"] > 0
+    assert_close(got["energy"], expected["energy"], TOLERANCE[dtype], "energy")
+    assert_close(torch.tensor(got["forces"], dtype=torch.float64).view(-1, 3), expected["forces"], TOLERANCE[dtype], "forces")
+
+
+def test_cpp_program_errors(artifacts, tmp_path):
+    xyz = ROOT / "examples" / "molecules" / "aspirin.xyz"
+    missing = subprocess.run([str(bench_binary()), str(tmp_path / "none.pt"), str(xyz)], capture_output=True,
+                             text=True)
+    assert missing.returncode == 1 and "cannot load artifact" in missing.stderr
+    bad_xyz = tmp_path / "bad.xyz"
+    bad_xyz.write_text("2\n\nQq 0 0 0\nH 1 0 0\n")
+    unknown = subprocess.run([str(bench_binary()), str(artifacts["float64", "fused"]), str(bad_xyz)],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 1 and "unknown element symbol 'Qq'" in unknown.stderr
+    usage = subprocess.run([str(bench_binary())], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: transip-bench" in usage.stderr
