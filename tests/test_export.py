@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, SHIPPED_MODEL
 from transip import native
 from transip.checkpoint import model_from_checkpoint
-from transip.data import Structure, collate, evaluate_batch, structure_from_atoms
+from transip.data import Structure, collate, evaluate_batch, structure_from_atoms, write_extxyz_exact
 from transip.export import ArtifactError, export_checkpoint, load, read_metadata
 from transip.export.load import check_device, check_native_ops
 
@@ -247,13 +247,7 @@ def bench_binary() -> Path:
 def test_cpp_program_gives_the_python_numbers(artifacts, tmp_path, dtype, kernel):
     structure = periodic_box()
     xyz = tmp_path / "box.extxyz"
-    # Full precision (ase writes 8 decimals, which alone moves forces by ~1e-7 eV/A).
-    from ase.data import chemical_symbols
-    lines = [str(len(structure.numbers)),
-             'Lattice="' + " ".join(repr(float(x)) for x in structure.cell.ravel()) + '" pbc="T T T"']
-    lines += [f"{chemical_symbols[z]} {x!r} {y!r} {w!r}" for z, (x, y, w) in
-              zip(structure.numbers, structure.positions.tolist())]
-    xyz.write_text("\n".join(lines) + "\n")
+    write_extxyz_exact(structure, xyz)
     result = tmp_path / "result.json"
     run = subprocess.run([str(bench_binary()), str(artifacts[dtype, kernel]), str(xyz), "--warmup", "1",
                           "--repeat", "2", "--json", str(result)], capture_output=True, text=True, timeout=300)

@@ -354,3 +354,17 @@ def test_forces_through_fused_model_with_trainable_parameters():
     assert all(p.requires_grad for p in model.parameters())
     batch = collate(shipped_structures()[:1], model.cutoff)
     assert torch.isfinite(evaluate_batch(model, batch)["forces"]).all()
+
+
+def test_isolated_atoms_through_both_kernels():
+    """Atoms without neighbours (a lone atom; two atoms farther apart than the cutoff) attend only to
+    themselves: same energies through both paths, zero forces."""
+    model = model_from_checkpoint(SHIPPED_MODEL)
+    for structure in (Structure([8], [[0.0, 0.0, 0.0]], spin=3),
+                      Structure([8, 1], [[0.0, 0.0, 0.0], [0.0, 0.0, 7.5]], spin=2)):
+        batch = collate([structure], model.cutoff)
+        assert batch.edge_index.shape[1] == 0
+        fused = evaluate_batch(model.set_kernel("fused"), batch)
+        reference = evaluate_batch(model.set_kernel("reference"), batch)
+        assert abs(float(fused["energy"][0] - reference["energy"][0])) < 1e-10 * abs(float(reference["energy"][0]))
+        assert float(fused["forces"].abs().max()) == 0.0

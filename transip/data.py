@@ -68,6 +68,21 @@ class Structure:
         return f"{formula}_q{self.charge}_s{self.spin}"
 
 
+def write_extxyz_exact(structure: Structure, path) -> None:
+    """One structure as extended XYZ with every float at full precision (repr), for handing the very same
+    geometry to another program (ase writes 8 decimals, enough to move forces by ~1e-7 eV/A)."""
+    from ase.data import chemical_symbols
+
+    comment = [f"charge={structure.charge} spin={structure.spin}"]
+    if structure.periodic:
+        comment.insert(0, 'Lattice="' + " ".join(repr(float(x)) for x in np.asarray(structure.cell).ravel()) + '" pbc="'
+                       + " ".join("T" if p else "F" for p in structure.pbc) + '"')
+    lines = [str(len(structure.numbers)), "Properties=species:S:1:pos:R:3 " + " ".join(comment)]
+    lines += [f"{chemical_symbols[int(z)]} {x!r} {y!r} {w!r}"
+              for z, (x, y, w) in zip(structure.numbers, np.asarray(structure.positions, dtype=float).tolist())]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
 def structure_from_atoms(atoms, name: str = "", require_labels: bool = True) -> Structure:
     """Convert an ase.Atoms (from a file or database row) to a Structure. OMol25 keys: info charge, spin."""
     energy = forces = None
