@@ -2,6 +2,7 @@
 
     python benchmarks/native_ops.py                       # full run, writes benchmarks/results/native_ops.*
     python benchmarks/native_ops.py --smoke               # two small sizes, seconds (CI runs this)
+    python benchmarks/native_ops.py --return-freed-memory --out benchmarks/results/native_ops_default_malloc
 
 For every system size, kind (periodic water box; the same water cluster without a box, i.e. a large molecule)
 and path, a fresh subprocess loads the shipped model, builds the neighbour list with the native cell list,
@@ -80,6 +81,10 @@ def measure(task: dict) -> dict:
     from transip.data import collate, evaluate_batch
 
     torch.set_num_threads(task["threads"])
+    if task["keep_freed_memory"]:
+        import transip
+
+        transip.native.keep_freed_memory()
     dtype = getattr(torch, task["dtype"])
     model = model_from_checkpoint(MODEL, dtype=dtype).set_kernel(task["kernel"])
     for p in model.parameters():
@@ -194,7 +199,10 @@ def machine() -> dict:
 def write_report(results: list, info: dict, out: Path, dtype: str) -> None:
     peak = info.get(f"peak_gflops_{dtype}")
     by_key = {(r["kind"], r["atoms"], r["kernel"]): r for r in results}
-    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, kernels {info['isa']}, {dtype}.",
+    kept = all(r.get("keep_freed_memory") for r in results)
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, kernels {info['isa']}, {dtype}; "
+             f"freed memory {'kept in the heap (transip.native.keep_freed_memory)' if kept else 'returned (glibc default)'}"
+             " for both paths.",
              "Energy + forces per evaluation (forward + backward, neighbour list excluded), median of repeats.", "",
              "| system | atoms | edges | fused (ms) | reference (ms) | speed-up | fused us/atom | fused peak MiB "
              "| reference peak MiB | memory ratio | attention op GFLOP/s (% of peak) | attention op speed-up |",
@@ -279,6 +287,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--memory-limit-gb", type=float, default=14.0)
+    parser.add_argument("--return-freed-memory", action="store_true",
+                        help="leave glibc's default (return big freed blocks to the system) instead of "
+                             "transip.native.keep_freed_memory() in every run")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_ops")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -295,7 +306,7 @@ def main(argv=None) -> int:
     repeats = dict(min_repeats=1, max_repeats=1, min_seconds=0.0) if args.smoke else \
         dict(min_repeats=3, max_repeats=20, min_seconds=3.0)
     tasks = [dict(atoms=n, atoms_actual=3 * max(1, n // 3), kind=kind, kernel=kernel, dtype=args.dtype,
-                  threads=args.threads, **repeats)
+                  threads=args.threads, keep_freed_memory=not args.return_freed_memory, **repeats)
              for kind in ("box", "molecule") for n in sizes for kernel in ("fused", "reference")]
     info = machine()
     results = []

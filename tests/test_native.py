@@ -291,6 +291,10 @@ def test_native_library_reports_itself():
     assert native.version() == transip.__version__
     assert native.isa() in ("avx512", "generic")
     assert os.path.isfile(native.library_path())
+    # keep_freed_memory changes the process's allocator: check it in a process of its own.
+    run = subprocess.run([sys.executable, "-c", "import transip; print(transip.native.keep_freed_memory())"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "True", run.stderr
 
 
 # ------------------------------------------------------------------------------------------ edge encoder

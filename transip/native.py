@@ -64,6 +64,14 @@ def isa() -> str:
     return torch.ops.transip.isa()
 
 
+def keep_freed_memory() -> bool:
+    """Keep freed memory in this process's heap instead of returning big blocks to the system (glibc), so that
+    repeated evaluations of large systems do not pay page faults for every tensor again. Process-wide and
+    opt-in (MD drivers call it once); returns whether it took effect."""
+    require()
+    return bool(torch.ops.transip.keep_freed_memory())
+
+
 def default_kernel() -> str:
     """The kernel a new model uses: TRANSIP_KERNEL if set, else fused when the library is loaded."""
     requested = os.environ.get("TRANSIP_KERNEL", "auto").strip().lower() or "auto"
