@@ -25,3 +25,13 @@ def test_native_ops_benchmark_smoke(tmp_path):
     table = out.with_suffix(".md").read_text()
     assert table.count("\n| box |") == 2 and table.count("\n| molecule |") == 2
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_cpp_vs_python_benchmark_smoke(tmp_path):
+    out = tmp_path / "cpp_vs_python"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpp_vs_python.py"), "--smoke", "--out",
+                             str(out)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["cpp_ms"] > 0 and r["energy_difference"] < 1e-6 for r in rows)

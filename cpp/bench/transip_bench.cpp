@@ -124,6 +124,18 @@ std::string json_field(const std::string& json, const std::string& key) {
   return json.substr(start, end - start);
 }
 
+// Peak resident memory of this process. VmHWM belongs to the process image after exec; getrusage's
+// ru_maxrss would carry over the high-water mark of a parent that forked us (as Python's subprocess does).
+double peak_resident_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  struct rusage usage;
+  getrusage(RUSAGE_SELF, &usage);
+  return usage.ru_maxrss / 1024.0;
+}
+
 struct Options {
   std::string model, structure, json;
   int warmup = 3, repeat = 20, threads = 0;
@@ -210,9 +222,7 @@ int main(int argc, char** argv) {
     std::sort(sorted.begin(), sorted.end());
     const double median = sorted[sorted.size() / 2];
     const double mean = std::accumulate(seconds.begin(), seconds.end(), 0.0) / seconds.size();
-    struct rusage usage;
-    getrusage(RUSAGE_SELF, &usage);
-    const double peak_mib = usage.ru_maxrss / 1024.0;
+    const double peak_mib = peak_resident_mib();
 
     const auto result = last.toGenericDict();
     const double energy = result.at("energy").toTensor().to(torch::kFloat64).item<double>();
