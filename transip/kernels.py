@@ -56,7 +56,8 @@ class ReferenceEdgeEncoder(torch.nn.Module):
         messages = env[:, None] * F.linear(embedding, w_msg, b_msg) * neighbor_embedding[species.index_select(0, senders)]
         summed = torch.zeros(num_atoms, messages.shape[1], dtype=messages.dtype,
                              device=messages.device).index_add(0, receivers, messages)
-        bias = F.linear(embedding, w_bias, b_bias).view(vectors.shape[0], bias_groups, -1).transpose(0, 1)
+        heads = w_bias.shape[0] // bias_groups
+        bias = F.linear(embedding, w_bias, b_bias).view(vectors.shape[0], bias_groups, heads).transpose(0, 1)
         return bias, summed, env
 
 
