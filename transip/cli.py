@@ -65,8 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument("--seed", type=int, default=0)
     eq.add_argument("--charge", type=int, help="total charge (default: from the file, else 0)")
     eq.add_argument("--spin", type=int, help="spin multiplicity (default: from the file, else 1)")
-    md = sub.add_parser("md", help="short NVE/Langevin MD of a structure with ASE and a checkpoint")
-    md.add_argument("checkpoint")
+    md = sub.add_parser("md", help="short MD of a structure: ASE (checkpoint) or OpenMM (artifact or checkpoint)")
+    md.add_argument("checkpoint", help="checkpoint (.ckpt); with --engine openmm also an exported artifact (.pt)")
+    md.add_argument("--engine", choices=("ase", "openmm"), default="ase")
+    md.add_argument("--platform", default="CPU", help="OpenMM platform (Reference, CPU, ...)")
+    md.add_argument("--thermostat", action="store_true", help="OpenMM: Langevin at --temperature instead of NVE")
+    md.add_argument("--report-every", type=int, default=50)
     md.add_argument("structure")
     md.add_argument("--steps", type=int, default=200)
     md.add_argument("--timestep-fs", type=float, default=0.5)
@@ -193,10 +197,29 @@ def cmd_check_equivariance(args) -> int:
 
 
 def cmd_md(args) -> int:
-    from .calculator import run_md
-
     s = _structure_with_overrides(args.structure, args.charge, args.spin)
-    run_md(args.checkpoint, s, args.steps, args.timestep_fs, args.temperature, args.trajectory, args.seed)
+    if args.engine == "ase":
+        from .calculator import run_md
+
+        run_md(args.checkpoint, s, args.steps, args.timestep_fs, args.temperature, args.trajectory, args.seed)
+        return 0
+    import tempfile
+
+    from transip.export import export_checkpoint
+    from transip.openmm_plugin.md import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = args.checkpoint
+        if str(artifact).endswith(".ckpt"):  # export on the fly
+            artifact = str(Path(tmp) / "model.pt")
+            export_checkpoint(args.checkpoint, artifact)
+        trajectory = args.trajectory if args.trajectory != "md.extxyz" else "md.dcd"
+        summary = run(artifact, s, args.steps, args.timestep_fs, args.temperature, args.platform, args.thermostat,
+                      trajectory, args.report_every, args.seed)
+    print(f"OpenMM ({args.platform}): {summary['atoms']} atoms, {summary['steps_per_second']:.1f} steps/s, "
+          f"{summary['ns_per_day']:.3f} ns/day; total-energy change {1000 * summary['energy_drift_per_atom_ev']:.4f} "
+          f"meV/atom, std {1000 * summary['energy_std_per_atom_ev']:.4f} meV/atom; trajectory {trajectory}")
+    print(json.dumps(summary))
     return 0
 
 
