@@ -49,6 +49,10 @@ def build_simulation(artifact, structure, timestep_fs: float = 0.5, temperature:
     import openmm.app as app
     from openmm import unit
 
+    from transip import native
+
+    if native.available():
+        native.keep_freed_memory()  # an MD process evaluates the same sizes over and over (docs/native_ops.md)
     topology = topology_of(structure)
     system = openmm.System()
     for atom in topology.atoms():

@@ -35,3 +35,13 @@ def test_cpp_vs_python_benchmark_smoke(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) == 8 and all(r["cpp_ms"] > 0 and r["energy_difference"] < 1e-6 for r in rows)
+
+
+@pytest.mark.slow
+def test_openmm_overhead_benchmark_smoke(tmp_path):
+    out = tmp_path / "openmm_overhead"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "openmm_overhead.py"), "--smoke", "--out",
+                             str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["atoms"] for r in rows] == [21, 384] and all(r["openmm_step_ms"] > 0 for r in rows)
