@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything (a virtual environment with the pinned toolchain and transip built from this checkout),
 # then run a job.
-#   bash run.sh demo    short MD run with the shipped model (the README's first command)
+#   bash run.sh demo    short OpenMM NVE run with the shipped model (the README's first command)
 #   bash run.sh test    the test suite (the README's second command; CI runs this)
 #   bash run.sh setup   set up only
 # TRANSIP_VENV chooses the environment folder (default: .venv in this checkout).
@@ -26,8 +26,8 @@ case "$job" in
   setup) setup ;;
   demo)
     setup
-    "$VENV/bin/transip" md models/transip-xtb-small/best.ckpt examples/molecules/aspirin.xyz \
-      --steps 400 --timestep-fs 0.5 --temperature 300 --trajectory md.extxyz
+    "$VENV/bin/transip" md models/transip-xtb-small/best.ckpt examples/molecules/aspirin.xyz --engine openmm \
+      --steps 2000 --timestep-fs 0.5 --temperature 300 --report-every 200 --trajectory md.dcd
     ;;
   test)
     setup
