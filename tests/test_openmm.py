@@ -43,10 +43,18 @@ def artifact_result(artifact, s: Structure):
     return float(out["energy"].detach()) * KJ_PER_MOL_PER_EV, out["forces"].detach().numpy() * KJ_PER_MOL_PER_EV * 10
 
 
+def triclinic_box() -> Structure:
+    """The methanol box in a sheared cell (OpenMM's reduced form: a along x, b in the xy plane)."""
+    s = structure(BOX)
+    cell = np.array([[13.8, 0.0, 0.0], [2.0, 13.8, 0.0], [-1.0, 1.5, 13.8]])
+    return Structure(s.numbers, s.positions, cell=cell, pbc=[True] * 3)
+
+
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
-@pytest.mark.parametrize("path", [ASPIRIN, BOX], ids=["molecule", "periodic box"])
-def test_openmm_equals_the_artifact(artifact, platform, path):
-    s = structure(path)
+@pytest.mark.parametrize("system", ["molecule", "periodic box", "triclinic box"])
+def test_openmm_equals_the_artifact(artifact, platform, system):
+    s = {"molecule": lambda: structure(ASPIRIN), "periodic box": lambda: structure(BOX),
+         "triclinic box": triclinic_box}[system]()
     simulation = build_simulation(artifact, s, platform=platform)
     state = simulation.context.getState(getEnergy=True, getForces=True)
     energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
