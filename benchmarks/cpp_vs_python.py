@@ -18,28 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from timing import median_seconds  # noqa: E402
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 KINDS = [(d, k) for d in ("float64", "float32") for k in ("fused", "reference")]
-
-
-def median_time(function, warmup: int, repeat: int) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -85,10 +73,11 @@ def main(argv=None) -> int:
                     raise SystemExit(f"transip-bench failed: {run.stderr}")
                 cpp = json.loads((tmp / "cpp.json").read_text())
                 module, _ = load(path)
-                artifact_seconds = median_time(lambda: module.compute(*s_inputs, 0, 1, False), warmup, repeat)
+                artifact_seconds = median_seconds(lambda calls: module.compute(*s_inputs, 0, 1, False), warmup,
+                                                  repeat)
                 model = model_from_checkpoint(MODEL, dtype=getattr(torch, dtype)).set_kernel(kernel)
-                eager_seconds = median_time(
-                    lambda: evaluate_batch(model, collate([s], model.cutoff, dtype=getattr(torch, dtype))),
+                eager_seconds = median_seconds(
+                    lambda calls: evaluate_batch(model, collate([s], model.cutoff, dtype=getattr(torch, dtype))),
                     warmup, repeat)
                 energy_python = float(module.compute(*s_inputs, 0, 1, False)["energy"].detach())
                 rows.append(dict(structure=name, dtype=dtype, kernel=kernel, cpp_ms=1e3 * cpp["seconds_median"],

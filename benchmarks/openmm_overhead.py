@@ -15,26 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from timing import median_seconds  # noqa: E402
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 SYSTEMS = {"aspirin (21 atoms)": ROOT / "examples" / "molecules" / "aspirin.xyz",
            "methanol box (384 atoms, periodic)": ROOT / "examples" / "boxes" / "methanol_box.extxyz"}
-
-
-def blocks(function, count: int, size: int) -> float:
-    """Median seconds per call over `count` blocks of `size` calls."""
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        function(size)
-        times.append((time.perf_counter() - start) / size)
-    return statistics.median(times)
 
 
 def main(argv=None) -> int:
@@ -70,10 +60,8 @@ def main(argv=None) -> int:
                     module.compute(*inputs)
 
             simulation = build_simulation(artifact, s, timestep_fs=0.5, platform="CPU")
-            evaluate(3)
-            simulation.step(3)
-            bare = blocks(evaluate, count, size)
-            step = blocks(simulation.step, count, size)
+            bare = median_seconds(evaluate, 1, count, size)
+            step = median_seconds(simulation.step, 1, count, size)
             rows.append(dict(system=name, atoms=len(s.numbers), artifact_ms=1e3 * bare, openmm_step_ms=1e3 * step,
                              steps_per_second=1.0 / step, ns_per_day=0.5e-6 / step * 86400,
                              overhead=step / bare - 1.0))

@@ -9,13 +9,18 @@ import pytest
 from conftest import ROOT
 
 
+def run_smoke(script: str, tmp_path) -> tuple:
+    """Run benchmarks/<script>.py --smoke into tmp_path; returns (its JSON, the output path without suffix)."""
+    out = tmp_path / script
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(out.with_suffix(".json").read_text()), out
+
+
 @pytest.mark.slow
 def test_native_ops_benchmark_smoke(tmp_path):
-    out = tmp_path / "native_ops"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "native_ops.py"), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    data = json.loads(out.with_suffix(".json").read_text())
+    data, out = run_smoke("native_ops", tmp_path)
     runs = data["results"]
     assert {(r["kind"], r["kernel"]) for r in runs} == {("box", "fused"), ("box", "reference"),
                                                         ("molecule", "fused"), ("molecule", "reference")}
@@ -29,19 +34,11 @@ def test_native_ops_benchmark_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_cpp_vs_python_benchmark_smoke(tmp_path):
-    out = tmp_path / "cpp_vs_python"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpp_vs_python.py"), "--smoke", "--out",
-                             str(out)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = run_smoke("cpp_vs_python", tmp_path)[0]["rows"]
     assert len(rows) == 8 and all(r["cpp_ms"] > 0 and r["energy_difference"] < 1e-6 for r in rows)
 
 
 @pytest.mark.slow
 def test_openmm_overhead_benchmark_smoke(tmp_path):
-    out = tmp_path / "openmm_overhead"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "openmm_overhead.py"), "--smoke", "--out",
-                             str(out)], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = run_smoke("openmm_overhead", tmp_path)[0]["rows"]
     assert [r["atoms"] for r in rows] == [21, 384] and all(r["openmm_step_ms"] > 0 for r in rows)
