@@ -78,7 +78,7 @@ def measure(task: dict) -> dict:
     import torch
 
     from transip.checkpoint import model_from_checkpoint
-    from transip.data import collate, evaluate_batch
+    from transip.data import collate
 
     torch.set_num_threads(task["threads"])
     if task["keep_freed_memory"]:
@@ -109,9 +109,8 @@ def measure(task: dict) -> dict:
     deadline = time.perf_counter() + task["min_seconds"]
     while len(times) < task["min_repeats"] or (time.perf_counter() < deadline and len(times) < task["max_repeats"]):
         start = time.perf_counter()
-        out = evaluate()
+        evaluate()
         times.append(time.perf_counter() - start)
-        del out
     result = dict(task, edges=int(batch.edge_index.shape[1]), seconds=statistics.median(times), repeats=len(times),
                   neighbor_seconds=neighbor_seconds, peak_mib=max(0, peak - before) / 1024)
     result.update(attention_rate(model, batch, task, dtype))

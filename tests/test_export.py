@@ -1,7 +1,6 @@
 """The TorchScript artifact: export -> load in a fresh process -> same numbers; the C++ program; every error."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import native
-from .kernels import attention_module, edge_encoder_module, envelope, reference_edge_embedding
+from .kernels import attention_module, edge_encoder_module, reference_edge_embedding
 
 ELEMENT_SYMBOLS = (
     "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y "
