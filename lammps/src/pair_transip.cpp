@@ -1,0 +1,233 @@
+// pair_style transip: see pair_transip.h and docs/lammps.md.
+#include "pair_transip.h"
+
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "atom.h"
+#include "comm.h"
+#include "error.h"
+#include "force.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "update.h"
+
+using namespace LAMMPS_NS;
+
+namespace transip {
+std::string library_marker();  // from libtransip_ops: linking it registers the native ops the model calls
+}
+
+namespace {
+
+const char *kSymbols[] = {"X",  "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si",
+                          "P",  "S",  "Cl", "Ar", "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni", "Cu",
+                          "Zn", "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb", "Sr", "Y",  "Zr", "Nb", "Mo", "Tc", "Ru",
+                          "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I",  "Xe"};
+constexpr int kNumSymbols = sizeof(kSymbols) / sizeof(kSymbols[0]);
+constexpr double kKcalPerMolPerEv = 23.060547830619026;  // CODATA 2018, as LAMMPS's own unit conversions
+
+// The text after "key": in the artifact's metadata JSON (flat lookup of a top-level scalar or list).
+std::string metadata_value(const std::string &json, const std::string &key) {
+  const size_t at = json.find("\"" + key + "\":");
+  if (at == std::string::npos) return "";
+  size_t start = at + key.size() + 3;
+  while (start < json.size() && json[start] == ' ') ++start;
+  if (json[start] == '[') return json.substr(start + 1, json.find(']', start) - start - 1);
+  size_t end = start;
+  while (end < json.size() && json[end] != ',' && json[end] != '\n' && json[end] != '}') ++end;
+  std::string value = json.substr(start, end - start);
+  if (!value.empty() && value.front() == '"') value = value.substr(1, value.size() - 2);
+  return value;
+}
+
+}  // namespace
+
+PairTransIP::PairTransIP(LAMMPS *lmp) : Pair(lmp) {
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  no_virial_fdotr_compute = 1;  // the model gives its virial from edge gradients
+}
+
+PairTransIP::~PairTransIP() {
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+  }
+}
+
+void PairTransIP::allocate() {
+  allocated = 1;
+  const int n = atom->ntypes + 1;
+  memory->create(setflag, n, n, "pair:setflag");
+  memory->create(cutsq, n, n, "pair:cutsq");
+  for (int i = 1; i < n; ++i)
+    for (int j = i; j < n; ++j) setflag[i][j] = 0;
+}
+
+void PairTransIP::load_model(const std::string &path) {
+  torch::jit::ExtraFilesMap extra{{"transip_metadata.json", ""}};
+  try {
+    model_ = torch::jit::load(path, torch::kCPU, extra);
+  } catch (const c10::Error &e) {
+    const std::string what = e.what_without_backtrace();
+    error->all(FLERR, "pair_style transip: cannot load model file {}: {} (a missing native op means the file needs "
+               "libtransip_ops, which this plugin links; a corrupt file must be exported again with transip export)",
+               path, what.substr(0, what.find('\n')));
+  }
+  const std::string &json = extra["transip_metadata.json"];
+  if (metadata_value(json, "format") != "transip-artifact")
+    error->all(FLERR, "pair_style transip: {} has no TransIP metadata; export the model with `transip export`", path);
+  if (std::stoi(metadata_value(json, "format_version")) > 1)
+    error->all(FLERR, "pair_style transip: {} has format version {}, newer than this plugin reads (1)", path,
+               metadata_value(json, "format_version"));
+  cutoff_ = std::stod(metadata_value(json, "cutoff"));
+  receptive_field_ = std::stod(metadata_value(json, "receptive_field"));
+  float64_ = metadata_value(json, "dtype") == "float64";
+  model_elements_.clear();
+  std::istringstream numbers(metadata_value(json, "atomic_numbers"));
+  for (std::string item; std::getline(numbers, item, ',');) model_elements_.push_back(std::stoi(item));
+  model_.eval();
+}
+
+void PairTransIP::settings(int narg, char **arg) {
+  if (narg < 1) error->all(FLERR, "pair_style transip: expected `pair_style transip model.pt [charge Q] [spin S]`");
+  const std::string units = update->unit_style;
+  if (units == "metal")
+    energy_scale_ = 1.0;
+  else if (units == "real")
+    energy_scale_ = kKcalPerMolPerEv;
+  else
+    error->all(FLERR, "pair_style transip supports units metal and real only, not units {}", units);
+  model_path_ = arg[0];
+  for (int i = 1; i < narg; i += 2) {
+    const std::string key = arg[i];
+    if (i + 1 >= narg) error->all(FLERR, "pair_style transip: option {} needs a value", key);
+    if (key == "charge")
+      charge_ = utils::inumeric(FLERR, arg[i + 1], false, lmp);
+    else if (key == "spin")
+      spin_ = utils::inumeric(FLERR, arg[i + 1], false, lmp);
+    else
+      error->all(FLERR, "pair_style transip: unknown option {} (expected charge or spin)", key);
+  }
+  load_model(model_path_);
+  if (comm->me == 0)
+    utils::logmesg(lmp, "pair_style transip: {} (cutoff {} A, receptive field {} A, {}), {}\n", model_path_, cutoff_,
+                   receptive_field_, float64_ ? "float64" : "float32", transip::library_marker());
+}
+
+void PairTransIP::coeff(int narg, char **arg) {
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+  if (narg != 2 + ntypes)
+    error->all(FLERR, "pair_coeff for transip: expected `pair_coeff * * El1 ... El{}` with one element per atom "
+               "type ({} types), got {} elements", ntypes, ntypes, narg - 2);
+  if (strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR, "pair_coeff for transip must start with `* *`");
+  type_number_.assign(ntypes + 1, 0);
+  for (int t = 1; t <= ntypes; ++t) {
+    const std::string symbol = arg[1 + t];
+    int z = 0;
+    for (int k = 1; k < kNumSymbols; ++k)
+      if (symbol == kSymbols[k]) z = k;
+    if (z == 0) error->all(FLERR, "pair_coeff for transip: unknown element symbol {} for atom type {}", symbol, t);
+    bool known = false;
+    for (int e : model_elements_) known = known || e == z;
+    if (!known) {
+      std::string list;
+      for (int e : model_elements_) list += std::string(" ") + kSymbols[e];
+      error->all(FLERR, "pair_coeff for transip: element {} (atom type {}) is not known to the model {}, which "
+                 "knows{}", symbol, t, model_path_, list);
+    }
+    type_number_[t] = z;
+  }
+  for (int i = 1; i <= ntypes; ++i)
+    for (int j = i; j <= ntypes; ++j) setflag[i][j] = 1;
+}
+
+void PairTransIP::init_style() {
+  if (force->newton_pair == 0) error->all(FLERR, "pair_style transip requires newton on");
+  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+  // Local energies depend on atoms out to the receptive field: ghosts must reach that far.
+  if (comm->cutghostuser < receptive_field_) comm->cutghostuser = receptive_field_;
+}
+
+double PairTransIP::init_one(int, int) { return cutoff_; }
+
+void PairTransIP::compute(int eflag, int vflag) {
+  ev_init(eflag, vflag);
+  if (vflag_atom)
+    error->all(FLERR, "pair_style transip: per-atom virial (compute stress/atom) is not supported yet");
+  const int nlocal = atom->nlocal;
+  const int ntotal = nlocal + atom->nghost;
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+
+  // Edges (receiver i, sender j) within the cutoff, for local and ghost receivers; ghosts are explicit
+  // images, so every periodic shift is zero.
+  std::vector<int64_t> receivers, senders;
+  const double cut2 = cutoff_ * cutoff_;
+  const int rows = list->inum + list->gnum;
+  for (int ii = 0; ii < rows; ++ii) {
+    const int i = list->ilist[ii];
+    const int *neighbors = list->firstneigh[i];
+    for (int jj = 0; jj < list->numneigh[i]; ++jj) {
+      const int j = neighbors[jj] & NEIGHMASK;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz < cut2) {
+        receivers.push_back(i);
+        senders.push_back(j);
+      }
+    }
+  }
+  const int64_t edges = static_cast<int64_t>(receivers.size());
+  torch::Tensor positions = torch::empty({ntotal, 3}, torch::kFloat64);
+  torch::Tensor numbers = torch::empty({ntotal}, torch::kInt64);
+  double *p = positions.data_ptr<double>();
+  int64_t *z = numbers.data_ptr<int64_t>();
+  for (int i = 0; i < ntotal; ++i) {
+    for (int k = 0; k < 3; ++k) p[3 * i + k] = x[i][k];
+    z[i] = type_number_[type[i]];
+  }
+  torch::Tensor edge_index = torch::empty({2, edges}, torch::kInt64);
+  std::copy(receivers.begin(), receivers.end(), edge_index.data_ptr<int64_t>());
+  std::copy(senders.begin(), senders.end(), edge_index.data_ptr<int64_t>() + edges);
+  torch::Tensor shifts = torch::zeros({edges, 3}, torch::kFloat64);
+
+  c10::IValue result;
+  try {
+    // The structure's charge/spin energy offsets are added once, by rank 0.
+    result = model_.get_method("compute_with_neighbors")({positions, numbers, edge_index, shifts,
+                                                          static_cast<int64_t>(nlocal), charge_, spin_, comm->me == 0,
+                                                          static_cast<bool>(vflag_global)});
+  } catch (const c10::Error &e) {
+    const std::string what = e.what_without_backtrace();
+    error->one(FLERR, "pair_style transip: model evaluation failed: {}", what.substr(0, what.find('\n')));
+  }
+  const auto out = result.toGenericDict();
+  const torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
+  const double *fm = forces.data_ptr<double>();
+  for (int i = 0; i < ntotal; ++i)
+    for (int k = 0; k < 3; ++k) f[i][k] += energy_scale_ * fm[3 * i + k];
+  if (eflag_global) eng_vdwl += energy_scale_ * out.at("energy").toTensor().to(torch::kFloat64).item<double>();
+  if (eflag_atom) {
+    const torch::Tensor atom_energies = out.at("atom_energies").toTensor().to(torch::kFloat64).contiguous();
+    for (int i = 0; i < nlocal; ++i) eatom[i] += energy_scale_ * atom_energies.data_ptr<double>()[i];
+  }
+  if (vflag_global) {
+    const torch::Tensor w = out.at("virial").toTensor().to(torch::kFloat64).contiguous();
+    const double *v = w.data_ptr<double>();
+    // LAMMPS order: xx, yy, zz, xy, xz, yz
+    virial[0] += energy_scale_ * v[0];
+    virial[1] += energy_scale_ * v[4];
+    virial[2] += energy_scale_ * v[8];
+    virial[3] += energy_scale_ * 0.5 * (v[1] + v[3]);
+    virial[4] += energy_scale_ * 0.5 * (v[2] + v[6]);
+    virial[5] += energy_scale_ * 0.5 * (v[5] + v[7]);
+  }
+}

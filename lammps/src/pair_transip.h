@@ -1,0 +1,45 @@
+// pair_style transip: a TransIP artifact (transip export) as a LAMMPS pair style, loaded as a plugin.
+//
+//   pair_style transip model.pt [charge Q] [spin S]
+//   pair_coeff * * El1 El2 ...          (one element per atom type)
+//
+// Requires newton on and a full neighbour list with ghost atoms; ghosts reach the model's receptive field.
+// units metal (eV, Angstrom) natively, units real converted (kcal/mol); other unit styles are refused.
+#pragma once
+
+#include <torch/script.h>
+
+#include <string>
+#include <vector>
+
+#include "pair.h"
+
+namespace LAMMPS_NS {
+
+class PairTransIP : public Pair {
+ public:
+  explicit PairTransIP(class LAMMPS *);
+  ~PairTransIP() override;
+  void compute(int, int) override;
+  void settings(int, char **) override;
+  void coeff(int, char **) override;
+  void init_style() override;
+  double init_one(int, int) override;
+
+ private:
+  void allocate();
+  void load_model(const std::string &path);
+
+  torch::jit::Module model_;
+  std::string model_path_;
+  std::vector<int> model_elements_;   // atomic numbers the model knows
+  std::vector<int64_t> type_number_;  // atomic number per LAMMPS type (1-based)
+  double cutoff_ = 0.0;               // Angstrom
+  double receptive_field_ = 0.0;      // Angstrom
+  bool float64_ = true;
+  int64_t charge_ = 0;
+  int64_t spin_ = 1;
+  double energy_scale_ = 1.0;  // eV -> the unit style's energy unit
+};
+
+}  // namespace LAMMPS_NS
