@@ -102,7 +102,8 @@ class TransIPArtifact(nn.Module):
     @torch.jit.export
     def compute_with_neighbors(self, positions: torch.Tensor, numbers: torch.Tensor, edge_index: torch.Tensor,
                                shift_vectors: torch.Tensor, num_local: int, charge: int = 0, spin: int = 1,
-                               include_offsets: bool = True, compute_virial: bool = True) -> Dict[str, torch.Tensor]:
+                               include_offsets: bool = True, compute_virial: bool = True,
+                               compute_atom_virial: bool = False) -> Dict[str, torch.Tensor]:
         dtype = self.model.reference_energy.dtype
         positions = positions.to(dtype)
         receivers, senders = edge_index[0], edge_index[1]
@@ -126,6 +127,11 @@ class TransIPArtifact(nn.Module):
         result = {"energy": energy.detach(), "forces": forces, "atom_energies": atom_energies.detach()}
         if compute_virial:
             result["virial"] = -(g.t() @ edge_vectors.detach())
+        if compute_atom_virial:
+            # Each edge's virial -g (x) r shared equally by its two atoms; the atoms' sum is the virial.
+            half = -0.5 * g[:, :, None] * edge_vectors.detach()[:, None, :]
+            result["atom_virial"] = torch.zeros(n, 3, 3, dtype=g.dtype).index_add(0, receivers, half).index_add(
+                0, senders, half)
         return result
 
 

@@ -126,6 +126,30 @@ def test_lammps_equals_the_artifact(artifact, tmp_path, units, system):
 
 
 @pytest.mark.slow
+def test_per_atom_virial(artifact, tmp_path):
+    """compute stress/atom (virial part) against the artifact's per-atom virial, and its sum against the global
+    virial, on 2 ranks so that ghost contributions travel back to their owners."""
+    s = methanol_box()
+    write_data(s, tmp_path / "system.data")
+    text = deck(artifact).replace("compute peatom all pe/atom", "compute peatom all stress/atom NULL virial")
+    text = text.replace("c_peatom", "c_peatom[1] c_peatom[2] c_peatom[3] c_peatom[4] c_peatom[5] c_peatom[6]")
+    row = thermo(run_lammps(tmp_path, text, ranks=2))[0]
+    dump = last_dump(tmp_path / "out.dump")
+    stress = dump[:, 7:13] / NKTV2P["metal"]  # stress/atom is -virial per atom, in pressure x volume
+    module, _ = load(artifact)
+    from transip.neighbors import structure_neighbors
+
+    positions = torch.tensor(s.positions)
+    edge_index, shifts = structure_neighbors(positions, 6.0, torch.tensor(s.cell), torch.tensor(s.pbc))
+    out = module.compute_with_neighbors(positions, torch.tensor(s.numbers), edge_index,
+                                        shifts.double() @ torch.tensor(s.cell), len(s.numbers), 0, 1, True, True, True)
+    w = out["atom_virial"].detach().numpy()
+    w = 0.5 * (w + w.transpose(0, 2, 1))
+    expected = -np.stack([w[:, 0, 0], w[:, 1, 1], w[:, 2, 2], w[:, 0, 1], w[:, 0, 2], w[:, 1, 2]], axis=1)
+    np.testing.assert_allclose(stress, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+    np.testing.assert_allclose(-stress.sum(0), row[2:8] * row[8] / NKTV2P["metal"], rtol=1e-9, atol=1e-9)
+
+
 def test_identical_on_1_2_and_4_ranks_with_migration(artifact, tmp_path):
     """Aspirin at the centre of a 30 A periodic box, where the subdomains of 2 and 4 ranks meet: 60 NVE steps of
     1 fs from 600 K move atoms across the boundaries (and through periodic ghosts). Energies and final positions
@@ -179,7 +203,6 @@ def test_same_energy_as_openmm(artifact, tmp_path):
     ("newton", "pair_style transip requires newton on"),
     ("units", "pair_style transip supports units metal and real only, not units lj"),
     ("option", "unknown option colour"),
-    ("stress/atom", "per-atom virial \\(compute stress/atom\\) is not supported yet"),
 ])
 def test_errors_name_the_problem(artifact, tmp_path, case, message):
     write_data(methanol_box(), tmp_path / "system.data")
@@ -195,8 +218,5 @@ def test_errors_name_the_problem(artifact, tmp_path, case, message):
         text = text.replace("pair_coeff * * H C O", "pair_coeff * * H Si O")
     if case == "count":
         text = text.replace("pair_coeff * * H C O", "pair_coeff * * H C")
-    if case == "stress/atom":
-        text = text.replace("compute peatom all pe/atom", "compute peatom all stress/atom NULL")
-        text = text.replace("c_peatom", "c_peatom[1]")
     out = run_lammps(tmp_path, text, expect_failure=True)
     assert re.search(message, out), out[-2000:]

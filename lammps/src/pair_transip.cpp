@@ -160,8 +160,6 @@ double PairTransIP::init_one(int, int) { return cutoff_; }
 
 void PairTransIP::compute(int eflag, int vflag) {
   ev_init(eflag, vflag);
-  if (vflag_atom)
-    error->all(FLERR, "pair_style transip: per-atom virial (compute stress/atom) is not supported yet");
   const int nlocal = atom->nlocal;
   const int ntotal = nlocal + atom->nghost;
   double **x = atom->x;
@@ -204,7 +202,8 @@ void PairTransIP::compute(int eflag, int vflag) {
     // The structure's charge/spin energy offsets are added once, by rank 0.
     result = model_.get_method("compute_with_neighbors")({positions, numbers, edge_index, shifts,
                                                           static_cast<int64_t>(nlocal), charge_, spin_, comm->me == 0,
-                                                          static_cast<bool>(vflag_global)});
+                                                          static_cast<bool>(vflag_global),
+                                                          static_cast<bool>(vflag_atom)});
   } catch (const c10::Error &e) {
     const std::string what = e.what_without_backtrace();
     error->one(FLERR, "pair_style transip: model evaluation failed: {}", what.substr(0, what.find('\n')));
@@ -229,5 +228,17 @@ void PairTransIP::compute(int eflag, int vflag) {
     virial[3] += energy_scale_ * 0.5 * (v[1] + v[3]);
     virial[4] += energy_scale_ * 0.5 * (v[2] + v[6]);
     virial[5] += energy_scale_ * 0.5 * (v[5] + v[7]);
+  }
+  if (vflag_atom) {  // ghosts too: LAMMPS sums their share back onto the owners (newton on)
+    const torch::Tensor w = out.at("atom_virial").toTensor().to(torch::kFloat64).contiguous();
+    const double *v = w.data_ptr<double>();
+    for (int i = 0; i < ntotal; ++i, v += 9) {
+      vatom[i][0] += energy_scale_ * v[0];
+      vatom[i][1] += energy_scale_ * v[4];
+      vatom[i][2] += energy_scale_ * v[8];
+      vatom[i][3] += energy_scale_ * 0.5 * (v[1] + v[3]);
+      vatom[i][4] += energy_scale_ * 0.5 * (v[2] + v[6]);
+      vatom[i][5] += energy_scale_ * 0.5 * (v[5] + v[7]);
+    }
   }
 }
