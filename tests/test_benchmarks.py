@@ -42,3 +42,9 @@ def test_cpp_vs_python_benchmark_smoke(tmp_path):
 def test_openmm_overhead_benchmark_smoke(tmp_path):
     rows = run_smoke("openmm_overhead", tmp_path)[0]["rows"]
     assert [r["atoms"] for r in rows] == [21, 384] and all(r["openmm_step_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_lammps_overhead_benchmark_smoke(tmp_path):
+    rows = run_smoke("lammps_overhead", tmp_path)[0]["rows"]
+    assert [r["ranks"] for r in rows] == [1, 2] and all(r["lammps_step_ms"] > 0 for r in rows)
