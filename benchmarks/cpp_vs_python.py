@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, write_results  # noqa: E402
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 KINDS = [(d, k) for d in ("float64", "float32") for k in ("fused", "reference")]
 
@@ -83,8 +83,6 @@ def main(argv=None) -> int:
                 rows.append(dict(structure=name, dtype=dtype, kernel=kernel, cpp_ms=1e3 * cpp["seconds_median"],
                                  python_artifact_ms=1e3 * artifact_seconds, python_eager_ms=1e3 * eager_seconds,
                                  cpp_peak_mib=cpp["peak_rss_mib"], energy_difference=abs(cpp["energy"] - energy_python)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1) + "\n")
     lines = [f"Shipped model, energy + forces including the neighbour list, {args.threads} threads, median of "
              f"{repeat} after {warmup} warm-up.", "",
              "| structure | dtype | kernel | C++ (ms) | Python, artifact (ms) | Python, eager model (ms) "
@@ -95,8 +93,7 @@ def main(argv=None) -> int:
                      f"{r['python_artifact_ms']:.2f} | {r['python_eager_ms']:.2f} | "
                      f"{r['python_eager_ms'] / r['cpp_ms']:.2f} | {r['cpp_peak_mib']:.0f} | "
                      f"{r['energy_difference']:.1e} eV |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, {"threads": args.threads, "rows": rows}, lines)
     return 0
 
 

@@ -11,7 +11,6 @@ artifact on the same atoms and pairs in this process (also 1 thread), which is t
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, write_results  # noqa: E402
 
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 BIN = Path(sys.executable).parent
@@ -83,8 +82,6 @@ run {steps}
                              lammps_step_ms=1e3 * step, steps_per_second=1.0 / step,
                              atom_steps_per_second=len(s.numbers) / step, ns_per_day=0.5e-6 / step * 86400,
                              overhead=step / bare - 1.0))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"steps": steps, "rows": rows}, indent=1) + "\n")
     lines = [f"Shipped model (float64, fused), LAMMPS NVE 0.5 fs, {steps} steps, 1 thread per rank.", "",
              "| system | ranks | artifact call (ms) | LAMMPS step (ms) | steps/s | atom-steps/s | ns/day | overhead |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -92,8 +89,7 @@ run {steps}
         lines.append(f"| {r['system']} | {r['ranks']} | {r['artifact_ms']:.2f} | {r['lammps_step_ms']:.2f} | "
                      f"{r['steps_per_second']:.0f} | {r['atom_steps_per_second']:.0f} | {r['ns_per_day']:.1f} | "
                      f"{100 * r['overhead']:+.0f} % |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, {"steps": steps, "rows": rows}, lines)
     return 0
 
 

@@ -13,7 +13,6 @@ blocks after warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, write_results  # noqa: E402
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 SYSTEMS = {"aspirin (21 atoms)": ROOT / "examples" / "molecules" / "aspirin.xyz",
            "methanol box (384 atoms, periodic)": ROOT / "examples" / "boxes" / "methanol_box.extxyz"}
@@ -65,8 +64,6 @@ def main(argv=None) -> int:
             rows.append(dict(system=name, atoms=len(s.numbers), artifact_ms=1e3 * bare, openmm_step_ms=1e3 * step,
                              steps_per_second=1.0 / step, ns_per_day=0.5e-6 / step * 86400,
                              overhead=step / bare - 1.0))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=1) + "\n")
     lines = [f"Shipped model (float64, fused), OpenMM CPU platform, VerletIntegrator 0.5 fs, {args.threads} threads; "
              f"median of {count} blocks of {size}.", "",
              "| system | atoms | artifact evaluation (ms) | OpenMM step (ms) | steps/s | ns/day | OpenMM overhead |",
@@ -74,8 +71,7 @@ def main(argv=None) -> int:
     for r in rows:
         lines.append(f"| {r['system']} | {r['atoms']} | {r['artifact_ms']:.2f} | {r['openmm_step_ms']:.2f} | "
                      f"{r['steps_per_second']:.1f} | {r['ns_per_day']:.2f} | {100 * r['overhead']:+.1f} % |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, {"threads": args.threads, "rows": rows}, lines)
     return 0
 
 

@@ -27,7 +27,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -190,10 +190,6 @@ def export_checkpoint(checkpoint, output, dtype: str = "float64", kernel: str = 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return metadata
-
-
-def elements_of(metadata: dict) -> List[str]:
-    return list(metadata["elements"])
 
 
 def describe(metadata: dict) -> str:

@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 #include <sys/resource.h>
 #include <torch/script.h>
+#include <transip/artifact_metadata.h>
 
 #include <algorithm>
 #include <chrono>
@@ -32,11 +33,6 @@ std::string library_marker();  // from libtransip_ops: linking it registers the 
 
 namespace {
 
-const char* kSymbols[] = {"X",  "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si",
-                          "P",  "S",  "Cl", "Ar", "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni", "Cu",
-                          "Zn", "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb", "Sr", "Y",  "Zr", "Nb", "Mo", "Tc", "Ru",
-                          "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I",  "Xe"};
-
 struct Structure {
   std::vector<int64_t> numbers;
   std::vector<double> positions;
@@ -45,12 +41,6 @@ struct Structure {
   int64_t charge = 0;
   int64_t spin = 1;
 };
-
-int64_t atomic_number(const std::string& symbol, const std::string& path) {
-  for (int64_t z = 1; z < static_cast<int64_t>(sizeof(kSymbols) / sizeof(kSymbols[0])); ++z)
-    if (symbol == kSymbols[z]) return z;
-  throw std::runtime_error(path + ": unknown element symbol '" + symbol + "'");
-}
 
 // Value of key=value or key="v a l u e" in an extended XYZ comment line; empty if absent.
 std::string comment_value(const std::string& comment, const std::string& key) {
@@ -107,21 +97,12 @@ Structure read_xyz(const std::string& path) {
     std::string symbol;
     double x, y, z;
     if (!(fields >> symbol >> x >> y >> z)) throw std::runtime_error(path + ": cannot parse atom line '" + line + "'");
-    s.numbers.push_back(atomic_number(symbol, path));
+    const int number = transip::atomic_number(symbol);
+    if (number == 0) throw std::runtime_error(path + ": unknown element symbol '" + symbol + "'");
+    s.numbers.push_back(number);
     s.positions.insert(s.positions.end(), {x, y, z});
   }
   return s;
-}
-
-// The integer after "key": in the metadata JSON (a flat search is enough for the fields read here).
-std::string json_field(const std::string& json, const std::string& key) {
-  const size_t at = json.find("\"" + key + "\"");
-  if (at == std::string::npos) return "";
-  size_t start = json.find(':', at) + 1;
-  while (start < json.size() && (json[start] == ' ' || json[start] == '"')) ++start;
-  size_t end = start;
-  while (end < json.size() && json[end] != ',' && json[end] != '"' && json[end] != '\n' && json[end] != '}') ++end;
-  return json.substr(start, end - start);
 }
 
 // Peak resident memory of this process. VmHWM belongs to the process image after exec; getrusage's
@@ -195,12 +176,12 @@ int main(int argc, char** argv) {
       throw std::runtime_error("cannot load artifact " + opt.model + ": " + what.substr(0, what.find('\n')));
     }
     const std::string& metadata = extra["transip_metadata.json"];
-    if (json_field(metadata, "format") != "transip-artifact")
+    if (transip::metadata_value(metadata, "format") != "transip-artifact")
       throw std::runtime_error(opt.model + " has no TransIP metadata: export it with `transip export`");
-    if (std::stoi(json_field(metadata, "format_version")) > 1)
-      throw std::runtime_error(opt.model + " has a newer format version (" + json_field(metadata, "format_version") +
+    if (std::stoi(transip::metadata_value(metadata, "format_version")) > 1)
+      throw std::runtime_error(opt.model + " has a newer format version (" + transip::metadata_value(metadata, "format_version") +
                                ") than this transip-bench reads (1)");
-    const auto dtype = json_field(metadata, "dtype") == "float32" ? torch::kFloat32 : torch::kFloat64;
+    const auto dtype = transip::metadata_value(metadata, "dtype") == "float32" ? torch::kFloat32 : torch::kFloat64;
 
     const int64_t n = static_cast<int64_t>(s.numbers.size());
     torch::Tensor positions = torch::from_blob(s.positions.data(), {n, 3}, torch::kFloat64).to(dtype);

@@ -13,6 +13,7 @@
 #include "neigh_list.h"
 #include "neighbor.h"
 #include "update.h"
+#include "transip/artifact_metadata.h"
 
 using namespace LAMMPS_NS;
 
@@ -22,26 +23,7 @@ std::string library_marker();  // from libtransip_ops: linking it registers the 
 
 namespace {
 
-const char *kSymbols[] = {"X",  "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si",
-                          "P",  "S",  "Cl", "Ar", "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni", "Cu",
-                          "Zn", "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb", "Sr", "Y",  "Zr", "Nb", "Mo", "Tc", "Ru",
-                          "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I",  "Xe"};
-constexpr int kNumSymbols = sizeof(kSymbols) / sizeof(kSymbols[0]);
 constexpr double kKcalPerMolPerEv = 23.060547830619026;  // CODATA 2018, as LAMMPS's own unit conversions
-
-// The text after "key": in the artifact's metadata JSON (flat lookup of a top-level scalar or list).
-std::string metadata_value(const std::string &json, const std::string &key) {
-  const size_t at = json.find("\"" + key + "\":");
-  if (at == std::string::npos) return "";
-  size_t start = at + key.size() + 3;
-  while (start < json.size() && json[start] == ' ') ++start;
-  if (json[start] == '[') return json.substr(start + 1, json.find(']', start) - start - 1);
-  size_t end = start;
-  while (end < json.size() && json[end] != ',' && json[end] != '\n' && json[end] != '}') ++end;
-  std::string value = json.substr(start, end - start);
-  if (!value.empty() && value.front() == '"') value = value.substr(1, value.size() - 2);
-  return value;
-}
 
 }  // namespace
 
@@ -80,16 +62,16 @@ void PairTransIP::load_model(const std::string &path) {
                path, what.substr(0, what.find('\n')));
   }
   const std::string &json = extra["transip_metadata.json"];
-  if (metadata_value(json, "format") != "transip-artifact")
+  if (transip::metadata_value(json, "format") != "transip-artifact")
     error->all(FLERR, "pair_style transip: {} has no TransIP metadata; export the model with `transip export`", path);
-  if (std::stoi(metadata_value(json, "format_version")) > 1)
+  if (std::stoi(transip::metadata_value(json, "format_version")) > 1)
     error->all(FLERR, "pair_style transip: {} has format version {}, newer than this plugin reads (1)", path,
-               metadata_value(json, "format_version"));
-  cutoff_ = std::stod(metadata_value(json, "cutoff"));
-  receptive_field_ = std::stod(metadata_value(json, "receptive_field"));
-  float64_ = metadata_value(json, "dtype") == "float64";
+               transip::metadata_value(json, "format_version"));
+  cutoff_ = std::stod(transip::metadata_value(json, "cutoff"));
+  receptive_field_ = std::stod(transip::metadata_value(json, "receptive_field"));
+  float64_ = transip::metadata_value(json, "dtype") == "float64";
   model_elements_.clear();
-  std::istringstream numbers(metadata_value(json, "atomic_numbers"));
+  std::istringstream numbers(transip::metadata_value(json, "atomic_numbers"));
   for (std::string item; std::getline(numbers, item, ',');) model_elements_.push_back(std::stoi(item));
   model_.eval();
 }
@@ -131,15 +113,13 @@ void PairTransIP::coeff(int narg, char **arg) {
   type_number_.assign(ntypes + 1, 0);
   for (int t = 1; t <= ntypes; ++t) {
     const std::string symbol = arg[1 + t];
-    int z = 0;
-    for (int k = 1; k < kNumSymbols; ++k)
-      if (symbol == kSymbols[k]) z = k;
+    const int z = transip::atomic_number(symbol);
     if (z == 0) error->all(FLERR, "pair_coeff for transip: unknown element symbol {} for atom type {}", symbol, t);
     bool known = false;
     for (int e : model_elements_) known = known || e == z;
     if (!known) {
       std::string list;
-      for (int e : model_elements_) list += std::string(" ") + kSymbols[e];
+      for (int e : model_elements_) list += std::string(" ") + transip::kElementSymbols[e];
       error->all(FLERR, "pair_coeff for transip: element {} (atom type {}) is not known to the model {}, which "
                  "knows{}", symbol, t, model_path_, list);
     }
