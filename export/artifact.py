@@ -34,7 +34,7 @@ from torch import nn
 
 from transip import __version__, native
 from transip.checkpoint import load_checkpoint, model_from_checkpoint
-from transip.model import ELEMENT_SYMBOLS, TransIP
+from transip.model import ELEMENT_SYMBOLS, TransIP, receptive_order
 from transip.neighbors import reference_neighbors
 
 FORMAT = "transip-artifact"
@@ -105,16 +105,27 @@ class TransIPArtifact(nn.Module):
                                include_offsets: bool = True, compute_virial: bool = True,
                                compute_atom_virial: bool = False) -> Dict[str, torch.Tensor]:
         dtype = self.model.reference_energy.dtype
-        positions = positions.to(dtype)
-        receivers, senders = edge_index[0], edge_index[1]
-        edge_vectors = (positions.index_select(0, senders) - positions.index_select(0, receivers)
-                        + shift_vectors.to(dtype))
-        edge_vectors.requires_grad_(True)
         n = positions.shape[0]
+        # Only the atoms and edges the local energies depend on, sorted so that each block's work is a prefix
+        # (most ghosts out at the receptive field only feed the initial tokens of nearer atoms).
+        layers = len(self.model.blocks)
+        if num_local < n:
+            kept, depth_counts = receptive_order(edge_index[0], edge_index[1], n, num_local, layers)
+        else:
+            kept, depth_counts = torch.arange(n), [n] * (layers + 2)
+        new_index = torch.full((n,), -1, dtype=torch.long)
+        new_index[kept] = torch.arange(kept.shape[0])
+        receivers, senders = new_index[edge_index[0]], new_index[edge_index[1]]
+        needed = (receivers >= 0) & (receivers < depth_counts[layers])
+        receivers, senders, shifts = receivers[needed], senders[needed], shift_vectors.to(dtype)[needed]
+        positions = positions.to(dtype)[kept]
+        edge_vectors = positions.index_select(0, senders) - positions.index_select(0, receivers) + shifts
+        edge_vectors.requires_grad_(True)
         charge_t, spin_t = torch.tensor([charge]), torch.tensor([spin])
-        out = self.model.energy_from_edges(edge_vectors, numbers, charge_t, spin_t,
-                                           torch.zeros(n, dtype=torch.long), receivers, senders, 1)
-        atom_energies = out["atom_energy"][:num_local]
+        out = self.model.energy_from_edges(edge_vectors, numbers[kept], charge_t, spin_t,
+                                           torch.zeros(kept.shape[0], dtype=torch.long), receivers, senders, 1,
+                                           depth_counts)
+        atom_energies = out["atom_energy"]
         energy = atom_energies.sum()
         if include_offsets:
             energy = (energy + self.model.charge_reference[charge + self.max_abs_charge]
@@ -123,15 +134,17 @@ class TransIPArtifact(nn.Module):
         g = grads[0]
         if g is None:
             g = torch.zeros_like(edge_vectors)
-        forces = torch.zeros_like(positions).index_add(0, receivers, g).index_add(0, senders, -g)
+        # Back to the caller's atoms; those the energy does not depend on get zero.
+        kept_forces = torch.zeros_like(positions).index_add(0, receivers, g).index_add(0, senders, -g)
+        forces = torch.zeros(n, 3, dtype=dtype).index_copy(0, kept, kept_forces)
         result = {"energy": energy.detach(), "forces": forces, "atom_energies": atom_energies.detach()}
         if compute_virial:
             result["virial"] = -(g.t() @ edge_vectors.detach())
         if compute_atom_virial:
             # Each edge's virial -g (x) r shared equally by its two atoms; the atoms' sum is the virial.
             half = -0.5 * g[:, :, None] * edge_vectors.detach()[:, None, :]
-            result["atom_virial"] = torch.zeros(n, 3, 3, dtype=g.dtype).index_add(0, receivers, half).index_add(
-                0, senders, half)
+            result["atom_virial"] = torch.zeros(n, 3, 3, dtype=g.dtype).index_add(0, kept[receivers], half).index_add(
+                0, kept[senders], half)
         return result
 
 

@@ -92,14 +92,17 @@ class AttentionBlock(nn.Module):
         self.attention = attention_module(kernel)
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor, edge_envelope: torch.Tensor, self_bias: torch.Tensor,
-                receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor) -> torch.Tensor:
+                receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor,
+                num_updated: int) -> torch.Tensor:
         """`bias` (edges, heads) and `self_bias` (heads,) are this block's `edge_bias` of the neighbour edges
-        and of the self edge (computed for all blocks at once by the model). Edges are grouped by receiver."""
+        and of the self edge (computed for all blocks at once by the model). Edges are grouped by receiver and
+        `row_ptr` has a row for every atom of `h`; only the first `num_updated` atoms are updated and returned
+        (the rest only send; their rows may be empty)."""
         n = h.shape[0]
         qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
         attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, self_bias, receivers,
                                   senders, row_ptr)
-        h = h + self.out(attended.reshape(n, -1))
+        h = h[:num_updated] + self.out(attended[:num_updated].reshape(num_updated, -1))
         return h + self.ffn(self.norm_ffn(h))
 
 
@@ -191,9 +194,20 @@ class TransIP(nn.Module):
 
     def energy_from_edges(self, edge_vectors: torch.Tensor, numbers: torch.Tensor, charge: torch.Tensor,
                           spin: torch.Tensor, batch: torch.Tensor, receivers: torch.Tensor,
-                          senders: torch.Tensor, num_structures: int) -> Dict[str, torch.Tensor]:
-        """Energy per structure, per-atom energies and per-atom latent vectors from edge displacements."""
+                          senders: torch.Tensor, num_structures: int,
+                          depth_counts: Optional[List[int]] = None) -> Dict[str, torch.Tensor]:
+        """Energy per structure, per-atom energies and per-atom latent vectors from edge displacements.
+
+        `depth_counts` (see `receptive_order`) restricts the work to what the first `depth_counts[0]` atoms'
+        energies need: atoms sorted by graph distance from them, `depth_counts[k]` of them within k hops. The
+        initial tokens are then built for atoms within `layers` hops, block l updates atoms within
+        `layers - l` hops, and energies are returned for the first `depth_counts[0]` atoms only. Without it,
+        every atom is computed (`depth_counts` = [N] * (layers + 2))."""
         n = numbers.shape[0]
+        layers = len(self.blocks)
+        counts = depth_counts if depth_counts is not None else [n] * (layers + 2)
+        if len(counts) != layers + 2 or counts[layers + 1] != n:
+            raise ValueError("depth_counts must have layers + 2 entries ending with the number of atoms")
         species = self.species(numbers)
         if bool((charge.abs() > self.max_abs_charge).any()):
             raise ValueError("total charge outside the model's range +-" + str(self.max_abs_charge))
@@ -207,29 +221,40 @@ class TransIP(nn.Module):
         row_ptr = torch.zeros(n + 1, dtype=torch.long, device=receivers.device)
         row_ptr[1:] = torch.cumsum(torch.bincount(receivers, minlength=n), 0)
 
-        # Per-edge work (kernels.py): attention biases of every block, neighbour messages, envelope.
+        # Per-edge work (kernels.py): attention biases of every block, neighbour messages, envelope; only for
+        # the edges of atoms whose initial token is needed (a prefix, as edges are grouped by receiver).
+        tokens = counts[layers]
+        edges = int(row_ptr[tokens])
+        edge_vectors, receivers, senders = edge_vectors[:edges], receivers[:edges], senders[:edges]
         first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
         bias_weight, bias_offset = self.bias_parameters()
         edge_bias, messages, env = self.edge_encoder(
-            edge_vectors, receivers, senders, species, n, self.rbf_centers, self.rbf_width, self.cutoff,
-            first.weight, first.bias, second.weight, second.bias, bias_weight, bias_offset, len(self.blocks),
+            edge_vectors, receivers, senders, species, tokens, self.rbf_centers, self.rbf_width, self.cutoff,
+            first.weight, first.bias, second.weight, second.bias, bias_weight, bias_offset, layers,
             self.edge_message.weight, self.edge_message.bias, self.neighbor_element_embedding.weight)
 
-        h = (self.element_embedding(species) + self.charge_embedding(charge + self.max_abs_charge)[batch]
-             + self.spin_embedding(spin - 1)[batch] + messages / self.avg_num_neighbors)
+        token_batch = batch[:tokens]
+        h = (self.element_embedding(species[:tokens]) + self.charge_embedding(charge + self.max_abs_charge)[token_batch]
+             + self.spin_embedding(spin - 1)[token_batch] + messages / self.avg_num_neighbors)
 
         # Every atom also attends to itself (zero displacement, envelope 1).
-        self_bias = self.self_edge_bias(edge_vectors.dtype, edge_vectors.device).view(len(self.blocks), -1)
+        self_bias = self.self_edge_bias(edge_vectors.dtype, edge_vectors.device).view(layers, -1)
         layer_biases = torch.unbind(edge_bias, 0)
         layer = 0
         for block in self.blocks:
-            h = block(h, layer_biases[layer], env, self_bias[layer], receivers, senders, row_ptr)
+            # Block `layer` reads the atoms within `layers - layer` hops and updates those within one hop fewer.
+            rows, updated = counts[layers - layer], counts[layers - layer - 1]
+            block_edges = int(row_ptr[updated])
+            block_row_ptr = torch.cat([row_ptr[:updated + 1], row_ptr[updated:updated + 1].expand(rows - updated)])
+            h = block(h, layer_biases[layer][:block_edges], env[:block_edges], self_bias[layer],
+                      receivers[:block_edges], senders[:block_edges], block_row_ptr, updated)
             layer += 1
 
         latent = self.final_norm(h)
-        atom_energy = self.readout(latent).squeeze(-1) * self.energy_scale + self.reference_energy[species]
+        atom_energy = (self.readout(latent).squeeze(-1) * self.energy_scale
+                       + self.reference_energy[species[:counts[0]]])
         energy = torch.zeros(num_structures, dtype=atom_energy.dtype,
-                             device=atom_energy.device).index_add(0, batch, atom_energy)
+                             device=atom_energy.device).index_add(0, batch[:counts[0]], atom_energy)
         energy = energy + self.charge_reference[charge + self.max_abs_charge] + self.spin_reference[spin - 1]
         return {"energy": energy, "atom_energy": atom_energy, "latent": latent}
 
@@ -262,6 +287,32 @@ class TransIP(nn.Module):
                 virial = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device)
                 out["virial"] = virial.index_add(0, batch.index_select(0, receivers), per_edge)
         return out
+
+
+def receptive_order(receivers: torch.Tensor, senders: torch.Tensor, num_atoms: int, num_centres: int,
+                    layers: int) -> Tuple[torch.Tensor, List[int]]:
+    """Which atoms the energies of the first `num_centres` atoms depend on, and in what order to compute them.
+
+    An atom's energy reads the tokens of its neighbours after `layers - 1` blocks, theirs read their
+    neighbours', and the initial tokens sum over neighbours once more: so it depends on atoms up to
+    `layers + 1` edge hops away, and block l is needed only for atoms within `layers - l` hops. Returns the
+    atoms within `layers + 1` hops sorted by hop count (the centres first, in their order) and the counts
+    within 0, 1, ..., layers + 1 hops, the `depth_counts` of `TransIP.energy_from_edges`. Engines with ghost
+    atoms (LAMMPS) pass ghosts out to the receptive field, most of which only feed the outer hops."""
+    unreached = layers + 2
+    depth = torch.full((num_atoms,), unreached, dtype=torch.long, device=receivers.device)
+    depth[:num_centres] = 0
+    for hop in range(1, layers + 2):
+        from_frontier = depth.index_select(0, receivers) == hop - 1
+        reached = torch.zeros(num_atoms, dtype=torch.bool, device=receivers.device)
+        reached[senders[from_frontier]] = True
+        depth = torch.where(reached & (depth > hop), torch.full_like(depth, hop), depth)
+    order = torch.argsort(depth, stable=True)
+    counts = torch.cumsum(torch.bincount(depth, minlength=unreached + 1), 0)
+    depth_counts: List[int] = []
+    for hops in range(layers + 2):
+        depth_counts.append(int(counts[hops]))
+    return order[:depth_counts[layers + 1]], depth_counts
 
 
 class TransformationNetwork(nn.Module):

@@ -1,6 +1,7 @@
 // pair_style transip: see pair_transip.h and docs/lammps.md.
 #include "pair_transip.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -131,39 +132,78 @@ void PairTransIP::coeff(int narg, char **arg) {
 
 void PairTransIP::init_style() {
   if (force->newton_pair == 0) error->all(FLERR, "pair_style transip requires newton on");
-  neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
-  // Local energies depend on atoms out to the receptive field: ghosts must reach that far.
-  if (comm->cutghostuser < receptive_field_) comm->cutghostuser = receptive_field_;
+  fold_images_ = comm->nprocs == 1;
+  if (fold_images_) {
+    if (!atom->tag_enable) error->all(FLERR, "pair_style transip requires atom IDs (atom_modify id yes)");
+    neighbor->add_request(this, NeighConst::REQ_FULL);
+  } else {
+    // Local energies depend on atoms out to the receptive field: ghosts must reach that far, with neighbours.
+    neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
+    if (comm->cutghostuser < receptive_field_) comm->cutghostuser = receptive_field_;
+  }
 }
 
 double PairTransIP::init_one(int, int) { return cutoff_; }
 
-void PairTransIP::compute(int eflag, int vflag) {
-  ev_init(eflag, vflag);
+void PairTransIP::image_graph(Graph &graph) {
   const int nlocal = atom->nlocal;
-  const int ntotal = nlocal + atom->nghost;
   double **x = atom->x;
-  double **f = atom->f;
-  const int *type = atom->type;
-
-  // Edges (receiver i, sender j) within the cutoff, for local and ghost receivers; ghosts are explicit
-  // images, so every periodic shift is zero.
-  std::vector<int64_t> receivers, senders;
+  const tagint *tag = atom->tag;
+  tagint max_tag = 0;
+  for (int i = 0; i < nlocal; ++i) max_tag = std::max(max_tag, tag[i]);
+  owner_of_tag_.assign(max_tag + 1, -1);
+  for (int i = 0; i < nlocal; ++i) owner_of_tag_[tag[i]] = i;
+  graph.atoms = nlocal;
   const double cut2 = cutoff_ * cutoff_;
-  const int rows = list->inum + list->gnum;
-  for (int ii = 0; ii < rows; ++ii) {
+  for (int ii = 0; ii < list->inum; ++ii) {
+    const int i = list->ilist[ii];
+    const int *neighbors = list->firstneigh[i];
+    for (int jj = 0; jj < list->numneigh[i]; ++jj) {
+      const int j = neighbors[jj] & NEIGHMASK;
+      const double d[3] = {x[j][0] - x[i][0], x[j][1] - x[i][1], x[j][2] - x[i][2]};
+      if (d[0] * d[0] + d[1] * d[1] + d[2] * d[2] >= cut2) continue;
+      const int owner = j < nlocal ? j : owner_of_tag_[tag[j]];
+      if (owner < 0) error->one(FLERR, "pair_style transip: ghost atom {} has no local owner on one rank", tag[j]);
+      graph.receivers.push_back(i);
+      graph.senders.push_back(owner);
+      for (int k = 0; k < 3; ++k) graph.shifts.push_back(x[j][k] - x[owner][k]);
+    }
+  }
+}
+
+void PairTransIP::ghost_graph(Graph &graph) {
+  double **x = atom->x;
+  graph.atoms = atom->nlocal + atom->nghost;
+  const double cut2 = cutoff_ * cutoff_;
+  for (int ii = 0; ii < list->inum + list->gnum; ++ii) {
     const int i = list->ilist[ii];
     const int *neighbors = list->firstneigh[i];
     for (int jj = 0; jj < list->numneigh[i]; ++jj) {
       const int j = neighbors[jj] & NEIGHMASK;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
       if (dx * dx + dy * dy + dz * dz < cut2) {
-        receivers.push_back(i);
-        senders.push_back(j);
+        graph.receivers.push_back(i);
+        graph.senders.push_back(j);
       }
     }
   }
-  const int64_t edges = static_cast<int64_t>(receivers.size());
+  graph.shifts.assign(3 * graph.receivers.size(), 0.0);  // ghosts are explicit images
+}
+
+void PairTransIP::compute(int eflag, int vflag) {
+  ev_init(eflag, vflag);
+  const int nlocal = atom->nlocal;
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+
+  Graph graph;
+  if (fold_images_)
+    image_graph(graph);
+  else
+    ghost_graph(graph);
+  const int ntotal = graph.atoms;
+  const int64_t edges = static_cast<int64_t>(graph.receivers.size());
   torch::Tensor positions = torch::empty({ntotal, 3}, torch::kFloat64);
   torch::Tensor numbers = torch::empty({ntotal}, torch::kInt64);
   double *p = positions.data_ptr<double>();
@@ -173,9 +213,9 @@ void PairTransIP::compute(int eflag, int vflag) {
     z[i] = type_number_[type[i]];
   }
   torch::Tensor edge_index = torch::empty({2, edges}, torch::kInt64);
-  std::copy(receivers.begin(), receivers.end(), edge_index.data_ptr<int64_t>());
-  std::copy(senders.begin(), senders.end(), edge_index.data_ptr<int64_t>() + edges);
-  torch::Tensor shifts = torch::zeros({edges, 3}, torch::kFloat64);
+  std::copy(graph.receivers.begin(), graph.receivers.end(), edge_index.data_ptr<int64_t>());
+  std::copy(graph.senders.begin(), graph.senders.end(), edge_index.data_ptr<int64_t>() + edges);
+  torch::Tensor shifts = torch::from_blob(graph.shifts.data(), {edges, 3}, torch::kFloat64);
 
   c10::IValue result;
   try {

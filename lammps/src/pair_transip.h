@@ -3,7 +3,9 @@
 //   pair_style transip model.pt [charge Q] [spin S]
 //   pair_coeff * * El1 El2 ...          (one element per atom type)
 //
-// Requires newton on and a full neighbour list with ghost atoms; ghosts reach the model's receptive field.
+// Requires newton on. On one rank every ghost is a periodic image of a local atom, so the model sees local atoms
+// only, with periodic shifts (the ghost cutoff stays at the model cutoff). On several ranks the model is
+// evaluated on local and ghost atoms, with ghosts out to the model's receptive field.
 // units metal (eV, Angstrom) natively, units real converted (kcal/mol); other unit styles are refused.
 #pragma once
 
@@ -29,6 +31,14 @@ class PairTransIP : public Pair {
  private:
   void allocate();
   void load_model(const std::string &path);
+  // The graph handed to the model: edges (receiver, sender) within the cutoff, over `atoms` LAMMPS atoms.
+  struct Graph {
+    int atoms = 0;
+    std::vector<int64_t> receivers, senders;
+    std::vector<double> shifts;  // (edges, 3) periodic shift of each sender, Angstrom (metal and real alike)
+  };
+  void image_graph(Graph &graph);  // one rank: ghosts folded onto their owners as periodic shifts
+  void ghost_graph(Graph &graph);  // several ranks: local and ghost receivers, no shifts
 
   torch::jit::Module model_;
   std::string model_path_;
@@ -40,6 +50,8 @@ class PairTransIP : public Pair {
   int64_t charge_ = 0;
   int64_t spin_ = 1;
   double energy_scale_ = 1.0;  // eV -> the unit style's energy unit
+  bool fold_images_ = false;   // set by init_style: one rank
+  std::vector<int> owner_of_tag_;
 };
 
 }  // namespace LAMMPS_NS
