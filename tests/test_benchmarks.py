@@ -47,4 +47,5 @@ def test_openmm_overhead_benchmark_smoke(tmp_path):
 @pytest.mark.slow
 def test_lammps_overhead_benchmark_smoke(tmp_path):
     rows = run_smoke("lammps_overhead", tmp_path)[0]["rows"]
-    assert [r["ranks"] for r in rows] == [1, 2] and all(r["lammps_step_ms"] > 0 for r in rows)
+    assert [(r["atoms"], r["ranks"]) for r in rows] == [(21, 1), (21, 2), (384, 1), (384, 2)]
+    assert all(r["lammps_step_ms"] > 0 and r["artifact_ms"] > 0 for r in rows)

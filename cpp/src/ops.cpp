@@ -35,6 +35,19 @@
 
 namespace transip {
 
+// glibc returns every block above 32 MB to the system when it is freed, so each evaluation of a large
+// system pays page faults again for all its big tensors (measured: a third of the time at 100 000 atoms
+// on this project's machines). Keeping freed memory in the heap makes later evaluations reuse it. Opt-in,
+// since it changes the process's allocator: MD drivers call it once.
+bool keep_freed_memory() {
+#if defined(__GLIBC__)
+  return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max()) == 1;
+#else
+  return false;
+#endif
+}
+std::string version() { return TRANSIP_VERSION; }
+
 namespace {
 
 using at::Tensor;
@@ -58,18 +71,6 @@ bool use_avx512() {
 
 std::string isa() { return use_avx512() ? "avx512" : "generic"; }
 
-// glibc returns every block above 32 MB to the system when it is freed, so each evaluation of a large
-// system pays page faults again for all its big tensors (measured: a third of the time at 100 000 atoms
-// on this project's machines). Keeping freed memory in the heap makes later evaluations reuse it. Opt-in,
-// since it changes the process's allocator: MD drivers call it once.
-bool keep_freed_memory() {
-#if defined(__GLIBC__)
-  return mallopt(M_MMAP_MAX, 0) == 1 && mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max()) == 1;
-#else
-  return false;
-#endif
-}
-std::string version() { return TRANSIP_VERSION; }
 
 void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
                             const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
@@ -495,5 +496,4 @@ TORCH_LIBRARY_IMPL(transip, Autograd, m) {
 
 namespace transip {
 std::string library_marker() { return "libtransip_ops " TRANSIP_VERSION; }
-std::string library_version() { return TRANSIP_VERSION; }
 }  // namespace transip

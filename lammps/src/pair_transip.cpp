@@ -20,7 +20,8 @@ using namespace LAMMPS_NS;
 
 namespace transip {
 std::string library_marker();  // from libtransip_ops: linking it registers the native ops the model calls
-std::string library_version();
+std::string version();      // of the native ops, as recorded in artifacts
+bool keep_freed_memory();  // see cpp/src/ops.cpp
 }
 
 namespace {
@@ -64,7 +65,7 @@ void PairTransIP::load_model(const std::string &path) {
     what = what.substr(0, what.find('\n'));
     if (what.find("Unknown builtin op") != std::string::npos)
       error->all(FLERR, "pair_style transip: model file {} calls a native op that this plugin's libtransip_ops {} "
-                 "does not have ({}); export the model again with this transip", path, transip::library_version(),
+                 "does not have ({}); export the model again with this transip", path, transip::version(),
                  what);
     error->all(FLERR, "pair_style transip: cannot load model file {}: {} (a corrupt or truncated file must be "
                "exported again with transip export)", path, what);
@@ -74,10 +75,10 @@ void PairTransIP::load_model(const std::string &path) {
     error->all(FLERR, "pair_style transip: {} has no TransIP metadata; export the model with `transip export`", path);
   // Native ops are versioned: the artifact records the version it was exported with (empty for reference kernels).
   const std::string ops_version = transip::metadata_value(json, "version");
-  if (!ops_version.empty() && ops_version != "null" && ops_version != transip::library_version())
+  if (!ops_version.empty() && ops_version != "null" && ops_version != transip::version())
     error->all(FLERR, "pair_style transip: {} was exported with TransIP native ops {}, but this plugin has "
                "libtransip_ops {}; export the model again with this transip", path, ops_version,
-               transip::library_version());
+               transip::version());
   if (std::stoi(transip::metadata_value(json, "format_version")) > 1)
     error->all(FLERR, "pair_style transip: {} has format version {}, newer than this plugin reads (1)", path,
                transip::metadata_value(json, "format_version"));
@@ -111,6 +112,7 @@ void PairTransIP::settings(int narg, char **arg) {
       error->all(FLERR, "pair_style transip: unknown option {} (expected charge or spin)", key);
   }
   load_model(model_path_);
+  transip::keep_freed_memory();  // an MD run evaluates the same sizes every step (docs/native_ops.md)
   if (comm->me == 0)
     utils::logmesg(lmp, "pair_style transip: {} (cutoff {} A, receptive field {} A, {}), {}\n", model_path_, cutoff_,
                    receptive_field_, float64_ ? "float64" : "float32", transip::library_marker());
@@ -177,10 +179,16 @@ void PairTransIP::image_graph(Graph &graph) {
       if (d[0] * d[0] + d[1] * d[1] + d[2] * d[2] >= cut2) continue;
       const int owner = j < nlocal ? j : owner_of_tag_[tag[j]];
       if (owner < 0) error->one(FLERR, "pair_style transip: ghost atom {} has no local owner on one rank", tag[j]);
+      row_.emplace_back(owner, j);
+    }
+    // Senders in atom order: the model gathers their rows, and neighbouring rows share cache lines.
+    std::sort(row_.begin(), row_.end());
+    for (const auto &[owner, j] : row_) {
       graph.receivers.push_back(i);
       graph.senders.push_back(owner);
       for (int k = 0; k < 3; ++k) graph.shifts.push_back(x[j][k] - x[owner][k]);
     }
+    row_.clear();
   }
 }
 

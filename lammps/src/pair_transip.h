@@ -52,6 +52,7 @@ class PairTransIP : public Pair {
   double energy_scale_ = 1.0;  // eV -> the unit style's energy unit
   bool fold_images_ = false;   // set by init_style: one rank
   std::vector<int> owner_of_tag_;
+  std::vector<std::pair<int, int>> row_;  // (owner, LAMMPS index) of one receiver's neighbours
 };
 
 }  // namespace LAMMPS_NS
