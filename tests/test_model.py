@@ -178,3 +178,45 @@ def test_scripted_model_matches_eager(model):
     b = evaluate_batch(scripted, batch)
     torch.testing.assert_close(a["energy"], b["energy"], rtol=0, atol=1e-12)
     torch.testing.assert_close(a["forces"], b["forces"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "fused"])
+def test_receptive_order_prunes_exactly(kernel):
+    """A chain of atoms 5 A apart (cutoff 6: nearest neighbours only) seen from its first atom: with 2 blocks the
+    first atom's energy depends on atoms up to 3 hops away, block 1 on atoms within 2 hops, block 2 on 1 hop.
+    The pruned evaluation gives the full evaluation's energy for that atom and the same forces."""
+    from transip import native
+    from transip.model import receptive_order
+
+    if kernel == "fused" and not native.available():
+        pytest.skip("native library not built")
+    torch.manual_seed(0)
+    net = TransIP(ModelConfig(elements=[1, 6], num_layers=2), kernel=kernel).double()
+    n = 9
+    positions = torch.zeros(n, 3, dtype=torch.float64)
+    positions[:, 0] = 5.0 * torch.arange(n) + 0.1 * torch.randn(n, dtype=torch.float64)
+    positions[:, 1] = 0.3 * torch.randn(n, dtype=torch.float64)
+    numbers = torch.tensor([6, 1] * 4 + [6])
+    edge_index, _ = structure_neighbors(positions, 6.0)
+    kept, counts = receptive_order(edge_index[0], edge_index[1], n, 1, 2)
+    assert counts == [1, 2, 3, 4] and kept.tolist() == [0, 1, 2, 3]
+
+    def first_atom_energy(depth_counts, keep):
+        index = torch.full((n,), -1, dtype=torch.long)
+        index[keep] = torch.arange(len(keep))
+        r, s = index[edge_index[0]], index[edge_index[1]]
+        needed = (r >= 0) & (s >= 0) & (r < (depth_counts[2] if depth_counts else n))
+        r, s = r[needed], s[needed]
+        x = positions[keep].clone().requires_grad_(True)
+        vectors = x[s] - x[r]
+        out = net.energy_from_edges(vectors, numbers[keep], torch.tensor([0]), torch.tensor([1]),
+                                    torch.zeros(len(keep), dtype=torch.long), r, s, 1, depth_counts)
+        energy = out["atom_energy"][0]
+        return energy.detach(), torch.autograd.grad(energy, x)[0], out["atom_energy"].shape[0]
+
+    full_energy, full_grad, full_rows = first_atom_energy(None, torch.arange(n))
+    pruned_energy, pruned_grad, pruned_rows = first_atom_energy(counts, kept)
+    assert full_rows == n and pruned_rows == 1
+    torch.testing.assert_close(pruned_energy, full_energy, rtol=1e-12, atol=0)
+    torch.testing.assert_close(pruned_grad, full_grad[:4], rtol=0, atol=1e-12)
+    assert full_grad[4:].abs().max() == 0  # the pruned atoms indeed do not matter
