@@ -49,3 +49,30 @@ def test_lammps_overhead_benchmark_smoke(tmp_path):
     rows = run_smoke("lammps_overhead", tmp_path)[0]["rows"]
     assert [(r["atoms"], r["ranks"]) for r in rows] == [(21, 1), (21, 2), (384, 1), (384, 2)]
     assert all(r["lammps_step_ms"] > 0 and r["artifact_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_accuracy_study_smoke(tmp_path):
+    """The whole study pipeline at toy size: TransIP's three objectives and MACE through its own training
+    command, evaluation on both held-out splits, equivariance, timing, NVE stability, report files; then a
+    rerun that finds every cell done and retrains nothing."""
+    pytest.importorskip("mace")
+    command = [sys.executable, str(ROOT / "benchmarks" / "accuracy_study.py"), "--config",
+               str(ROOT / "configs" / "accuracy_study_smoke.json"), "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "study.json").read_text())["rows"]
+    assert {(r["method"], r["train_size"]) for r in rows} == {
+        (m, n) for m in ("transip", "augment", "none", "mace") for n in (16, 160)}
+    for r in rows:
+        for split in ("test_frames", "test_molecules"):
+            assert 0 < r[f"{split}.force_mae"] < 10 and -1 <= r[f"{split}.force_cosine"] <= 1
+        assert r["ms_per_structure"] > 0 and r["md_stable"] in (0, 1)
+        rotation_error = r["test_frames.equivariance_force_relative"]
+        # MACE is equivariant by construction; a barely trained TransIP is not
+        assert rotation_error < 1e-6 if r["method"] == "mace" else rotation_error > 1e-4
+    assert (tmp_path / "study.png").stat().st_size > 10_000 and (tmp_path / "study.csv").exists()
+    stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*/*/result.json")}
+    assert len(stamps) == 8
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps

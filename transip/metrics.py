@@ -40,9 +40,10 @@ def predict(model, structures: Sequence[Structure], batch_size: int = 32, comput
     return result
 
 
-def accuracy(model, structures: Sequence[Structure], batch_size: int = 32) -> Dict[str, float]:
-    """Energy MAE (eV and eV/atom), force MAE (eV/A, per component), mean force cosine similarity."""
-    pred = predict(model, structures, batch_size)
+def accuracy(model, structures: Sequence[Structure], batch_size: int = 32, predictor=None) -> Dict[str, float]:
+    """Energy MAE (eV and eV/atom), force MAE (eV/A, per component), mean force cosine similarity. `predictor`
+    (structures -> {"energy", "forces"} like `predict`) evaluates another kind of model (e.g. a baseline)."""
+    pred = predictor(structures) if predictor is not None else predict(model, structures, batch_size)
     n_atoms = np.array([len(s.numbers) for s in structures])
     e_err = np.abs(pred["energy"] - np.array([s.energy for s in structures]))
     f_pred = np.concatenate(pred["forces"])
@@ -56,17 +57,20 @@ def accuracy(model, structures: Sequence[Structure], batch_size: int = 32) -> Di
 
 
 def equivariance_error(model, structures: Sequence[Structure], num_rotations: int = 8, seed: int = 0,
-                       batch_size: int = 32) -> Dict[str, float]:
+                       batch_size: int = 32, predictor=None) -> Dict[str, float]:
     """For random rotations R: |E(Rx) - E(x)| (eV and eV/atom) and |F(Rx) - R F(x)| / |F(x)| per structure."""
     generator = torch.Generator().manual_seed(seed)
-    base = predict(model, structures, batch_size)
+    if predictor is None:
+        def predictor(chosen):
+            return predict(model, chosen, batch_size)
+    base = predictor(structures)
     n_atoms = np.array([len(s.numbers) for s in structures])
     e_err: List[np.ndarray] = []
     f_err: List[float] = []
     for _ in range(num_rotations):
         rotation = random_rotation(generator).numpy()
         rotated = [rotate_structure(s, rotation) for s in structures]
-        pred = predict(model, rotated, batch_size)
+        pred = predictor(rotated)
         e_err.append(np.abs(pred["energy"] - base["energy"]))
         for f_rot, f0 in zip(pred["forces"], base["forces"]):
             f_err.append(np.linalg.norm(f_rot - f0 @ rotation.T) / max(np.linalg.norm(f0), 1e-12))

@@ -67,6 +67,14 @@ class TrainConfig:
             raise ValueError("batch_size and epochs must be at least 1")
 
 
+def training_subset(train: Sequence[int], size: Optional[int], seed: int) -> List[int]:
+    """The training-set indices a run with `max_train_structures=size` and `seed` uses: a seeded subset of the
+    train split (all of it when size is None), in dataset order."""
+    if size is None:
+        return list(train)
+    return sorted(train[i] for i in np.random.default_rng(seed).permutation(len(train))[:size])
+
+
 def fit_reference_energies(model: TransIP, structures: Sequence[Structure]) -> None:
     """Least-squares per-element energies plus per-charge and per-spin offsets; the residual force RMS sets
     the scale of the learned part."""
@@ -130,10 +138,7 @@ class Trainer:
                                     config.val_fraction, config.test_frame_fraction)
         if not self.splits["train"]:
             raise ValueError(f"dataset {config.data}: the training split is empty ({len(structures)} structures)")
-        train = self.splits["train"]
-        if config.max_train_structures is not None:
-            subset = np.random.default_rng(config.seed).permutation(len(train))[:config.max_train_structures]
-            train = sorted(train[i] for i in subset)
+        train = training_subset(self.splits["train"], config.max_train_structures, config.seed)
         self.train_set = [structures[i] for i in train]
         val = self.splits["val"] or self.splits["test_frames"]
         val_pick = np.random.default_rng(config.seed + 1).permutation(len(val))[:config.val_structures]
