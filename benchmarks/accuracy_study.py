@@ -312,7 +312,9 @@ def main(argv=None) -> int:
         config["output"] = str(args.output.resolve())
     from tqdm import tqdm
 
-    cells = [(m, n, s) for n in config["train_sizes"] for s in config["seeds"] for m in config["methods"]]
+    # Longest first (MACE, then the largest sets) so that the last cells running in parallel end together.
+    cells = sorted([(m, n, s) for n in config["train_sizes"] for s in config["seeds"] for m in config["methods"]],
+                   key=lambda cell: (cell[0] != "mace", -cell[1], cell[2]))
     results = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_cell, config, *cell): cell for cell in cells}
