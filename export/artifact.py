@@ -34,7 +34,7 @@ from torch import nn
 
 from transip import __version__, native
 from transip.checkpoint import load_checkpoint, model_from_checkpoint
-from transip.model import ELEMENT_SYMBOLS, TransIP, receptive_order
+from transip.model import ELEMENT_SYMBOLS, TransIP, csr_row_ptr, receptive_order
 from transip.neighbors import reference_neighbors
 
 FORMAT = "transip-artifact"
@@ -128,8 +128,7 @@ class TransIPArtifact(nn.Module):
         atom_energies = out["atom_energy"]
         energy = atom_energies.sum()
         if include_offsets:
-            energy = (energy + self.model.charge_reference[charge + self.max_abs_charge]
-                      + self.model.spin_reference[spin - 1])
+            energy = energy + self.energy_offset(charge, spin)
         grads = torch.autograd.grad([energy], [edge_vectors], allow_unused=True)
         g = grads[0]
         if g is None:
@@ -146,6 +145,42 @@ class TransIPArtifact(nn.Module):
             result["atom_virial"] = torch.zeros(n, 3, 3, dtype=g.dtype).index_add(0, kept[receivers], half).index_add(
                 0, kept[senders], half)
         return result
+
+
+    # ---------------------------------------------------------------- halo exchange, block by block
+    # For engines that exchange each block's tokens between domains (LAMMPS on several ranks) instead of
+    # carrying ghosts out to the receptive field: ghosts then only need to reach one cutoff. The engine calls
+    # halo_tokens once, halo_block for each of `num_layers` blocks (with the ghosts' tokens from their owners
+    # appended to its local tokens), halo_energies at the end, and differentiates back through the same calls
+    # (docs/artifact.md has the recipe, lammps/src/pair_transip.cpp an implementation).
+
+    @torch.jit.export
+    def energy_offset(self, charge: int = 0, spin: int = 1) -> torch.Tensor:
+        """The structure's energy offset for its total charge and spin (add it once per structure)."""
+        return self.model.charge_reference[charge + self.max_abs_charge] + self.model.spin_reference[spin - 1]
+
+    @torch.jit.export
+    def halo_tokens(self, edge_vectors: torch.Tensor, numbers: torch.Tensor, receivers: torch.Tensor,
+                    senders: torch.Tensor, num_local: int, charge: int = 0,
+                    spin: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Initial tokens of the local atoms (num_local, d), attention biases of every block (layers, E, heads)
+        and envelope (E,). Edges: local receivers, grouped by receiver; senders local or ghost; `numbers`
+        covers local atoms then ghosts; `edge_vectors` = x_sender - x_receiver."""
+        species = self.model.species(numbers)
+        return self.model.initial_tokens(edge_vectors, receivers, senders, species, torch.tensor([charge]),
+                                         torch.tensor([spin]), torch.zeros(num_local, dtype=torch.long), num_local)
+
+    @torch.jit.export
+    def halo_block(self, layer: int, tokens: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,
+                   receivers: torch.Tensor, senders: torch.Tensor, num_local: int) -> torch.Tensor:
+        """Block `layer` on tokens of local atoms then ghosts (N, d); returns the local atoms' new tokens."""
+        row_ptr = csr_row_ptr(receivers, tokens.shape[0])
+        return self.model.apply_block(layer, tokens, bias, envelope, receivers, senders, row_ptr, num_local)
+
+    @torch.jit.export
+    def halo_energies(self, tokens: torch.Tensor, numbers: torch.Tensor) -> torch.Tensor:
+        """Per-atom energies of the local atoms from the last block's tokens."""
+        return self.model.atom_energies(tokens, self.model.species(numbers))[0]
 
 
 def build_metadata(payload: dict, model: TransIP, dtype: str, kernel: str, checkpoint: Path) -> dict:
@@ -171,7 +206,8 @@ def build_metadata(payload: dict, model: TransIP, dtype: str, kernel: str, check
                         "max_multiplicity": int(config.max_multiplicity)},
         "native_ops": ({"library": "transip", "version": native.version(), "ops": FUSED_OPS}
                        if kernel == "fused" else None),
-        "methods": ["compute", "compute_with_neighbors"],
+        "methods": ["compute", "compute_with_neighbors", "energy_offset", "halo_tokens", "halo_block",
+                    "halo_energies"],
         "model_config": {k: v for k, v in config.__dict__.items()},
         "provenance": {**(payload.get("provenance") or {}), "checkpoint": checkpoint.name,
                        "epoch": payload.get("epoch"), "step": payload.get("step")},

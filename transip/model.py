@@ -192,6 +192,43 @@ class TransIP(nn.Module):
             raise ValueError("element with atomic number " + str(bad) + " is not known to this model")
         return species
 
+    def initial_tokens(self, edge_vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
+                       species: torch.Tensor, charge: torch.Tensor, spin: torch.Tensor, token_batch: torch.Tensor,
+                       num_tokens: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Initial tokens (num_tokens, d) of the first `num_tokens` atoms, and the per-edge work of every block:
+        attention biases (layers, E, heads) and envelope (E,). Every receiver must be below `num_tokens`;
+        senders index `species` (which may hold more atoms, e.g. ghosts)."""
+        if bool((charge.abs() > self.max_abs_charge).any()):
+            raise ValueError("total charge outside the model's range +-" + str(self.max_abs_charge))
+        if bool((spin < 1).any()) or bool((spin > self.max_multiplicity).any()):
+            raise ValueError("spin multiplicity outside the model's range 1.." + str(self.max_multiplicity))
+        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
+        bias_weight, bias_offset = self.bias_parameters()
+        edge_bias, messages, env = self.edge_encoder(
+            edge_vectors, receivers, senders, species, num_tokens, self.rbf_centers, self.rbf_width, self.cutoff,
+            first.weight, first.bias, second.weight, second.bias, bias_weight, bias_offset, len(self.blocks),
+            self.edge_message.weight, self.edge_message.bias, self.neighbor_element_embedding.weight)
+        h = (self.element_embedding(species[:num_tokens])
+             + self.charge_embedding(charge + self.max_abs_charge)[token_batch]
+             + self.spin_embedding(spin - 1)[token_batch] + messages / self.avg_num_neighbors)
+        return h, edge_bias, env
+
+    def apply_block(self, layer: int, h: torch.Tensor, bias: torch.Tensor, env: torch.Tensor,
+                    receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor,
+                    num_updated: int) -> torch.Tensor:
+        """Block number `layer` (see AttentionBlock.forward); every atom also attends to itself (zero
+        displacement, envelope 1)."""
+        self_bias = self.self_edge_bias(h.dtype, h.device).view(len(self.blocks), -1)
+        for index, block in enumerate(self.blocks):
+            if index == layer:
+                h = block(h, bias, env, self_bias[layer], receivers, senders, row_ptr, num_updated)
+        return h
+
+    def atom_energies(self, h: torch.Tensor, species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom energies and latent vectors from the last block's tokens."""
+        latent = self.final_norm(h)
+        return self.readout(latent).squeeze(-1) * self.energy_scale + self.reference_energy[species], latent
+
     def energy_from_edges(self, edge_vectors: torch.Tensor, numbers: torch.Tensor, charge: torch.Tensor,
                           spin: torch.Tensor, batch: torch.Tensor, receivers: torch.Tensor,
                           senders: torch.Tensor, num_structures: int,
@@ -209,50 +246,28 @@ class TransIP(nn.Module):
         if len(counts) != layers + 2 or counts[layers + 1] != n:
             raise ValueError("depth_counts must have layers + 2 entries ending with the number of atoms")
         species = self.species(numbers)
-        if bool((charge.abs() > self.max_abs_charge).any()):
-            raise ValueError("total charge outside the model's range +-" + str(self.max_abs_charge))
-        if bool((spin < 1).any()) or bool((spin > self.max_multiplicity).any()):
-            raise ValueError("spin multiplicity outside the model's range 1.." + str(self.max_multiplicity))
         # Edges grouped by receiver (CSR), as the fused attention reads them; neighbour lists from
         # transip.neighbors already are, engines' lists may not be.
         if receivers.numel() > 1 and not bool((receivers[1:] >= receivers[:-1]).all()):
             order = torch.argsort(receivers, stable=True)
             edge_vectors, receivers, senders = edge_vectors[order], receivers[order], senders[order]
-        row_ptr = torch.zeros(n + 1, dtype=torch.long, device=receivers.device)
-        row_ptr[1:] = torch.cumsum(torch.bincount(receivers, minlength=n), 0)
+        row_ptr = csr_row_ptr(receivers, n)
 
-        # Per-edge work (kernels.py): attention biases of every block, neighbour messages, envelope; only for
-        # the edges of atoms whose initial token is needed (a prefix, as edges are grouped by receiver).
+        # Initial tokens only for the atoms that need them: their edges are a prefix, as edges are grouped.
         tokens = counts[layers]
         edges = int(row_ptr[tokens])
         edge_vectors, receivers, senders = edge_vectors[:edges], receivers[:edges], senders[:edges]
-        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
-        bias_weight, bias_offset = self.bias_parameters()
-        edge_bias, messages, env = self.edge_encoder(
-            edge_vectors, receivers, senders, species, tokens, self.rbf_centers, self.rbf_width, self.cutoff,
-            first.weight, first.bias, second.weight, second.bias, bias_weight, bias_offset, layers,
-            self.edge_message.weight, self.edge_message.bias, self.neighbor_element_embedding.weight)
-
-        token_batch = batch[:tokens]
-        h = (self.element_embedding(species[:tokens]) + self.charge_embedding(charge + self.max_abs_charge)[token_batch]
-             + self.spin_embedding(spin - 1)[token_batch] + messages / self.avg_num_neighbors)
-
-        # Every atom also attends to itself (zero displacement, envelope 1).
-        self_bias = self.self_edge_bias(edge_vectors.dtype, edge_vectors.device).view(layers, -1)
-        layer_biases = torch.unbind(edge_bias, 0)
-        layer = 0
-        for block in self.blocks:
+        h, edge_bias, env = self.initial_tokens(edge_vectors, receivers, senders, species, charge, spin,
+                                                batch[:tokens], tokens)
+        for layer in range(layers):
             # Block `layer` reads the atoms within `layers - layer` hops and updates those within one hop fewer.
             rows, updated = counts[layers - layer], counts[layers - layer - 1]
             block_edges = int(row_ptr[updated])
             block_row_ptr = torch.cat([row_ptr[:updated + 1], row_ptr[updated:updated + 1].expand(rows - updated)])
-            h = block(h, layer_biases[layer][:block_edges], env[:block_edges], self_bias[layer],
-                      receivers[:block_edges], senders[:block_edges], block_row_ptr, updated)
-            layer += 1
+            h = self.apply_block(layer, h, edge_bias[layer, :block_edges], env[:block_edges],
+                                 receivers[:block_edges], senders[:block_edges], block_row_ptr, updated)
 
-        latent = self.final_norm(h)
-        atom_energy = (self.readout(latent).squeeze(-1) * self.energy_scale
-                       + self.reference_energy[species[:counts[0]]])
+        atom_energy, latent = self.atom_energies(h, species[:counts[0]])
         energy = torch.zeros(num_structures, dtype=atom_energy.dtype,
                              device=atom_energy.device).index_add(0, batch[:counts[0]], atom_energy)
         energy = energy + self.charge_reference[charge + self.max_abs_charge] + self.spin_reference[spin - 1]
@@ -287,6 +302,13 @@ class TransIP(nn.Module):
                 virial = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device)
                 out["virial"] = virial.index_add(0, batch.index_select(0, receivers), per_edge)
         return out
+
+
+def csr_row_ptr(receivers: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Row offsets (num_rows + 1) of edges grouped by receiver."""
+    row_ptr = torch.zeros(num_rows + 1, dtype=torch.long, device=receivers.device)
+    row_ptr[1:] = torch.cumsum(torch.bincount(receivers, minlength=num_rows), 0)
+    return row_ptr
 
 
 def receptive_order(receivers: torch.Tensor, senders: torch.Tensor, num_atoms: int, num_centres: int,

@@ -84,6 +84,13 @@ void PairTransIP::load_model(const std::string &path) {
                transip::metadata_value(json, "format_version"));
   cutoff_ = std::stod(transip::metadata_value(json, "cutoff"));
   receptive_field_ = std::stod(transip::metadata_value(json, "receptive_field"));
+  num_layers_ = std::stoi(transip::metadata_value(json, "num_layers"));
+  token_width_ = std::stoi(transip::metadata_value(json, "d_model"));
+  for (const char *method : {"halo_tokens", "halo_block", "halo_energies", "energy_offset"})
+    if (!model_.find_method(method))
+      error->all(FLERR, "pair_style transip: {} has no method {}: it was exported by an older transip; export "
+                 "it again with this one", path, method);
+  comm_forward = comm_reverse = token_width_;  // one token per atom travels between ranks
   float64_ = transip::metadata_value(json, "dtype") == "float64";
   model_elements_.clear();
   std::istringstream numbers(transip::metadata_value(json, "atomic_numbers"));
@@ -147,139 +154,207 @@ void PairTransIP::coeff(int narg, char **arg) {
 
 void PairTransIP::init_style() {
   if (force->newton_pair == 0) error->all(FLERR, "pair_style transip requires newton on");
+  if (!atom->tag_enable) error->all(FLERR, "pair_style transip requires atom IDs (atom_modify id yes)");
   fold_images_ = comm->nprocs == 1;
-  if (fold_images_) {
-    if (!atom->tag_enable) error->all(FLERR, "pair_style transip requires atom IDs (atom_modify id yes)");
-    neighbor->add_request(this, NeighConst::REQ_FULL);
-  } else {
-    // Local energies depend on atoms out to the receptive field: ghosts must reach that far, with neighbours.
-    neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
-    if (comm->cutghostuser < receptive_field_) comm->cutghostuser = receptive_field_;
-  }
+  // Ghosts only need to reach one cutoff: on several ranks the tokens of each block travel between ranks.
+  neighbor->add_request(this, NeighConst::REQ_FULL);
 }
 
 double PairTransIP::init_one(int, int) { return cutoff_; }
 
-void PairTransIP::image_graph(Graph &graph) {
+void PairTransIP::build_graph() {
   const int nlocal = atom->nlocal;
   double **x = atom->x;
   const tagint *tag = atom->tag;
-  tagint max_tag = 0;
-  for (int i = 0; i < nlocal; ++i) max_tag = std::max(max_tag, tag[i]);
-  owner_of_tag_.assign(max_tag + 1, -1);
-  for (int i = 0; i < nlocal; ++i) owner_of_tag_[tag[i]] = i;
-  graph.atoms = nlocal;
+  if (fold_images_) {
+    tagint max_tag = 0;
+    for (int i = 0; i < nlocal; ++i) max_tag = std::max(max_tag, tag[i]);
+    owner_of_tag_.assign(max_tag + 1, -1);
+    for (int i = 0; i < nlocal; ++i) owner_of_tag_[tag[i]] = i;
+  }
+  graph_.atoms = fold_images_ ? nlocal : nlocal + atom->nghost;
+  graph_.receivers.clear();
+  graph_.senders.clear();
+  graph_.vectors.clear();
   const double cut2 = cutoff_ * cutoff_;
-  for (int ii = 0; ii < list->inum; ++ii) {
-    const int i = list->ilist[ii];
+  for (int i = 0; i < nlocal; ++i) {  // receivers in atom order: the model reads edges as CSR rows
     const int *neighbors = list->firstneigh[i];
     for (int jj = 0; jj < list->numneigh[i]; ++jj) {
       const int j = neighbors[jj] & NEIGHMASK;
       const double d[3] = {x[j][0] - x[i][0], x[j][1] - x[i][1], x[j][2] - x[i][2]};
       if (d[0] * d[0] + d[1] * d[1] + d[2] * d[2] >= cut2) continue;
-      const int owner = j < nlocal ? j : owner_of_tag_[tag[j]];
-      if (owner < 0) error->one(FLERR, "pair_style transip: ghost atom {} has no local owner on one rank", tag[j]);
-      row_.emplace_back(owner, j);
+      int sender = j;
+      if (fold_images_ && j >= nlocal) {
+        sender = owner_of_tag_[tag[j]];
+        if (sender < 0) error->one(FLERR, "pair_style transip: ghost atom {} has no local owner on one rank", tag[j]);
+      }
+      row_.emplace_back(sender, j);
     }
     // Senders in atom order: the model gathers their rows, and neighbouring rows share cache lines.
     std::sort(row_.begin(), row_.end());
-    for (const auto &[owner, j] : row_) {
-      graph.receivers.push_back(i);
-      graph.senders.push_back(owner);
-      for (int k = 0; k < 3; ++k) graph.shifts.push_back(x[j][k] - x[owner][k]);
+    for (const auto &[sender, j] : row_) {
+      graph_.receivers.push_back(i);
+      graph_.senders.push_back(sender);
+      for (int k = 0; k < 3; ++k) graph_.vectors.push_back(x[j][k] - x[i][k]);
     }
     row_.clear();
   }
 }
 
-void PairTransIP::ghost_graph(Graph &graph) {
-  double **x = atom->x;
-  graph.atoms = atom->nlocal + atom->nghost;
-  const double cut2 = cutoff_ * cutoff_;
-  for (int ii = 0; ii < list->inum + list->gnum; ++ii) {
-    const int i = list->ilist[ii];
-    const int *neighbors = list->firstneigh[i];
-    for (int jj = 0; jj < list->numneigh[i]; ++jj) {
-      const int j = neighbors[jj] & NEIGHMASK;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz < cut2) {
-        graph.receivers.push_back(i);
-        graph.senders.push_back(j);
-      }
-    }
+// ------------------------------------------------------------------------------ tokens between ranks
+torch::Tensor PairTransIP::ghost_tokens(const torch::Tensor &local) {
+  const int nlocal = atom->nlocal, nghost = graph_.atoms - nlocal;
+  if (fold_images_) return torch::empty({0, token_width_}, local.options());
+  tokens_.resize(static_cast<size_t>(graph_.atoms) * token_width_);
+  const torch::Tensor values = local.detach().to(torch::kFloat64).contiguous();
+  std::copy(values.data_ptr<double>(), values.data_ptr<double>() + values.numel(), tokens_.begin());
+  comm->forward_comm(this);
+  return torch::from_blob(tokens_.data() + static_cast<size_t>(nlocal) * token_width_, {nghost, token_width_},
+                          torch::kFloat64).to(local.scalar_type());
+}
+
+torch::Tensor PairTransIP::sum_onto_owners(const torch::Tensor &local_grad, const torch::Tensor &ghost_grad) {
+  if (fold_images_) return local_grad;
+  const int nlocal = atom->nlocal;
+  token_grads_.assign(static_cast<size_t>(graph_.atoms) * token_width_, 0.0);
+  if (ghost_grad.defined() && ghost_grad.numel() > 0) {
+    const torch::Tensor values = ghost_grad.to(torch::kFloat64).contiguous();
+    std::copy(values.data_ptr<double>(), values.data_ptr<double>() + values.numel(),
+              token_grads_.begin() + static_cast<size_t>(nlocal) * token_width_);
   }
-  graph.shifts.assign(3 * graph.receivers.size(), 0.0);  // ghosts are explicit images
+  comm->reverse_comm(this);
+  return local_grad + torch::from_blob(token_grads_.data(), {nlocal, token_width_}, torch::kFloat64)
+                          .to(local_grad.scalar_type());
+}
+
+int PairTransIP::pack_forward_comm(int n, int *list_, double *buf, int, int *) {
+  for (int i = 0; i < n; ++i)
+    std::copy_n(tokens_.data() + static_cast<size_t>(list_[i]) * token_width_, token_width_, buf + i * token_width_);
+  return n * token_width_;
+}
+
+void PairTransIP::unpack_forward_comm(int n, int first, double *buf) {
+  std::copy_n(buf, n * token_width_, tokens_.data() + static_cast<size_t>(first) * token_width_);
+}
+
+int PairTransIP::pack_reverse_comm(int n, int first, double *buf) {
+  std::copy_n(token_grads_.data() + static_cast<size_t>(first) * token_width_, n * token_width_, buf);
+  return n * token_width_;
+}
+
+void PairTransIP::unpack_reverse_comm(int n, int *list_, double *buf) {
+  for (int i = 0; i < n; ++i) {
+    double *row = token_grads_.data() + static_cast<size_t>(list_[i]) * token_width_;
+    for (int k = 0; k < token_width_; ++k) row[k] += buf[i * token_width_ + k];
+  }
+}
+
+// ------------------------------------------------------------------------------------- evaluation
+// The artifact's halo methods, block by block (docs/artifact.md). Each block's inputs are fresh leaves, so the
+// backward runs block by block too, and the gradient that reaches a ghost's token goes back to its owner
+// before the owner's previous block is differentiated.
+PairTransIP::Result PairTransIP::evaluate(const torch::Tensor &vectors, const torch::Tensor &numbers,
+                                          const torch::Tensor &receivers, const torch::Tensor &senders) {
+  const int64_t nlocal = atom->nlocal;
+  const auto tokens = model_.get_method("halo_tokens")({vectors, numbers, receivers, senders, nlocal, charge_, spin_})
+                          .toTuple()->elements();
+  const torch::Tensor h0 = tokens[0].toTensor(), bias = tokens[1].toTensor(), env = tokens[2].toTensor();
+  const torch::Tensor bias_leaf = bias.detach().requires_grad_(true), env_leaf = env.detach().requires_grad_(true);
+  std::vector<torch::Tensor> local_in, ghost_in, out;
+  torch::Tensor h = h0;
+  for (int64_t layer = 0; layer < num_layers_; ++layer) {
+    local_in.push_back(h.detach().requires_grad_(true));
+    ghost_in.push_back(ghost_tokens(local_in.back()).requires_grad_(true));
+    const torch::Tensor all = torch::cat({local_in.back(), ghost_in.back()});
+    h = model_.get_method("halo_block")({layer, all, bias_leaf[layer], env_leaf, receivers, senders, nlocal})
+            .toTensor();
+    out.push_back(h);
+  }
+  const torch::Tensor last = h.detach().requires_grad_(true);
+  Result result;
+  result.atom_energies = model_.get_method("halo_energies")({last, numbers.slice(0, 0, nlocal)}).toTensor();
+  torch::Tensor grad = torch::autograd::grad({result.atom_energies.sum()}, {last})[0];
+  torch::Tensor grad_bias = torch::zeros_like(bias), grad_env = torch::zeros_like(env);
+  for (int64_t layer = num_layers_ - 1; layer >= 0; --layer) {
+    const auto grads = torch::autograd::grad({out[layer]}, {local_in[layer], ghost_in[layer], bias_leaf, env_leaf},
+                                             {grad}, false, false, true);
+    grad = sum_onto_owners(grads[0].defined() ? grads[0] : torch::zeros_like(local_in[layer]), grads[1]);
+    if (grads[2].defined()) grad_bias += grads[2];
+    if (grads[3].defined()) grad_env += grads[3];
+  }
+  const auto edge_grads = torch::autograd::grad({h0, bias, env}, {vectors}, {grad, grad_bias, grad_env}, false, false,
+                                                true);
+  result.edge_grads = edge_grads[0].defined() ? edge_grads[0] : torch::zeros_like(vectors);
+  result.energy = result.atom_energies.sum().item<double>();
+  return result;
 }
 
 void PairTransIP::compute(int eflag, int vflag) {
   ev_init(eflag, vflag);
   const int nlocal = atom->nlocal;
-  double **x = atom->x;
   double **f = atom->f;
   const int *type = atom->type;
+  build_graph();
+  const int64_t edges = static_cast<int64_t>(graph_.receivers.size());
+  const auto dtype = float64_ ? torch::kFloat64 : torch::kFloat32;
+  torch::Tensor numbers = torch::empty({graph_.atoms}, torch::kInt64);
+  for (int i = 0; i < graph_.atoms; ++i) numbers.data_ptr<int64_t>()[i] = type_number_[type[i]];
+  const torch::Tensor receivers = torch::from_blob(graph_.receivers.data(), {edges}, torch::kInt64);
+  const torch::Tensor senders = torch::from_blob(graph_.senders.data(), {edges}, torch::kInt64);
+  const torch::Tensor vectors =
+      torch::from_blob(graph_.vectors.data(), {edges, 3}, torch::kFloat64).to(dtype).requires_grad_(true);
 
-  Graph graph;
-  if (fold_images_)
-    image_graph(graph);
-  else
-    ghost_graph(graph);
-  const int ntotal = graph.atoms;
-  const int64_t edges = static_cast<int64_t>(graph.receivers.size());
-  torch::Tensor positions = torch::empty({ntotal, 3}, torch::kFloat64);
-  torch::Tensor numbers = torch::empty({ntotal}, torch::kInt64);
-  double *p = positions.data_ptr<double>();
-  int64_t *z = numbers.data_ptr<int64_t>();
-  for (int i = 0; i < ntotal; ++i) {
-    for (int k = 0; k < 3; ++k) p[3 * i + k] = x[i][k];
-    z[i] = type_number_[type[i]];
-  }
-  torch::Tensor edge_index = torch::empty({2, edges}, torch::kInt64);
-  std::copy(graph.receivers.begin(), graph.receivers.end(), edge_index.data_ptr<int64_t>());
-  std::copy(graph.senders.begin(), graph.senders.end(), edge_index.data_ptr<int64_t>() + edges);
-  torch::Tensor shifts = torch::from_blob(graph.shifts.data(), {edges, 3}, torch::kFloat64);
-
-  c10::IValue result;
+  Result result;
+  double offset = 0.0;
   try {
-    // The structure's charge/spin energy offsets are added once, by rank 0.
-    result = model_.get_method("compute_with_neighbors")({positions, numbers, edge_index, shifts,
-                                                          static_cast<int64_t>(nlocal), charge_, spin_, comm->me == 0,
-                                                          static_cast<bool>(vflag_global),
-                                                          static_cast<bool>(vflag_atom)});
-  } catch (const c10::Error &e) {
-    const std::string what = e.what_without_backtrace();
+    result = evaluate(vectors, numbers, receivers, senders);
+    // The structure's charge/spin energy offset is added once, by rank 0.
+    if (comm->me == 0) offset = model_.get_method("energy_offset")({charge_, spin_}).toTensor().item<double>();
+  } catch (const std::exception &e) {
+    const auto *c10_error = dynamic_cast<const c10::Error *>(&e);
+    std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
     error->one(FLERR, "pair_style transip: model evaluation failed: {}", what.substr(0, what.find('\n')));
   }
-  const auto out = result.toGenericDict();
-  const torch::Tensor forces = out.at("forces").toTensor().to(torch::kFloat64).contiguous();
-  const double *fm = forces.data_ptr<double>();
-  for (int i = 0; i < ntotal; ++i)
-    for (int k = 0; k < 3; ++k) f[i][k] += energy_scale_ * fm[3 * i + k];
-  if (eflag_global) eng_vdwl += energy_scale_ * out.at("energy").toTensor().to(torch::kFloat64).item<double>();
+
+  // Forces from the edge gradients g = dE/dr, r = x_sender - x_receiver: F_receiver += g, F_sender -= g. Senders
+  // may be ghosts (several ranks): LAMMPS sums their forces back onto the owners (newton on).
+  const torch::Tensor g = result.edge_grads.to(torch::kFloat64).contiguous();
+  const double *ge = g.data_ptr<double>(), *r = graph_.vectors.data();
+  double w[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};  // virial -sum_e g_e (x) r_e, row-major
+  for (int64_t e = 0; e < edges; ++e, ge += 3, r += 3) {
+    const int i = graph_.receivers[e], j = graph_.senders[e];
+    double we[9];
+    for (int a = 0; a < 3; ++a) {
+      f[i][a] += energy_scale_ * ge[a];
+      f[j][a] -= energy_scale_ * ge[a];
+      for (int b = 0; b < 3; ++b) we[3 * a + b] = -ge[a] * r[b];
+    }
+    for (int k = 0; k < 9; ++k) w[k] += we[k];
+    if (vflag_atom)  // each edge's virial shared equally by its two atoms (ghost shares go back to owners)
+      for (int atom_index : {i, j}) add_atom_virial(atom_index, we, 0.5 * energy_scale_);
+  }
+  if (eflag_global) eng_vdwl += energy_scale_ * (result.energy + offset);
   if (eflag_atom) {
-    const torch::Tensor atom_energies = out.at("atom_energies").toTensor().to(torch::kFloat64).contiguous();
+    const torch::Tensor atom_energies = result.atom_energies.detach().to(torch::kFloat64).contiguous();
     for (int i = 0; i < nlocal; ++i) eatom[i] += energy_scale_ * atom_energies.data_ptr<double>()[i];
   }
   if (vflag_global) {
-    const torch::Tensor w = out.at("virial").toTensor().to(torch::kFloat64).contiguous();
-    const double *v = w.data_ptr<double>();
-    // LAMMPS order: xx, yy, zz, xy, xz, yz
-    virial[0] += energy_scale_ * v[0];
-    virial[1] += energy_scale_ * v[4];
-    virial[2] += energy_scale_ * v[8];
-    virial[3] += energy_scale_ * 0.5 * (v[1] + v[3]);
-    virial[4] += energy_scale_ * 0.5 * (v[2] + v[6]);
-    virial[5] += energy_scale_ * 0.5 * (v[5] + v[7]);
+    // LAMMPS order xx, yy, zz, xy, xz, yz; the model's virial is not exactly symmetric (learned rotation
+    // symmetry), so LAMMPS gets its symmetric part.
+    virial[0] += energy_scale_ * w[0];
+    virial[1] += energy_scale_ * w[4];
+    virial[2] += energy_scale_ * w[8];
+    virial[3] += energy_scale_ * 0.5 * (w[1] + w[3]);
+    virial[4] += energy_scale_ * 0.5 * (w[2] + w[6]);
+    virial[5] += energy_scale_ * 0.5 * (w[5] + w[7]);
   }
-  if (vflag_atom) {  // ghosts too: LAMMPS sums their share back onto the owners (newton on)
-    const torch::Tensor w = out.at("atom_virial").toTensor().to(torch::kFloat64).contiguous();
-    const double *v = w.data_ptr<double>();
-    for (int i = 0; i < ntotal; ++i, v += 9) {
-      vatom[i][0] += energy_scale_ * v[0];
-      vatom[i][1] += energy_scale_ * v[4];
-      vatom[i][2] += energy_scale_ * v[8];
-      vatom[i][3] += energy_scale_ * 0.5 * (v[1] + v[3]);
-      vatom[i][4] += energy_scale_ * 0.5 * (v[2] + v[6]);
-      vatom[i][5] += energy_scale_ * 0.5 * (v[5] + v[7]);
-    }
-  }
+}
+
+void PairTransIP::add_atom_virial(int i, const double *w, double scale) {
+  vatom[i][0] += scale * w[0];
+  vatom[i][1] += scale * w[4];
+  vatom[i][2] += scale * w[8];
+  vatom[i][3] += scale * 0.5 * (w[1] + w[3]);
+  vatom[i][4] += scale * 0.5 * (w[2] + w[6]);
+  vatom[i][5] += scale * 0.5 * (w[5] + w[7]);
 }

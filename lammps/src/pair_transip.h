@@ -3,12 +3,14 @@
 //   pair_style transip model.pt [charge Q] [spin S]
 //   pair_coeff * * El1 El2 ...          (one element per atom type)
 //
-// Requires newton on. On one rank every ghost is a periodic image of a local atom, so the model sees local atoms
-// only, with periodic shifts (the ghost cutoff stays at the model cutoff). On several ranks the model is
-// evaluated on local and ghost atoms, with ghosts out to the model's receptive field.
+// Requires newton on and atom IDs. Ghosts reach one cutoff (plus skin). On one rank every ghost is a periodic image
+// of a local atom, so the model sees local atoms only, with the images' displacements. On several ranks each
+// block's tokens of the ghosts come from their owners (forward communication) and the gradients that reach them
+// go back (reverse communication), so the model's receptive field never widens the ghost shell.
 // units metal (eV, Angstrom) natively, units real converted (kcal/mol); other unit styles are refused.
 #pragma once
 
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/script.h>
 
 #include <string>
@@ -27,18 +29,33 @@ class PairTransIP : public Pair {
   void coeff(int, char **) override;
   void init_style() override;
   double init_one(int, int) override;
+  int pack_forward_comm(int, int *, double *, int, int *) override;
+  void unpack_forward_comm(int, int, double *) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
 
  private:
+  // The model's graph: edges (receiver, sender) within the cutoff. Receivers are local atoms in order; senders
+  // are LAMMPS indices (local or ghost) on several ranks, or the local owners of the ghosts on one rank.
+  struct Graph {
+    int atoms = 0;  // atoms the model sees: local only (one rank) or local then ghosts
+    std::vector<int64_t> receivers, senders;
+    std::vector<double> vectors;  // (edges, 3) x_sender - x_receiver with the image LAMMPS gave, Angstrom
+  };
+  struct Result {
+    double energy = 0.0;         // sum of this rank's atom energies, eV
+    torch::Tensor atom_energies;  // (nlocal,)
+    torch::Tensor edge_grads;     // (edges, 3) dE/dr
+  };
+
   void allocate();
   void load_model(const std::string &path);
-  // The graph handed to the model: edges (receiver, sender) within the cutoff, over `atoms` LAMMPS atoms.
-  struct Graph {
-    int atoms = 0;
-    std::vector<int64_t> receivers, senders;
-    std::vector<double> shifts;  // (edges, 3) periodic shift of each sender, Angstrom (metal and real alike)
-  };
-  void image_graph(Graph &graph);  // one rank: ghosts folded onto their owners as periodic shifts
-  void ghost_graph(Graph &graph);  // several ranks: local and ghost receivers, no shifts
+  void build_graph();
+  Result evaluate(const torch::Tensor &vectors, const torch::Tensor &numbers, const torch::Tensor &receivers,
+                  const torch::Tensor &senders);
+  torch::Tensor ghost_tokens(const torch::Tensor &local);  // forward communication of one block's input
+  torch::Tensor sum_onto_owners(const torch::Tensor &local_grad, const torch::Tensor &ghost_grad);  // reverse
+  void add_atom_virial(int i, const double *w, double scale);
 
   torch::jit::Module model_;
   std::string model_path_;
@@ -46,13 +63,17 @@ class PairTransIP : public Pair {
   std::vector<int64_t> type_number_;  // atomic number per LAMMPS type (1-based)
   double cutoff_ = 0.0;               // Angstrom
   double receptive_field_ = 0.0;      // Angstrom
+  int64_t num_layers_ = 0;
+  int token_width_ = 0;  // d_model: doubles per atom in each communication
   bool float64_ = true;
   int64_t charge_ = 0;
   int64_t spin_ = 1;
   double energy_scale_ = 1.0;  // eV -> the unit style's energy unit
   bool fold_images_ = false;   // set by init_style: one rank
+  Graph graph_;
   std::vector<int> owner_of_tag_;
-  std::vector<std::pair<int, int>> row_;  // (owner, LAMMPS index) of one receiver's neighbours
+  std::vector<std::pair<int, int>> row_;  // (sender, LAMMPS index) of one receiver's neighbours
+  std::vector<double> tokens_, token_grads_;  // (atoms, token_width) buffers of the communication
 };
 
 }  // namespace LAMMPS_NS
