@@ -124,6 +124,56 @@ def test_engine_method_with_explicit_ghost_atoms(artifacts):
     assert abs(float(out["energy"] - without["energy"]) - offset) < 1e-10
 
 
+@pytest.mark.parametrize("dtype,kernel", [("float64", "fused"), ("float64", "reference")])
+def test_halo_exchange_methods_block_by_block(artifacts, dtype, kernel):
+    """The halo recipe (docs/artifact.md, as pair_style transip runs it on several ranks) with one domain whose
+    ghosts are periodic images one cell away: each block's ghost tokens are copied from their owners, the
+    backward runs block by block with ghost gradients summed onto the owners, and the result is the periodic
+    energy, forces and virial."""
+    from transip.neighbors import structure_neighbors
+
+    box = periodic_box()
+    fractional = box.positions @ np.linalg.inv(box.cell)
+    box = Structure(box.numbers, (fractional % 1.0) @ box.cell, cell=box.cell, pbc=box.pbc)
+    module, metadata = load(artifacts[dtype, kernel])
+    expected = module.compute(*inputs_of(box), 0, 1, True)
+    n = len(box.numbers)
+    shifts = [(a, b, c) for a in (0, -1, 1) for b in (0, -1, 1) for c in (0, -1, 1)]  # local atoms first
+    positions = torch.tensor(np.concatenate([box.positions + np.array(o) @ box.cell for o in shifts]))
+    owner = torch.arange(len(positions)) % n
+    numbers = torch.tensor(box.numbers)[owner]
+    edge_index, _ = structure_neighbors(positions, 6.0)
+    receivers, senders = edge_index[:, edge_index[0] < n]  # local receivers only, grouped by receiver
+    vectors = (positions[senders] - positions[receivers]).requires_grad_(True)
+
+    h0, bias, env = module.halo_tokens(vectors, numbers, receivers, senders, n, 0, 1)
+    bias_leaf, env_leaf = bias.detach().requires_grad_(True), env.detach().requires_grad_(True)
+    local_in, ghost_in, out, h = [], [], [], h0
+    for layer in range(metadata["num_layers"]):
+        local_in.append(h.detach().requires_grad_(True))
+        ghost_in.append(local_in[-1].detach()[owner[n:]].requires_grad_(True))  # "forward communication"
+        h = module.halo_block(layer, torch.cat([local_in[-1], ghost_in[-1]]), bias_leaf[layer], env_leaf, receivers,
+                              senders, n)
+        out.append(h)
+    last = h.detach().requires_grad_(True)
+    atom_energies = module.halo_energies(last, numbers[:n])
+    (grad,) = torch.autograd.grad(atom_energies.sum(), [last])
+    grad_bias, grad_env = torch.zeros_like(bias), torch.zeros_like(env)
+    for layer in reversed(range(metadata["num_layers"])):
+        g_local, g_ghost, g_bias, g_env = torch.autograd.grad(out[layer], [local_in[layer], ghost_in[layer], bias_leaf,
+                                                                           env_leaf], grad, allow_unused=True)
+        grad = g_local.index_add(0, owner[n:], g_ghost)  # "reverse communication"
+        grad_bias, grad_env = grad_bias + g_bias, grad_env + g_env
+    (g,) = torch.autograd.grad([h0, bias, env], [vectors], [grad, grad_bias, grad_env])
+    forces = torch.zeros(len(positions), 3, dtype=g.dtype).index_add(0, receivers, g).index_add(0, senders, -g)
+    folded = torch.zeros(n, 3, dtype=g.dtype).index_add(0, owner, forces)
+    energy = atom_energies.sum() + module.energy_offset(0, 1)
+    assert_close(energy, expected["energy"], 1e-10, "energy")
+    assert_close(atom_energies, expected["atom_energies"], 1e-10, "atom energies")
+    assert_close(folded, expected["forces"], 1e-10, "forces")
+    assert_close(-(g.t() @ vectors.detach()), expected["virial"], 1e-10, "virial")
+
+
 def test_metadata_says_what_an_engine_needs(artifacts):
     fused, reference = read_metadata(artifacts["float64", "fused"]), read_metadata(artifacts["float32", "reference"])
     assert fused["format"] == "transip-artifact" and fused["format_version"] == 1
