@@ -31,7 +31,6 @@ SYSTEMS = [
     ("aspirin (21 atoms, non-periodic, NVE)", "in.aspirin_nve", "aspirin.data", 2000, 50),
     ("methanol box (384 atoms, periodic, NVT)", "in.methanol_nvt", "methanol_box.data", 200, 10),
 ]
-STEPS_ON_2_RANKS = {"in.methanol_nvt": (40, 4)}  # every rank then evaluates ghosts out to the receptive field
 
 
 def bare_call_seconds(data: Path, module, smoke: bool) -> float:
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
             shutil.copy(EXAMPLES / data, tmp / data)
             if data not in bare:
                 bare[data] = bare_call_seconds(tmp / data, module, args.smoke)
-            steps = (STEPS_ON_2_RANKS.get(deck, (full, smoke)) if ranks == 2 else (full, smoke))[args.smoke]
+            steps = smoke if args.smoke else full
             step = lammps_seconds_per_step(tmp, deck, ranks, steps)
             atoms = int(re.search(r"(\d+) atoms", label).group(1))
             rows.append(dict(system=label, atoms=atoms, ranks=ranks, steps=steps, artifact_ms=1e3 * bare[data],
