@@ -156,10 +156,12 @@ def attention_rate(model, batch, task: dict, dtype) -> dict:
     return dict(attention_seconds=seconds, attention_gflops=flops / seconds / 1e9, attention_edges=int(receivers.numel()))
 
 
-def run_task(task: dict, timeout: float) -> dict:
+def run_task(task: dict, timeout: float, script: str = __file__) -> dict:
+    """Run `script --worker TASK` in a fresh process (clean heap, own peak-memory mark); its last line of output
+    is the result as JSON."""
     env = dict(os.environ, OMP_NUM_THREADS=str(task["threads"]))
     try:
-        out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(task)], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, script, "--worker", json.dumps(task)], capture_output=True, text=True,
                              env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(task, skipped=f"took longer than {timeout:.0f} s")
