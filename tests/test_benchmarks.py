@@ -9,46 +9,75 @@ import pytest
 from conftest import ROOT
 
 
-def run_smoke(script: str, tmp_path) -> tuple:
-    """Run benchmarks/<script>.py --smoke into tmp_path; returns (its JSON, the output path without suffix)."""
-    out = tmp_path / script
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--smoke", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return json.loads(out.with_suffix(".json").read_text()), out
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """`benchmarks/suite.py --smoke` once: every benchmark script at toy size, then BENCHMARKS.md from them."""
+    pytest.importorskip("mace")
+    results = tmp_path_factory.mktemp("suite")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "suite.py"), "--smoke", "--results", str(results)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return results
+
+
+def load(results, script):
+    return json.loads((results / f"{script}.json").read_text())
 
 
 @pytest.mark.slow
-def test_native_ops_benchmark_smoke(tmp_path):
-    data, out = run_smoke("native_ops", tmp_path)
-    runs = data["results"]
+def test_native_ops_benchmark_smoke(suite):
+    runs = load(suite, "native_ops")["results"]
     assert {(r["kind"], r["kernel"]) for r in runs} == {("box", "fused"), ("box", "reference"),
                                                         ("molecule", "fused"), ("molecule", "reference")}
     for r in runs:
         assert "skipped" not in r, r
         assert r["seconds"] > 0 and r["edges"] > 0 and r["attention_gflops"] > 0
-    table = out.with_suffix(".md").read_text()
+    table = (suite / "native_ops.md").read_text()
     assert table.count("\n| box |") == 2 and table.count("\n| molecule |") == 2
-    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert (suite / "native_ops.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
-def test_cpp_vs_python_benchmark_smoke(tmp_path):
-    rows = run_smoke("cpp_vs_python", tmp_path)[0]["rows"]
+def test_attention_kernels_benchmark_smoke(suite):
+    """Fused, reference and dense SDPA run on the same graphs (each checked against the reference inside)."""
+    runs = load(suite, "attention_kernels")["results"]
+    assert {(r["atoms"], r["implementation"]) for r in runs} == {
+        (n, i) for n in (100, 300) for i in ("fused", "reference", "dense")}
+    assert all("skipped" not in r and r["seconds"] > 0 and r["gflops"] > 0 for r in runs)
+
+
+@pytest.mark.slow
+def test_cpp_vs_python_benchmark_smoke(suite):
+    rows = load(suite, "cpp_vs_python")["rows"]
     assert len(rows) == 8 and all(r["cpp_ms"] > 0 and r["energy_difference"] < 1e-6 for r in rows)
 
 
 @pytest.mark.slow
-def test_openmm_overhead_benchmark_smoke(tmp_path):
-    rows = run_smoke("openmm_overhead", tmp_path)[0]["rows"]
-    assert [r["atoms"] for r in rows] == [21, 384] and all(r["openmm_step_ms"] > 0 for r in rows)
+def test_engine_example_benchmarks_smoke(suite):
+    openmm_rows = load(suite, "openmm_overhead")["rows"]
+    assert [r["atoms"] for r in openmm_rows] == [21, 384] and all(r["openmm_step_ms"] > 0 for r in openmm_rows)
+    lammps_rows = load(suite, "lammps_overhead")["rows"]
+    assert [(r["atoms"], r["ranks"]) for r in lammps_rows] == [(21, 1), (21, 2), (384, 1), (384, 2)]
+    assert all(r["lammps_step_ms"] > 0 and r["artifact_ms"] > 0 for r in lammps_rows)
 
 
 @pytest.mark.slow
-def test_lammps_overhead_benchmark_smoke(tmp_path):
-    rows = run_smoke("lammps_overhead", tmp_path)[0]["rows"]
-    assert [(r["atoms"], r["ranks"]) for r in rows] == [(21, 1), (21, 2), (384, 1), (384, 2)]
-    assert all(r["lammps_step_ms"] > 0 and r["artifact_ms"] > 0 for r in rows)
+def test_engines_benchmark_smoke(suite):
+    """Every engine, the MACE peer and the classical floor ran on aspirin and a water box."""
+    rows = load(suite, "engines")["rows"]
+    ran = {(r["system"], r["engine"]) for r in rows if "skipped" not in r and r["seconds"] > 0}
+    assert ran == {(s, e) for s in ("aspirin", "water") for e in ("model", "openmm", "lammps-1", "lammps-2", "mace",
+                                                                   "classical") if (s, e) != ("aspirin", "classical")}
+
+
+@pytest.mark.slow
+def test_benchmarks_md_is_written_from_the_results(suite):
+    text = (suite / "BENCHMARKS.md").read_text()
+    assert text.startswith("# Benchmarks") and "python benchmarks/suite.py --smoke" in text
+    for script in ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead",
+                   "engines"):
+        assert (suite / f"{script}.md").read_text().strip() in text
+    assert "| TransIP faster than MACE" in text  # a verdict computed from the engines run
 
 
 @pytest.mark.slow

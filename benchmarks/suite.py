@@ -1,0 +1,168 @@
+"""The whole benchmark suite in one run, and BENCHMARKS.md written from its results.
+
+    python benchmarks/suite.py            # about an hour here; results in benchmarks/results/, BENCHMARKS.md
+    python benchmarks/suite.py --smoke    # minutes: every script at toy size, into a temporary folder (CI)
+
+Runs, in this order and one at a time (so that none disturbs another's timing): native_ops (whole model,
+fused vs reference, to 100 000 atoms), attention_kernels (one layer: fused, reference, dense SDPA),
+cpp_vs_python (the C++ inference program against Python, float32/float64), openmm_overhead and
+lammps_overhead (the examples), engines (OpenMM, LAMMPS 1 and 2 ranks, MACE, TIP3P to 100 000 atoms). Then it
+reads their JSON, checks the targets of the benchmark issue against the measured numbers, and writes
+BENCHMARKS.md: machine, command, verdicts, and every table and plot. If the accuracy study's report exists
+(runs/accuracy_study/study.json, benchmarks/accuracy_study.py), its force errors stand beside the speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+SCRIPTS = ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead", "engines")
+STUDY = ROOT / "runs" / "accuracy_study" / "study.json"
+
+
+def run_scripts(results: Path, smoke: bool) -> None:
+    from tqdm import tqdm
+
+    for script in tqdm(SCRIPTS, desc="benchmark suite", unit="script"):
+        command = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--out", str(results / script)]
+        done = subprocess.run(command + (["--smoke"] if smoke else []), capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"benchmarks/{script}.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+
+
+def exponent(points) -> float:
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(x, y, 1)[0]) if len(points) > 1 else float("nan")
+
+
+def verdicts(results: Path) -> list:
+    """(target, measured, met) for each target of the benchmark issue, from the scripts' JSON."""
+    native = json.loads((results / "native_ops.json").read_text())["results"]
+    kernels = json.loads((results / "attention_kernels.json").read_text())["results"]
+    engines = json.loads((results / "engines.json").read_text())["rows"]
+    rows = []
+
+    def ok(r):
+        return r is not None and "skipped" not in r
+
+    def find(items, **keys):
+        return next((r for r in items if all(r.get(k) == v for k, v in keys.items())), None)
+
+    boxes = sorted({r["atoms"] for r in native if r["kind"] == "box" and r["atoms"] >= 1000})
+    ratios = [(n, find(native, kind="box", atoms=n, kernel="reference")["seconds"]
+               / find(native, kind="box", atoms=n, kernel="fused")["seconds"])
+              for n in boxes if ok(find(native, kind="box", atoms=n, kernel="reference"))
+              and ok(find(native, kind="box", atoms=n, kernel="fused"))]
+    if ratios:
+        rows.append(("whole model: fused >= 5x faster than reference (boxes >= 1 000 atoms)",
+                     ", ".join(f"{n}: {r:.1f}x" for n, r in ratios), all(r >= 5 for _, r in ratios)))
+    sizes = sorted({r["atoms"] for r in kernels if r["atoms"] >= 1000})
+    layer = [(n, find(kernels, atoms=n, implementation="dense"), find(kernels, atoms=n, implementation="fused"),
+              find(kernels, atoms=n, implementation="reference")) for n in sizes]
+    if layer:
+        rows.append(("attention layer: fused faster than dense masked SDPA (>= 1 000 atoms)",
+                     ", ".join(f"{n}: {d['seconds'] / f['seconds']:.1f}x" if ok(d) else f"{n}: dense not run"
+                               for n, d, f, _ in layer if ok(f)),
+                     all(not ok(d) or d["seconds"] > f["seconds"] for _, d, f, _ in layer if ok(f))))
+        rows.append(("attention layer: fused >= 5x faster than reference (>= 1 000 atoms)",
+                     ", ".join(f"{n}: {r['seconds'] / f['seconds']:.1f}x" for n, _, f, r in layer if ok(f) and ok(r)),
+                     all(r["seconds"] / f["seconds"] >= 5 for _, _, f, r in layer if ok(f) and ok(r))))
+    fused = [r for r in native if r["kernel"] == "fused" and r["kind"] == "box" and ok(r) and r["atoms"] >= 1000]
+    if len(fused) > 1:
+        time_exp = exponent([(r["atoms_actual"], r["seconds"]) for r in fused])
+        memory_exp = exponent([(r["atoms_actual"], r["peak_mib"]) for r in fused])
+        rows.append((f"linear time to {max(r['atoms_actual'] for r in fused)} atoms (exponent <= 1.1)",
+                     f"{time_exp:.2f}", time_exp <= 1.1))
+        rows.append(("linear memory (exponent <= 1.1)", f"{memory_exp:.2f}", memory_exp <= 1.1))
+    for engine, label in (("openmm", "OpenMM"), ("lammps-1", "LAMMPS 1 rank")):
+        overheads = []
+        for model in (r for r in engines if r["engine"] == "model" and ok(r) and r["atoms_actual"] >= 1000):
+            step = find(engines, system=model["system"], atoms=model["atoms"], engine=engine)
+            if ok(step):
+                overheads.append((model["atoms_actual"], step["seconds"] / model["seconds"] - 1))
+        if overheads:
+            rows.append((f"{label} overhead < 10 % of the model call (>= 1 000 atoms)",
+                         ", ".join(f"{n}: {100 * o:+.0f} %" for n, o in overheads), all(o < 0.10 for _, o in overheads)))
+    peer = [(m["atoms_actual"], find(engines, system=m["system"], atoms=m["atoms"], engine="mace"), m)
+            for m in engines if m["engine"] == "model" and ok(m)]
+    peer = [(n, p["seconds"] / m["seconds"]) for n, p, m in peer if ok(p)]
+    if peer:
+        rows.append(("TransIP faster than MACE (same structures; accuracy in the study)",
+                     ", ".join(f"{n}: MACE {r:.1f}x the time" for n, r in peer), all(r > 1 for _, r in peer)))
+    return rows
+
+
+def study_section() -> list:
+    if not STUDY.exists():
+        return ["The accuracy study (`python benchmarks/accuracy_study.py --config configs/accuracy_study.json`) has "
+                "not finished on this machine yet, so no accuracy stands beside the speeds."]
+    rows = json.loads(STUDY.read_text())["rows"]
+    largest = max(r["train_size"] for r in rows)
+    lines = [f"From `{STUDY.relative_to(ROOT)}` (training-set size {largest}; full tables in docs/accuracy_study.md):",
+             "", "| method | force MAE held-out frames (meV/A) | force MAE held-out molecules (meV/A) | "
+             "ms per structure (ASE, 1 thread) |", "| --- | --- | --- | --- |"]
+    for r in rows:
+        if r["train_size"] == largest:
+            lines.append(f"| {r['method']} | {1000 * r['test_frames.force_mae']:.0f} | "
+                         f"{1000 * r['test_molecules.force_mae']:.0f} | {r['ms_per_structure']:.1f} |")
+    return lines
+
+
+def write_benchmarks(results: Path, target: Path, smoke: bool) -> None:
+    from native_ops import machine
+
+    info = machine()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    relative = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
+    lines = ["# Benchmarks", "",
+             f"Written by `python benchmarks/suite.py{' --smoke' if smoke else ''}` on "
+             f"{_dt.date.today().isoformat()} at commit {commit or 'unknown'}: {info['cpu']}, {info['cores']} cores, "
+             f"torch {info['torch']}, kernels {info['isa']}. Absolute times are this machine's; the ratios were "
+             "measured in the same run. Every table below is the `.md` file its script wrote into "
+             f"`{relative}/`.", "", "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in verdicts(results)]
+    sections = [("Whole model: fused native ops against plain PyTorch", "native_ops"),
+                ("One attention layer: fused, reference and dense masked SDPA", "attention_kernels"),
+                ("The model from C++ and from Python", "cpp_vs_python"),
+                ("OpenMM examples", "openmm_overhead"), ("LAMMPS examples", "lammps_overhead"),
+                ("Engines, the MACE peer and a classical floor, to 100 000 atoms", "engines")]
+    for title, name in sections:
+        lines += ["", f"## {title}", "", f"`python benchmarks/{name}.py`", "",
+                  (results / f"{name}.md").read_text().strip()]
+        if (results / f"{name}.png").exists():
+            lines += ["", f"![{name}]({relative}/{name}.png)"]
+    lines += ["", "## Accuracy beside speed", ""] + study_section()
+    target.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--results", type=Path, help="folder for the scripts' results (default benchmarks/results, "
+                                                      "a temporary folder with --smoke)")
+    parser.add_argument("--benchmarks-md", type=Path, help="where to write BENCHMARKS.md (default: the repository's; "
+                                                           "with --smoke, inside the results folder)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = (args.results or (Path(tmp) if args.smoke else ROOT / "benchmarks" / "results")).resolve()
+        results.mkdir(parents=True, exist_ok=True)
+        target = args.benchmarks_md or (results / "BENCHMARKS.md" if args.smoke else ROOT / "BENCHMARKS.md")
+        run_scripts(results, args.smoke)
+        write_benchmarks(results, target, args.smoke)
+        print(target.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
