@@ -172,9 +172,9 @@ void PairTransIP::build_graph() {
     owner_of_tag_.assign(max_tag + 1, -1);
     for (int i = 0; i < nlocal; ++i) owner_of_tag_[tag[i]] = i;
   }
-  graph_.atoms = fold_images_ ? nlocal : nlocal + atom->nghost;
   graph_.receivers.clear();
   graph_.senders.clear();
+  graph_.sender_atoms.clear();
   graph_.vectors.clear();
   const double cut2 = cutoff_ * cutoff_;
   for (int i = 0; i < nlocal; ++i) {  // receivers in atom order: the model reads edges as CSR rows
@@ -194,33 +194,54 @@ void PairTransIP::build_graph() {
     std::sort(row_.begin(), row_.end());
     for (const auto &[sender, j] : row_) {
       graph_.receivers.push_back(i);
-      graph_.senders.push_back(sender);
+      graph_.sender_atoms.push_back(sender);
       for (int k = 0; k < 3; ++k) graph_.vectors.push_back(x[j][k] - x[i][k]);
     }
     row_.clear();
   }
+  // The model's atoms: local ones, then (several ranks) only the ghosts that send to a local atom, in LAMMPS
+  // order. The shell of cutoff + skin holds many ghosts no local atom reads.
+  graph_.ghosts.clear();
+  graph_.senders = graph_.sender_atoms;
+  if (!fold_images_) {
+    row_of_ghost_.assign(atom->nghost, -1);
+    for (int64_t j : graph_.sender_atoms)
+      if (j >= nlocal) row_of_ghost_[j - nlocal] = 0;
+    for (int g = 0; g < atom->nghost; ++g)
+      if (row_of_ghost_[g] == 0) {
+        row_of_ghost_[g] = nlocal + static_cast<int>(graph_.ghosts.size());
+        graph_.ghosts.push_back(nlocal + g);
+      }
+    for (int64_t &j : graph_.senders)
+      if (j >= nlocal) j = row_of_ghost_[j - nlocal];
+  }
+  graph_.atoms = nlocal + static_cast<int>(graph_.ghosts.size());
 }
 
 // ------------------------------------------------------------------------------ tokens between ranks
 torch::Tensor PairTransIP::ghost_tokens(const torch::Tensor &local) {
   const int nlocal = atom->nlocal, nghost = graph_.atoms - nlocal;
   if (fold_images_) return torch::empty({0, token_width_}, local.options());
-  tokens_.resize(static_cast<size_t>(graph_.atoms) * token_width_);
+  tokens_.resize(static_cast<size_t>(nlocal + atom->nghost) * token_width_);
   const torch::Tensor values = local.detach().to(torch::kFloat64).contiguous();
   std::copy(values.data_ptr<double>(), values.data_ptr<double>() + values.numel(), tokens_.begin());
   comm->forward_comm(this);
-  return torch::from_blob(tokens_.data() + static_cast<size_t>(nlocal) * token_width_, {nghost, token_width_},
-                          torch::kFloat64).to(local.scalar_type());
+  torch::Tensor ghosts = torch::empty({nghost, token_width_}, torch::kFloat64);
+  for (int g = 0; g < nghost; ++g)
+    std::copy_n(tokens_.data() + static_cast<size_t>(graph_.ghosts[g]) * token_width_, token_width_,
+                ghosts.data_ptr<double>() + static_cast<size_t>(g) * token_width_);
+  return ghosts.to(local.scalar_type());
 }
 
 torch::Tensor PairTransIP::sum_onto_owners(const torch::Tensor &local_grad, const torch::Tensor &ghost_grad) {
   if (fold_images_) return local_grad;
   const int nlocal = atom->nlocal;
-  token_grads_.assign(static_cast<size_t>(graph_.atoms) * token_width_, 0.0);
+  token_grads_.assign(static_cast<size_t>(nlocal + atom->nghost) * token_width_, 0.0);
   if (ghost_grad.defined() && ghost_grad.numel() > 0) {
     const torch::Tensor values = ghost_grad.to(torch::kFloat64).contiguous();
-    std::copy(values.data_ptr<double>(), values.data_ptr<double>() + values.numel(),
-              token_grads_.begin() + static_cast<size_t>(nlocal) * token_width_);
+    for (size_t g = 0; g < graph_.ghosts.size(); ++g)
+      std::copy_n(values.data_ptr<double>() + g * token_width_, token_width_,
+                  token_grads_.data() + static_cast<size_t>(graph_.ghosts[g]) * token_width_);
   }
   comm->reverse_comm(this);
   return local_grad + torch::from_blob(token_grads_.data(), {nlocal, token_width_}, torch::kFloat64)
@@ -298,7 +319,8 @@ void PairTransIP::compute(int eflag, int vflag) {
   const int64_t edges = static_cast<int64_t>(graph_.receivers.size());
   const auto dtype = float64_ ? torch::kFloat64 : torch::kFloat32;
   torch::Tensor numbers = torch::empty({graph_.atoms}, torch::kInt64);
-  for (int i = 0; i < graph_.atoms; ++i) numbers.data_ptr<int64_t>()[i] = type_number_[type[i]];
+  for (int i = 0; i < graph_.atoms; ++i)
+    numbers.data_ptr<int64_t>()[i] = type_number_[type[i < nlocal ? i : graph_.ghosts[i - nlocal]]];
   const torch::Tensor receivers = torch::from_blob(graph_.receivers.data(), {edges}, torch::kInt64);
   const torch::Tensor senders = torch::from_blob(graph_.senders.data(), {edges}, torch::kInt64);
   const torch::Tensor vectors =
@@ -322,7 +344,7 @@ void PairTransIP::compute(int eflag, int vflag) {
   const double *ge = g.data_ptr<double>(), *r = graph_.vectors.data();
   double w[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};  // virial -sum_e g_e (x) r_e, row-major
   for (int64_t e = 0; e < edges; ++e, ge += 3, r += 3) {
-    const int i = graph_.receivers[e], j = graph_.senders[e];
+    const int i = graph_.receivers[e], j = graph_.sender_atoms[e];
     double we[9];
     for (int a = 0; a < 3; ++a) {
       f[i][a] += energy_scale_ * ge[a];

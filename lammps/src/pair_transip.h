@@ -35,11 +35,12 @@ class PairTransIP : public Pair {
   void unpack_reverse_comm(int, int *, double *) override;
 
  private:
-  // The model's graph: edges (receiver, sender) within the cutoff. Receivers are local atoms in order; senders
-  // are LAMMPS indices (local or ghost) on several ranks, or the local owners of the ghosts on one rank.
+  // The model's graph: edges (receiver, sender) within the cutoff; receivers are local atoms, in order.
   struct Graph {
-    int atoms = 0;  // atoms the model sees: local only (one rank) or local then ghosts
-    std::vector<int64_t> receivers, senders;
+    int atoms = 0;            // atoms the model sees: local, then the ghosts that send (several ranks)
+    std::vector<int> ghosts;  // LAMMPS index of each of the model's ghost rows
+    std::vector<int64_t> receivers, senders;  // model rows
+    std::vector<int64_t> sender_atoms;        // LAMMPS index of each sender (forces go there)
     std::vector<double> vectors;  // (edges, 3) x_sender - x_receiver with the image LAMMPS gave, Angstrom
   };
   struct Result {
@@ -72,6 +73,7 @@ class PairTransIP : public Pair {
   bool fold_images_ = false;   // set by init_style: one rank
   Graph graph_;
   std::vector<int> owner_of_tag_;
+  std::vector<int> row_of_ghost_;  // model row of each LAMMPS ghost, -1 if it sends to no local atom
   std::vector<std::pair<int, int>> row_;  // (sender, LAMMPS index) of one receiver's neighbours
   std::vector<double> tokens_, token_grads_;  // (atoms, token_width) buffers of the communication
 };
