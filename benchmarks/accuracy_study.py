@@ -178,12 +178,17 @@ def stability_run(calculator, molecule, md: dict) -> dict:
             "stable": bool(np.isfinite(totals[-1]) and worst_stretch <= 2.0 and closest >= 0.5)}
 
 
+def parameter_count(calculator) -> int:
+    models = calculator.models if hasattr(calculator, "models") else [calculator.model]  # MACE keeps a list
+    return int(sum(p.numel() for p in models[0].parameters()))
+
+
 def evaluate_cell(config: dict, method: str, model_path: Path, eval_sets: dict, molecule) -> dict:
     from transip.metrics import accuracy, equivariance_error, spread_subset
 
     calculator = calculator_for(method, model_path)
     predict = ase_predictor(calculator)
-    result = {}
+    result = {"parameters": parameter_count(calculator)}
     for split, chosen in eval_sets.items():
         metrics = accuracy(None, chosen, predictor=predict)
         rotated = spread_subset(chosen, config["evaluation"]["equivariance_structures"])
@@ -206,7 +211,11 @@ def run_cell(config: dict, method: str, size: int, seed: int) -> dict:
     folder = cell_dir(config, method, size, seed)
     done = folder / "result.json"
     if done.exists():
-        return json.loads(done.read_text())
+        result = json.loads(done.read_text())
+        if "parameters" not in result:  # cells finished before the count was recorded
+            model_path = folder / ("mace.model" if method == "mace" else "best.ckpt")
+            result["parameters"] = parameter_count(calculator_for(method, model_path))
+        return result
     structures, splits = dataset_and_splits(config)
     start = time.perf_counter()
     if method == "mace":
@@ -231,7 +240,7 @@ def summarise(results: list) -> list:
     for method in sorted({r["method"] for r in results}):
         for size in sorted({r["train_size"] for r in results if r["method"] == method}):
             cell = [r for r in results if r["method"] == method and r["train_size"] == size]
-            row = {"method": method, "train_size": size, "seeds": len(cell),
+            row = {"method": method, "train_size": size, "seeds": len(cell), "parameters": cell[0]["parameters"],
                    "ms_per_structure": float(np.mean([r["ms_per_structure"] for r in cell])),
                    "md_stable": sum(r["md"]["stable"] for r in cell),
                    "md_drift_mev_per_atom": float(np.mean([r["md"]["energy_drift_mev_per_atom"] for r in cell]))}
@@ -262,14 +271,14 @@ def write_report(config: dict, rows: list, out: Path, config_path: Path) -> None
     lines = [f"`python benchmarks/accuracy_study.py --config {config_path.relative_to(ROOT)}`, {config['steps']} "
              f"steps, batch {config['batch_size']}, on {platform.processor() or platform.machine()} "
              f"({os.cpu_count()} cores). Mean over seeds, [min, max] in brackets.", "",
-             "| method | train size | seeds | split | E MAE (meV/atom) | F MAE (meV/A) | F cosine | dE rot (meV/atom) "
-             "| dF/F rot | ms/structure | MD stable | MD drift (meV/atom) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| method | parameters | train size | seeds | split | E MAE (meV/atom) | F MAE (meV/A) | F cosine | "
+             "dE rot (meV/atom) | dF/F rot | ms/structure | MD stable | MD drift (meV/atom) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         for split in SPLITS:
             f = f"{split}.force_mae"
             lines.append(
-                f"| {r['method']} | {r['train_size']} | {r['seeds']} | {split} | "
+                f"| {r['method']} | {r['parameters']} | {r['train_size']} | {r['seeds']} | {split} | "
                 f"{1000 * r[split + '.energy_mae_per_atom']:.1f} | {1000 * r[f]:.0f} [{1000 * r[f + '.min']:.0f}, "
                 f"{1000 * r[f + '.max']:.0f}] | {r[split + '.force_cosine']:.3f} | "
                 f"{1000 * r[split + '.equivariance_energy_abs_per_atom']:.3f} | "
