@@ -56,6 +56,17 @@ def triclinic_box() -> Structure:
     return Structure(s.numbers, fractional @ cell, cell=cell, pbc=[True] * 3)
 
 
+def slab() -> Structure:
+    """The methanol box periodic in x and y only: a slab with two free surfaces (LAMMPS boundary p p f)."""
+    s = methanol_box()
+    fractional = np.linalg.solve(s.cell.T, s.positions.T).T % 1.0
+    return Structure(s.numbers, fractional @ s.cell, cell=s.cell, pbc=[True, True, False])
+
+
+def boundary_of(s: Structure) -> str:
+    return " ".join("p" if periodic else "f" for periodic in s.pbc) if s.periodic else "f f f"
+
+
 def write_data(s: Structure, path: Path):
     atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
     write_lammps_data(path, atoms, specorder=SPECIES, atom_style="atomic", masses=True)
@@ -109,21 +120,23 @@ def last_dump(path: Path) -> np.ndarray:
 def python_reference(artifact, s: Structure):
     module, _ = load(artifact)
     cell = torch.tensor(s.cell if s.periodic else np.zeros((3, 3)))
-    out = module.compute(torch.tensor(s.positions), torch.tensor(s.numbers), cell, torch.tensor([s.periodic] * 3),
-                         0, 1, True)
+    pbc = torch.tensor([bool(p) for p in s.pbc] if s.periodic else [False] * 3)
+    out = module.compute(torch.tensor(s.positions), torch.tensor(s.numbers), cell, pbc, 0, 1, True)
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
 @pytest.mark.parametrize("units,system,ranks", [
     ("metal", "periodic box", 1), ("real", "periodic box", 1), ("metal", "molecule", 1), ("real", "molecule", 1),
-    ("metal", "triclinic box", 1),
-    # several ranks evaluate local and ghost atoms instead of folding ghosts onto their owners
+    ("metal", "triclinic box", 1), ("metal", "slab", 1),
+    # several ranks exchange each block's tokens instead of folding ghosts onto their owners
     pytest.param("metal", "triclinic box", 2, marks=pytest.mark.slow),
+    pytest.param("metal", "slab", 2, marks=pytest.mark.slow),
 ])
 def test_lammps_equals_the_artifact(artifact, tmp_path, units, system, ranks):
-    s = {"periodic box": methanol_box, "molecule": molecule_in_box, "triclinic box": triclinic_box}[system]()
+    s = {"periodic box": methanol_box, "molecule": molecule_in_box, "triclinic box": triclinic_box,
+         "slab": slab}[system]()
     write_data(s, tmp_path / "system.data")
-    text = run_lammps(tmp_path, deck(artifact, units, "p p p" if s.periodic else "f f f"), ranks)
+    text = run_lammps(tmp_path, deck(artifact, units, boundary_of(s)), ranks)
     assert ("xy xz yz" in (tmp_path / "system.data").read_text()) == (system == "triclinic box")
     scale = 1.0 if units == "metal" else KCAL_PER_MOL_PER_EV
     expected = python_reference(artifact, s)
