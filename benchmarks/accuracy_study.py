@@ -9,7 +9,8 @@ MACE cell from MACE's own latest checkpoint. All methods see the same splits (he
 molecules, the trainer's `split_indices`), the same training subsets and the same number of optimiser steps.
 Each cell is evaluated on both test splits (energy MAE per atom, force MAE, force cosine, equivariance error
 over random rotations), timed on a fixed set of structures, and run in NVE on a held-out molecule. The report
-(`<output>/study.{json,md,csv}`, `<output>/study.png`) is rebuilt from every finished cell at the end.
+(`study.{json,md,csv,png}` at the config's `report` path, else in `output`) is rebuilt from every finished
+cell at the end.
 """
 
 from __future__ import annotations
@@ -329,7 +330,9 @@ def main(argv=None) -> int:
         futures = {pool.submit(run_cell, config, *cell): cell for cell in cells}
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(cells), desc="study cells"):
             results.append(future.result())
-    write_report(config, summarise(results), ROOT / config["output"] / "study", config_path)
+    # The report goes where the config says (the full study: docs/, beside the discussion), else the output folder.
+    report = ROOT / config["report"] if "report" in config and not args.output else ROOT / config["output"] / "study"
+    write_report(config, summarise(results), report, config_path)
     return 0
 
 

@@ -9,7 +9,7 @@ cpp_vs_python (the C++ inference program against Python, float32/float64), openm
 lammps_overhead (the examples), engines (OpenMM, LAMMPS 1 and 2 ranks, MACE, TIP3P to 100 000 atoms). Then it
 reads their JSON, checks the targets of the benchmark issue against the measured numbers, and writes
 BENCHMARKS.md: machine, command, verdicts, and every table and plot. If the accuracy study's report exists
-(runs/accuracy_study/study.json, benchmarks/accuracy_study.py), its force errors stand beside the speeds.
+(docs/accuracy_study/study.json, benchmarks/accuracy_study.py), its force errors stand beside the speeds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 SCRIPTS = ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead", "engines")
-STUDY = ROOT / "runs" / "accuracy_study" / "study.json"
+STUDY = ROOT / "docs" / "accuracy_study" / "study.json"  # configs/accuracy_study.json writes it
 
 
 def run_scripts(results: Path, smoke: bool) -> None:
@@ -108,7 +108,7 @@ def study_section() -> list:
                 "not finished on this machine yet, so no accuracy stands beside the speeds."]
     rows = json.loads(STUDY.read_text())["rows"]
     largest = max(r["train_size"] for r in rows)
-    lines = [f"From `{STUDY.relative_to(ROOT)}` (training-set size {largest}; full tables in docs/accuracy_study.md):",
+    lines = [f"From `{STUDY.relative_to(ROOT)}` (training-set size {largest}; full tables in docs/accuracy_study/):",
              "", "| method | force MAE held-out frames (meV/A) | force MAE held-out molecules (meV/A) | "
              "ms per structure (ASE, 1 thread) |", "| --- | --- | --- | --- |"]
     for r in rows:
