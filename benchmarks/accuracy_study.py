@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import functools
 import json
 import math
 import os
@@ -46,9 +47,14 @@ def cell_dir(config: dict, method: str, size: int, seed: int) -> Path:
 
 
 def dataset_and_splits(config: dict):
+    return _dataset_and_splits(str(ROOT / config["data"]))
+
+
+@functools.lru_cache(maxsize=1)  # a worker process handles several cells of one dataset
+def _dataset_and_splits(path: str):
     from transip.data import read_structures, split_indices
 
-    structures = read_structures(ROOT / config["data"])
+    structures = read_structures(path)
     return structures, split_indices(structures, 0)
 
 
@@ -205,6 +211,28 @@ def evaluate_cell(config: dict, method: str, model_path: Path, eval_sets: dict, 
     return result
 
 
+def stability_molecule(structures, splits):
+    """The largest held-out molecule (its first frame): the hardest test of staying physical."""
+    return max((structures[i] for i in splits["test_molecules"]), key=lambda s: len(s.numbers))
+
+
+def complete_older_result(config: dict, method: str, folder: Path, result: dict) -> dict:
+    """Add what cells finished by an earlier version of this script lack (parameter count, MD on the current
+    stability molecule), without retraining."""
+    model_path = folder / ("mace.model" if method == "mace" else "best.ckpt")
+    structures, splits = dataset_and_splits(config)
+    molecule = stability_molecule(structures, splits)
+    if "parameters" in result and result["md"]["molecule"] == molecule.name:
+        return result
+    calculator = calculator_for(method, model_path)
+    result["parameters"] = parameter_count(calculator)
+    result["md"] = stability_run(calculator, molecule, config["md"])
+    tmp = folder / "result.partial"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, folder / "result.json")
+    return result
+
+
 def run_cell(config: dict, method: str, size: int, seed: int) -> dict:
     import torch
 
@@ -212,11 +240,7 @@ def run_cell(config: dict, method: str, size: int, seed: int) -> dict:
     folder = cell_dir(config, method, size, seed)
     done = folder / "result.json"
     if done.exists():
-        result = json.loads(done.read_text())
-        if "parameters" not in result:  # cells finished before the count was recorded
-            model_path = folder / ("mace.model" if method == "mace" else "best.ckpt")
-            result["parameters"] = parameter_count(calculator_for(method, model_path))
-        return result
+        return complete_older_result(config, method, folder, json.loads(done.read_text()))
     structures, splits = dataset_and_splits(config)
     start = time.perf_counter()
     if method == "mace":
@@ -224,7 +248,7 @@ def run_cell(config: dict, method: str, size: int, seed: int) -> dict:
     else:
         model_path = train_transip(config, method, size, seed, folder)
     train_seconds = time.perf_counter() - start
-    molecule = structures[splits["test_molecules"][0]]
+    molecule = stability_molecule(structures, splits)
     result = {"method": method, "train_size": size, "seed": seed, "steps": config["steps"],
               "train_seconds_this_run": train_seconds,
               **evaluate_cell(config, method, model_path, evaluation_sets(config, structures, splits), molecule)}
