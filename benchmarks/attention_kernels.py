@@ -25,12 +25,12 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from native_ops import machine, reset_peak_rss, rss_kib, run_task, water_system  # noqa: E402
+from timing import repeated_seconds  # noqa: E402
 
 FULL_SIZES = (100, 300, 1000, 3000, 10000, 30000, 100000)
 SMOKE_SIZES = (100, 300)
@@ -113,12 +113,7 @@ def measure(task: dict) -> dict:
         error = float((out - expected).abs().max())
         if error > tolerance * float(expected.abs().max()):
             raise SystemExit(f"{implementation} differs from the reference by {error}")
-    times = []
-    deadline = time.perf_counter() + task["min_seconds"]
-    while len(times) < task["min_repeats"] or (time.perf_counter() < deadline and len(times) < task["max_repeats"]):
-        start = time.perf_counter()
-        forward_backward()
-        times.append(time.perf_counter() - start)
+    times = repeated_seconds(forward_backward, task["min_repeats"], task["max_repeats"], task["min_seconds"])
     seconds = statistics.median(times)
     flops = 15 * HEAD_DIM * HEADS * receivers.numel()
     return dict(task, atoms_actual=n, edges=int(receivers.numel()), max_row=int((row_ptr[1:] - row_ptr[:-1]).max()),

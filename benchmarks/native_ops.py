@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from timing import repeated_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 WATER = ((0.0, 0.0, 0.0), (0.9572, 0.0, 0.0), (-0.2400, 0.9266, 0.0))  # O, H, H (Angstrom)
@@ -105,12 +107,7 @@ def measure(task: dict) -> dict:
     reset_peak_rss()
     evaluate()  # also the warm-up
     peak = rss_kib("VmHWM")
-    times = []
-    deadline = time.perf_counter() + task["min_seconds"]
-    while len(times) < task["min_repeats"] or (time.perf_counter() < deadline and len(times) < task["max_repeats"]):
-        start = time.perf_counter()
-        evaluate()
-        times.append(time.perf_counter() - start)
+    times = repeated_seconds(evaluate, task["min_repeats"], task["max_repeats"], task["min_seconds"])
     result = dict(task, edges=int(batch.edge_index.shape[1]), seconds=statistics.median(times), repeats=len(times),
                   neighbor_seconds=neighbor_seconds, peak_mib=max(0, peak - before) / 1024)
     result.update(attention_rate(model, batch, task, dtype))
