@@ -349,15 +349,23 @@ def main(argv=None) -> int:
     # Longest first (MACE, then the largest sets) so that the last cells running in parallel end together.
     cells = sorted([(m, n, s) for n in config["train_sizes"] for s in config["seeds"] for m in config["methods"]],
                    key=lambda cell: (cell[0] != "mace", -cell[1], cell[2]))
-    results = []
+    results, failed = [], []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_cell, config, *cell): cell for cell in cells}
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(cells), desc="study cells"):
-            results.append(future.result())
+            try:
+                results.append(future.result())
+            except Exception as error:  # one broken cell must not lose the others; rerunning retries it
+                failed.append(futures[future])
+                tqdm.write(f"cell {futures[future]} failed: {error}")
+    if not results:
+        raise SystemExit("no cell finished")
     # The report goes where the config says (the full study: docs/, beside the discussion), else the output folder.
     report = ROOT / config["report"] if "report" in config and not args.output else ROOT / config["output"] / "study"
     write_report(config, summarise(results), report, config_path)
-    return 0
+    if failed:
+        print(f"{len(failed)} cells failed and are missing from the report: {failed}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
