@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from native_ops import machine, reset_peak_rss, rss_kib, run_task, water_system  # noqa: E402
+from native_ops import machine, reset_peak_rss, rss_kib, run_task, water_system, with_self_edges  # noqa: E402,E501
 from timing import repeated_seconds  # noqa: E402
 
 FULL_SIZES = (100, 300, 1000, 3000, 10000, 30000, 100000)
@@ -48,13 +48,7 @@ def graph(atoms: int):
     edge_index, _ = structure_neighbors(torch.tensor(s.positions), CUTOFF, torch.tensor(s.cell),
                                         torch.tensor(s.pbc))
     n = len(s.numbers)
-    everyone = torch.arange(n)
-    receivers, senders = torch.cat([everyone, edge_index[0]]), torch.cat([everyone, edge_index[1]])
-    order = torch.argsort(receivers, stable=True)
-    receivers, senders = receivers[order], senders[order]
-    row_ptr = torch.zeros(n + 1, dtype=torch.long)
-    row_ptr[1:] = torch.cumsum(torch.bincount(receivers, minlength=n), 0)
-    return n, receivers, senders, row_ptr
+    return (n, *with_self_edges(edge_index, n))
 
 
 def dense_layer(q, k, v, bias, envelope, receivers, senders, row_ptr):

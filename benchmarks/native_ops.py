@@ -114,6 +114,19 @@ def measure(task: dict) -> dict:
     return result
 
 
+def with_self_edges(edge_index, n: int):
+    """Receivers, senders and CSR row offsets of the graph plus each atom's own edge, grouped by receiver: what
+    one attention layer reads when the self edge is explicit."""
+    import torch
+
+    from transip.model import csr_row_ptr
+
+    everyone = torch.arange(n)
+    receivers, senders = torch.cat([everyone, edge_index[0]]), torch.cat([everyone, edge_index[1]])
+    order = torch.argsort(receivers, stable=True)
+    return receivers[order], senders[order], csr_row_ptr(receivers[order], n)
+
+
 def attention_rate(model, batch, task: dict, dtype) -> dict:
     """Time forward + backward of one attention layer alone on this graph (self edges included)."""
     import torch
@@ -122,13 +135,7 @@ def attention_rate(model, batch, task: dict, dtype) -> dict:
 
     n = int(batch.positions.shape[0])
     heads, head_dim = model.blocks[0].num_heads, model.blocks[0].head_dim
-    atoms = torch.arange(n)
-    receivers = torch.cat([atoms, batch.edge_index[0]])
-    senders = torch.cat([atoms, batch.edge_index[1]])
-    order = torch.argsort(receivers, stable=True)
-    receivers, senders = receivers[order], senders[order]
-    row_ptr = torch.zeros(n + 1, dtype=torch.long)
-    row_ptr[1:] = torch.cumsum(torch.bincount(receivers, minlength=n), 0)
+    receivers, senders, row_ptr = with_self_edges(batch.edge_index, n)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, heads, head_dim, generator=g, dtype=dtype).requires_grad_(True) for _ in range(3))
     bias = torch.randn(receivers.numel(), heads, generator=g, dtype=dtype).requires_grad_(True)

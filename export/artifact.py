@@ -1,13 +1,14 @@
 """Checkpoint -> one TorchScript artifact with its metadata inside, for Python, C++, OpenMM and LAMMPS.
 
-The artifact is a scripted `TransIPArtifact` with two methods (Angstrom and eV in, eV and eV/A out, the
-dtype chosen at export):
+The artifact is a scripted `TransIPArtifact` (Angstrom and eV in, eV and eV/A out, the dtype chosen at
+export) with two whole-structure methods, and the halo methods further down for engines that exchange each
+block's tokens between domains (docs/artifact.md):
 
 - `compute(positions, numbers, cell, pbc, charge, spin, compute_virial)`: one structure; the artifact builds
   its own neighbour list (native cell list for the fused kernel, the all-pairs reference otherwise). Returns
   energy (scalar), forces (N, 3), atom_energies (N,), virial (3, 3).
 - `compute_with_neighbors(positions, numbers, edge_index, shift_vectors, num_local, charge, spin,
-  include_offsets, compute_virial)`: for engines that own the neighbour list and ghost atoms (LAMMPS).
+  include_offsets, compute_virial)`: for engines that own the neighbour list and ghost atoms.
   `positions` holds local atoms first, then ghosts; `edge_index` (2, E) is [receiver, sender] over that
   array and `shift_vectors` (E, 3) the Cartesian periodic shifts (zeros when ghosts are explicit images).
   The energy is the sum over local atoms (plus the structure's charge/spin offsets when `include_offsets`,

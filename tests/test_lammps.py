@@ -182,8 +182,7 @@ def test_per_atom_virial(artifact, tmp_path):
 def test_identical_on_1_2_and_4_ranks_with_migration(artifact, tmp_path):
     """Aspirin at the centre of a 30 A periodic box, where the subdomains of 2 and 4 ranks meet: 60 NVE steps of
     1 fs from 600 K move atoms across the boundaries (and through periodic ghosts). Energies and final positions
-    agree across rank counts to round-off. (A small dense box would do too, but every rank then carries
-    ~17 000 ghost atoms for the 18 A receptive field, which is slow on two cores.)"""
+    agree across rank counts to round-off: one rank folds images onto owners, several exchange tokens."""
     s = molecule_in_box()
     write_data(Structure(s.numbers, s.positions, cell=s.cell, pbc=[True] * 3), tmp_path / "system.data")
     md = ("velocity all create 600 12345 loop geom\nneigh_modify every 1 delay 0 check yes\n"
