@@ -307,29 +307,33 @@ def write_report(config: dict, rows: list, out: Path, config_path: Path) -> None
                 f"{1000 * r[split + '.energy_mae_per_atom']:.1f} | {1000 * r[f]:.0f} [{1000 * r[f + '.min']:.0f}, "
                 f"{1000 * r[f + '.max']:.0f}] | {r[split + '.force_cosine']:.3f} | "
                 f"{1000 * r[split + '.equivariance_energy_abs_per_atom']:.3f} | "
-                f"{r[split + '.equivariance_force_relative']:.4f} | {r['ms_per_structure']:.1f} | "
+                f"{r[split + '.equivariance_force_relative']:.1e} | {r['ms_per_structure']:.1f} | "
                 f"{r['md_stable']}/{r['seeds']} | {r['md_drift_mev_per_atom']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [("test_frames.force_mae", "force MAE, held-out frames (meV/A)"),
-              ("test_molecules.force_mae", "force MAE, held-out molecules (meV/A)"),
-              ("test_frames.energy_mae_per_atom", "energy MAE, held-out frames (meV/atom)")]
-    for ax, (key, title) in zip(axes, panels):
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    panels = [("test_frames.force_mae", 1000, "force MAE, held-out frames (meV/A)"),
+              ("test_molecules.force_mae", 1000, "force MAE, held-out molecules (meV/A)"),
+              ("test_frames.energy_mae_per_atom", 1000, "energy MAE, held-out frames (meV/atom)"),
+              ("test_frames.equivariance_force_relative", 1, "force change under rotation |dF|/|F|, frames")]
+    sizes = sorted({r["train_size"] for r in rows})
+    for ax, (key, scale, title) in zip(axes, panels):
         for method in sorted({r["method"] for r in rows}):
             mine = [r for r in rows if r["method"] == method]
-            sizes = [r["train_size"] for r in mine]
-            mean = np.array([1000 * r[key] for r in mine])
-            low = mean - np.array([1000 * r[key + ".min"] for r in mine])
-            high = np.array([1000 * r[key + ".max"] for r in mine]) - mean
-            ax.errorbar(sizes, mean, yerr=[low, high], marker="o", capsize=3, label=method)
+            mean = np.array([scale * r[key] for r in mine])
+            low = mean - np.array([scale * r[key + ".min"] for r in mine])
+            high = np.array([scale * r[key + ".max"] for r in mine]) - mean
+            ax.errorbar([r["train_size"] for r in mine], mean, yerr=[low, high], marker="o", capsize=3,
+                        label=method)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(sizes, [str(size) for size in sizes])  # the sizes trained, not a crowd of minor labels
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("training structures")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    axes[-1].legend()
     figure.tight_layout()
     figure.savefig(out.with_suffix(".png"), dpi=120)
 

@@ -28,7 +28,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -121,32 +121,44 @@ class TransIPArtifact(nn.Module):
         receivers, senders, shifts = receivers[needed], senders[needed], shift_vectors.to(dtype)[needed]
         positions = positions.to(dtype)[kept]
         edge_vectors = positions.index_select(0, senders) - positions.index_select(0, receivers) + shifts
-        edge_vectors.requires_grad_(True)
-        charge_t, spin_t = torch.tensor([charge]), torch.tensor([spin])
-        out = self.model.energy_from_edges(edge_vectors, numbers[kept], charge_t, spin_t,
-                                           torch.zeros(kept.shape[0], dtype=torch.long), receivers, senders, 1,
-                                           depth_counts)
-        atom_energies = out["atom_energy"]
+        atom_energies, g = self.edge_energy_gradients(edge_vectors, numbers[kept], receivers, senders, charge, spin,
+                                                      depth_counts)
+        edge_vectors = edge_vectors.detach()
         energy = atom_energies.sum()
         if include_offsets:
             energy = energy + self.energy_offset(charge, spin)
-        grads = torch.autograd.grad([energy], [edge_vectors], allow_unused=True)
-        g = grads[0]
-        if g is None:
-            g = torch.zeros_like(edge_vectors)
         # Back to the caller's atoms; those the energy does not depend on get zero.
         kept_forces = torch.zeros_like(positions).index_add(0, receivers, g).index_add(0, senders, -g)
         forces = torch.zeros(n, 3, dtype=dtype).index_copy(0, kept, kept_forces)
-        result = {"energy": energy.detach(), "forces": forces, "atom_energies": atom_energies.detach()}
+        result = {"energy": energy, "forces": forces, "atom_energies": atom_energies}
         if compute_virial:
-            result["virial"] = -(g.t() @ edge_vectors.detach())
+            result["virial"] = -(g.t() @ edge_vectors)
         if compute_atom_virial:
             # Each edge's virial -g (x) r shared equally by its two atoms; the atoms' sum is the virial.
-            half = -0.5 * g[:, :, None] * edge_vectors.detach()[:, None, :]
+            half = -0.5 * g[:, :, None] * edge_vectors[:, None, :]
             result["atom_virial"] = torch.zeros(n, 3, 3, dtype=g.dtype).index_add(0, kept[receivers], half).index_add(
                 0, kept[senders], half)
         return result
 
+    @torch.jit.export
+    def edge_energy_gradients(self, edge_vectors: torch.Tensor, numbers: torch.Tensor, receivers: torch.Tensor,
+                              senders: torch.Tensor, charge: int = 0, spin: int = 1,
+                              depth_counts: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom energies (charge/spin offset not included) and dE/d(edge vector), in one pass, for a graph
+        that holds every neighbour as one of its own atoms (a periodic image folded onto its owner; LAMMPS on
+        one rank). Edges grouped by receiver; `edge_vectors` = x_sender - x_receiver. `depth_counts`: see
+        `TransIP.energy_from_edges`."""
+        dtype = self.model.reference_energy.dtype
+        edge_vectors = edge_vectors.detach().to(dtype).requires_grad_(True)
+        n = numbers.shape[0]
+        out = self.model.energy_from_edges(edge_vectors, numbers, torch.tensor([charge]), torch.tensor([spin]),
+                                           torch.zeros(n, dtype=torch.long), receivers, senders, 1, depth_counts)
+        atom_energies = out["atom_energy"]
+        grads = torch.autograd.grad([atom_energies.sum()], [edge_vectors], allow_unused=True)
+        g = grads[0]
+        if g is None:
+            g = torch.zeros_like(edge_vectors)
+        return atom_energies.detach(), g
 
     # ---------------------------------------------------------------- halo exchange, block by block
     # For engines that exchange each block's tokens between domains (LAMMPS on several ranks) instead of
@@ -207,8 +219,8 @@ def build_metadata(payload: dict, model: TransIP, dtype: str, kernel: str, check
                         "max_multiplicity": int(config.max_multiplicity)},
         "native_ops": ({"library": "transip", "version": native.version(), "ops": FUSED_OPS}
                        if kernel == "fused" else None),
-        "methods": ["compute", "compute_with_neighbors", "energy_offset", "halo_tokens", "halo_block",
-                    "halo_energies"],
+        "methods": ["compute", "compute_with_neighbors", "edge_energy_gradients", "energy_offset", "halo_tokens",
+                    "halo_block", "halo_energies"],
         "model_config": {k: v for k, v in config.__dict__.items()},
         "provenance": {**(payload.get("provenance") or {}), "checkpoint": checkpoint.name,
                        "epoch": payload.get("epoch"), "step": payload.get("step")},

@@ -174,6 +174,32 @@ def test_halo_exchange_methods_block_by_block(artifacts, dtype, kernel):
     assert_close(-(g.t() @ vectors.detach()), expected["virial"], 1e-10, "virial")
 
 
+@pytest.mark.parametrize("dtype,kernel", [("float64", "fused"), ("float32", "reference")])
+def test_edge_energy_gradients_with_images_folded_onto_owners(artifacts, dtype, kernel):
+    """The one-pass method pair_style transip uses on one rank: senders are the owners of periodic images, each
+    edge keeps its image's displacement, and energies, forces and virial are the periodic ones."""
+    from transip.neighbors import structure_neighbors
+
+    box = periodic_box()
+    module, _ = load(artifacts[dtype, kernel])
+    expected = module.compute(*inputs_of(box), 0, 1, True)
+    cell = torch.tensor(box.cell)
+    edge_index, shifts = structure_neighbors(torch.tensor(box.positions), 6.0, cell, torch.tensor(box.pbc))
+    receivers, senders = edge_index
+    # Displacements in the artifact's dtype, as compute forms them (float32 forces are sensitive to their round-off)
+    positions, cell = torch.tensor(box.positions).to(getattr(torch, dtype)), cell.to(getattr(torch, dtype))
+    vectors = positions[senders] - positions[receivers] + shifts.to(cell.dtype) @ cell
+    atom_energies, g = module.edge_energy_gradients(vectors, torch.tensor(box.numbers), receivers, senders, 0, 1)
+    n = len(box.numbers)
+    forces = torch.zeros(n, 3, dtype=g.dtype).index_add(0, receivers, g).index_add(0, senders, -g)
+    tol = TOLERANCE[dtype]
+    assert atom_energies.dtype == g.dtype == expected["forces"].dtype and not atom_energies.requires_grad
+    assert_close(atom_energies, expected["atom_energies"], tol, "atom energies")
+    assert_close(atom_energies.sum() + module.energy_offset(0, 1), expected["energy"], tol, "energy")
+    assert_close(forces, expected["forces"], tol, "forces")
+    assert_close(-(g.t() @ vectors.to(g.dtype)), expected["virial"], tol, "virial")
+
+
 def test_metadata_says_what_an_engine_needs(artifacts):
     fused, reference = read_metadata(artifacts["float64", "fused"]), read_metadata(artifacts["float32", "reference"])
     assert fused["format"] == "transip-artifact" and fused["format_version"] == 1

@@ -86,7 +86,8 @@ void PairTransIP::load_model(const std::string &path) {
   receptive_field_ = std::stod(transip::metadata_value(json, "receptive_field"));
   num_layers_ = std::stoi(transip::metadata_value(json, "num_layers"));
   token_width_ = std::stoi(transip::metadata_value(json, "d_model"));
-  for (const char *method : {"halo_tokens", "halo_block", "halo_energies", "energy_offset"})
+  for (const char *method : {"edge_energy_gradients", "halo_tokens", "halo_block", "halo_energies",
+                             "energy_offset"})
     if (!model_.find_method(method))
       error->all(FLERR, "pair_style transip: {} has no method {}: it was exported by an older transip; export "
                  "it again with this one", path, method);
@@ -221,7 +222,6 @@ void PairTransIP::build_graph() {
 // ------------------------------------------------------------------------------ tokens between ranks
 torch::Tensor PairTransIP::ghost_tokens(const torch::Tensor &local) {
   const int nlocal = atom->nlocal, nghost = graph_.atoms - nlocal;
-  if (fold_images_) return torch::empty({0, token_width_}, local.options());
   tokens_.resize(static_cast<size_t>(nlocal + atom->nghost) * token_width_);
   const torch::Tensor values = local.detach().to(torch::kFloat64).contiguous();
   std::copy(values.data_ptr<double>(), values.data_ptr<double>() + values.numel(), tokens_.begin());
@@ -234,7 +234,6 @@ torch::Tensor PairTransIP::ghost_tokens(const torch::Tensor &local) {
 }
 
 torch::Tensor PairTransIP::sum_onto_owners(const torch::Tensor &local_grad, const torch::Tensor &ghost_grad) {
-  if (fold_images_) return local_grad;
   const int nlocal = atom->nlocal;
   token_grads_.assign(static_cast<size_t>(nlocal + atom->nghost) * token_width_, 0.0);
   if (ghost_grad.defined() && ghost_grad.numel() > 0) {
@@ -271,11 +270,25 @@ void PairTransIP::unpack_reverse_comm(int n, int *list_, double *buf) {
 }
 
 // ------------------------------------------------------------------------------------- evaluation
-// The artifact's halo methods, block by block (docs/artifact.md). Each block's inputs are fresh leaves, so the
-// backward runs block by block too, and the gradient that reaches a ghost's token goes back to its owner
-// before the owner's previous block is differentiated.
+// One rank: every sender is a local atom (images folded onto owners), so the whole model and its gradient run
+// in one call, as the bare artifact call does.
 PairTransIP::Result PairTransIP::evaluate(const torch::Tensor &vectors, const torch::Tensor &numbers,
                                           const torch::Tensor &receivers, const torch::Tensor &senders) {
+  if (!fold_images_) return evaluate_by_blocks(vectors, numbers, receivers, senders);
+  const auto out = model_.get_method("edge_energy_gradients")({vectors, numbers, receivers, senders, charge_, spin_})
+                       .toTuple()->elements();
+  Result result;
+  result.atom_energies = out[0].toTensor();
+  result.edge_grads = out[1].toTensor();
+  result.energy = result.atom_energies.sum().item<double>();
+  return result;
+}
+
+// Several ranks: the artifact's halo methods, block by block (docs/artifact.md). Each block's inputs are fresh
+// leaves, so the backward runs block by block too, and the gradient that reaches a ghost's token goes back to
+// its owner before the owner's previous block is differentiated.
+PairTransIP::Result PairTransIP::evaluate_by_blocks(const torch::Tensor &vectors, const torch::Tensor &numbers,
+                                                    const torch::Tensor &receivers, const torch::Tensor &senders) {
   const int64_t nlocal = atom->nlocal;
   const auto tokens = model_.get_method("halo_tokens")({vectors, numbers, receivers, senders, nlocal, charge_, spin_})
                           .toTuple()->elements();

@@ -53,7 +53,9 @@ class PairTransIP : public Pair {
   void load_model(const std::string &path);
   void build_graph();
   Result evaluate(const torch::Tensor &vectors, const torch::Tensor &numbers, const torch::Tensor &receivers,
-                  const torch::Tensor &senders);
+                  const torch::Tensor &senders);  // one pass (one rank) or block by block (several ranks)
+  Result evaluate_by_blocks(const torch::Tensor &vectors, const torch::Tensor &numbers,
+                            const torch::Tensor &receivers, const torch::Tensor &senders);
   torch::Tensor ghost_tokens(const torch::Tensor &local);  // forward communication of one block's input
   torch::Tensor sum_onto_owners(const torch::Tensor &local_grad, const torch::Tensor &ghost_grad);  // reverse
   void add_atom_virial(int i, const double *w, double scale);
