@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import re
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from native_ops import machine, run_task, water_system  # noqa: E402
+from native_ops import machine, rss_kib, run_task, water_system  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
@@ -172,7 +173,10 @@ def measure(task: dict) -> dict:
     seconds = {"model": time_model, "openmm": time_openmm, "mace": time_mace, "classical": time_classical,
                "lammps-1": lambda t, x: time_lammps(t, x, 1), "lammps-2": lambda t, x: time_lammps(t, x, 2)}[engine](
         task, s)
-    return dict(task, atoms_actual=len(s.numbers), seconds=seconds)
+    # Peak resident memory of the run: this process, or the largest LAMMPS rank (its own processes).
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mib = children if engine.startswith("lammps") else rss_kib("VmHWM") / 1024
+    return dict(task, atoms_actual=len(s.numbers), seconds=seconds, peak_mib=peak_mib)
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -190,11 +194,12 @@ def ensure_mace_model(folder: Path, requested) -> Path:
     return train_mace(config, structures, splits, 32, 0, folder / "mace")
 
 
-def fitted_exponent(rows, engine):
+def fitted_exponent(rows, engine, key):
+    """Slope of log(key) against log(atoms) over the water boxes of 1 000 atoms and more."""
     import numpy as np
 
-    points = [(r["atoms_actual"], r["seconds"]) for r in rows
-              if r["engine"] == engine and r["system"] == "water" and "seconds" in r and r["atoms_actual"] >= 1000]
+    points = [(r["atoms_actual"], r[key]) for r in rows
+              if r["engine"] == engine and r["system"] == "water" and key in r and r["atoms_actual"] >= 1000]
     if len(points) < 2:
         return None
     x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
@@ -239,25 +244,38 @@ def write_report(rows: list, info: dict, threads: int, out: Path, mace_model: st
         lines.append(f"| {system} | {model['atoms_actual']} | {ms(model)} | {ms(openmm_row)} | {over(openmm_row)} | "
                      f"{ms(one)} | {over(one)} | {ms(two)} | {scaling} | {ns_day} | {ms(mace)} | {peer} | "
                      f"{ms(classical)} |")
-    exponents = {e: fitted_exponent(rows, e) for e in ENGINES}
-    fitted = ", ".join(f"{e} {x:.2f}" for e, x in exponents.items() if x is not None)
-    lines += ["", f"Fitted exponent of time against atoms (water boxes, 1 000 atoms and up): {fitted or 'n/a'}."]
+    exponents = {e: fitted_exponent(rows, e, "seconds") for e in ENGINES}
+    memory_exponents = {e: fitted_exponent(rows, e, "peak_mib") for e in ENGINES}
+    lines += ["", "Fitted exponent against atoms (water boxes, 1 000 atoms and up): time " +
+              (", ".join(f"{e} {x:.2f}" for e, x in exponents.items() if x is not None) or "n/a") +
+              "; peak memory " + (", ".join(f"{e} {x:.2f}" for e, x in memory_exponents.items() if x is not None)
+                                  or "n/a") + ".", "",
+              "Peak resident memory per run (MiB; the whole process with its libraries, LAMMPS: the largest rank):",
+              "", "| system | atoms | " + " | ".join(ENGINES) + " |", "| " + " | ".join(["---"] * (2 + len(ENGINES))) + " |"]
+    for system, atoms in sorted({(r["system"], r["atoms"]) for r in rows}, key=lambda k: (k[0] != "aspirin", k[1])):
+        cells = [get(system, atoms, e) for e in ENGINES]
+        lines.append(f"| {system} | {atoms} | " + " | ".join(
+            f"{r['peak_mib']:.0f}" if r is not None and "peak_mib" in r else "-" for r in cells) + " |")
 
-    figure, ax = plt.subplots(figsize=(7, 5))
-    for engine in ENGINES:
-        done = sorted((r["atoms_actual"], 1e3 * r["seconds"]) for r in rows
-                      if r["engine"] == engine and r["system"] == "water" and "seconds" in r)
-        if done:
-            label = engine + (f" (exponent {exponents[engine]:.2f})" if exponents[engine] is not None else "")
-            ax.loglog(*zip(*done), marker="o", label=label)
-    ax.set(xlabel="atoms (water box)", ylabel="ms per step / per call", title="time per MD step against size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, key, scale, fits, label in ((axes[0], "seconds", 1e3, exponents, "ms per step / per call"),
+                                        (axes[1], "peak_mib", 1.0, memory_exponents, "peak resident memory (MiB)")):
+        for engine in ENGINES:
+            done = sorted((r["atoms_actual"], scale * r[key]) for r in rows
+                          if r["engine"] == engine and r["system"] == "water" and key in r)
+            if done:
+                name = engine + (f" (exponent {fits[engine]:.2f})" if fits[engine] is not None else "")
+                ax.loglog(*zip(*done), marker="o", label=name)
+        ax.set(xlabel="atoms (water box)", ylabel=label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("time per MD step against size")
+    axes[1].set_title("peak memory against size")
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out.with_suffix(".png"), dpi=120)
     write_results(out, {"machine": info, "threads": threads, "mace_model": mace_model, "rows": rows,
-                        "exponents": exponents}, lines)
+                        "exponents": exponents, "memory_exponents": memory_exponents}, lines)
 
 
 def main(argv=None) -> int:
@@ -289,12 +307,17 @@ def main(argv=None) -> int:
                       artifact=str(artifact), mace_model=mace_model)
                  for system, atoms in systems for engine in ENGINES
                  if not (engine == "classical" and system == "aspirin")]
-        rows = []
+        rows, out_of_memory = [], {}  # engine -> atoms at which it ran out of memory
         for task in tqdm(tasks, desc="engines benchmark", unit="run"):
             if task["engine"] == "mace" and task["atoms"] > args.mace_max_atoms:
                 rows.append(dict(task, skipped=f"above --mace-max-atoms {args.mace_max_atoms}"))
                 continue
+            if task["engine"] in out_of_memory:
+                rows.append(dict(task, skipped=f"out of memory at {out_of_memory[task['engine']]} atoms"))
+                continue
             result = run_task(task, args.timeout, __file__)
+            if result.get("out_of_memory"):
+                out_of_memory[task["engine"]] = task["atoms"]
             rows.append(result)
             tqdm.write(f"{task['system']:8s} {task['atoms']:7d} {task['engine']:9s} " + (
                 result["skipped"] if "skipped" in result else f"{1e3 * result['seconds']:10.2f} ms"))

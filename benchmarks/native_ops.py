@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import platform
 import statistics
 import subprocess
@@ -169,6 +170,8 @@ def run_task(task: dict, timeout: float, script: str = __file__) -> dict:
                              env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return dict(task, skipped=f"took longer than {timeout:.0f} s")
+    if out.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer does: a limit, not a bug
+        return dict(task, skipped="out of memory (killed)", out_of_memory=True)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
         return dict(task, skipped=f"failed (exit {out.returncode}): {tail}")

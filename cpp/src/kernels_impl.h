@@ -27,57 +27,90 @@ inline T dot(const T* a, const T* b, int64_t n) {
   return sum;
 }
 
+// y = exp(x) for an array, written as plain arithmetic so that the compiler vectorises it (std::exp is a scalar
+// library call). Range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-13 Taylor polynomial for exp(r)
+// (truncation error below 2e-16 relative), and 2^n assembled in the exponent bits; computed in double for
+// both precisions. Arguments below -708 give 0 (as exp underflows), above 709 are clamped (never reached here).
+template <typename T>
+void exp_array(const T* x, T* y, int64_t n) {
+  constexpr double log2e = 1.4426950408889634, ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const double xi = std::min(std::max(static_cast<double>(x[i]), -708.0), 709.0);
+    const double k = std::nearbyint(xi * log2e);
+    const double r = (xi - k * ln2_hi) - k * ln2_lo;
+    double p = 1.0 / 6227020800.0;  // 1/13!
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
+    double scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    y[i] = static_cast<T>(x[i] < T(-708) ? 0.0 : p * scale);
+  }
+}
+
 }  // namespace
+
+// Scores of one row, (self edge first when there is one) x heads: s = q_i . k_j / sqrt(D) + bias.
+template <typename T>
+int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t H, int64_t D, T scale, std::vector<T>& s) {
+  const int64_t HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
+  const int64_t e0 = in.row_ptr[i], count = self + in.row_ptr[i + 1] - e0;
+  if (static_cast<int64_t>(s.size()) < count * H) s.resize(count * H);
+  const T* qi = in.q + i * HD;
+  for (int64_t x = 0; x < count; ++x) {
+    const bool is_self = x < self;
+    const T* kj = in.k + (is_self ? i : in.senders[e0 + x - self]) * HD;
+    const T* bias = is_self ? in.self_bias : in.bias + (e0 + x - self) * H;
+    for (int64_t h = 0; h < H; ++h) s[x * H + h] = dot(qi + h * D, kj + h * D, D) * scale + bias[h];
+  }
+  return count;
+}
 
 template <typename T>
 void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in,
                        const AttentionForwardOutputs<T>& result) {
-  const int64_t H = shape.heads, D = shape.head_dim, HD = H * D;
+  const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
   const T scale = T(1) / std::sqrt(T(D));
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    // Per-head softmax state of the current row, and the per-edge rescale factor c and weight w.
-    std::vector<T> state(4 * H);
+    // Two passes over each row instead of an online softmax: all scores first, then the row maximum, then
+    // every exp at once (vectorised), so the accumulator is never rescaled.
+    std::vector<T> p, state(2 * H);
     T* m = state.data();
     T* z = m + H;
-    T* c = z + H;
-    T* w = c + H;
     for (int64_t i = begin; i < end; ++i) {
+      const int64_t count = row_scores(in, i, H, D, scale, p), e0 = in.row_ptr[i];
+      std::fill(m, m + H, -std::numeric_limits<T>::infinity());
+      for (int64_t x = 0; x < count; ++x)
+        for (int64_t h = 0; h < H; ++h) m[h] = std::max(m[h], p[x * H + h]);
+      for (int64_t x = 0; x < count; ++x)
+        for (int64_t h = 0; h < H; ++h) p[x * H + h] -= m[h];
+      exp_array(p.data(), p.data(), count * H);
       T* acc = result.out + i * HD;
-      const T* qi = in.q + i * HD;
-      if (in.self_bias != nullptr) {  // the row starts with the atom itself: weight exp(0) = 1, envelope 1
-        std::copy(in.v + i * HD, in.v + (i + 1) * HD, acc);
+      std::fill(acc, acc + HD, T(0));
+      std::fill(z, z + H, T(0));
+      for (int64_t x = 0; x < count; ++x) {
+        const bool is_self = x < self;
+        const T* vj = in.v + (is_self ? i : in.senders[e0 + x - self]) * HD;
+        const T env = is_self ? T(1) : in.envelope[e0 + x - self];
         for (int64_t h = 0; h < H; ++h) {
-          m[h] = dot(qi + h * D, in.k + i * HD + h * D, D) * scale + in.self_bias[h];
-          z[h] = T(1);
-        }
-      } else {
-        std::fill(acc, acc + HD, T(0));
-        std::fill(m, m + H, -std::numeric_limits<T>::infinity());
-        std::fill(z, z + H, T(0));
-      }
-      for (int64_t e = in.row_ptr[i]; e < in.row_ptr[i + 1]; ++e) {
-        const int64_t j = in.senders[e];
-        const T* kj = in.k + j * HD;
-        const T* vj = in.v + j * HD;
-        const T env = in.envelope[e];
-        for (int64_t h = 0; h < H; ++h) {
-          const T s = dot(qi + h * D, kj + h * D, D) * scale + in.bias[e * H + h];
-          // Online softmax: when a new maximum arrives, rescale what has been accumulated so far.
-          if (s > m[h]) {
-            c[h] = std::exp(m[h] - s);
-            m[h] = s;
-          } else {
-            c[h] = T(1);
-          }
-          w[h] = env * std::exp(s - m[h]);
-          z[h] = z[h] * c[h] + w[h];
-        }
-        for (int64_t h = 0; h < H; ++h) {
+          const T wh = env * p[x * H + h];
+          z[h] += wh;
           T* a = acc + h * D;
           const T* vh = vj + h * D;
-          const T ch = c[h], wh = w[h];
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] = a[d] * ch + wh * vh[d];
+          for (int64_t d = 0; d < D; ++d) a[d] += wh * vh[d];
         }
       }
       for (int64_t h = 0; h < H; ++h) {
@@ -95,21 +128,19 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
 template <typename T>
 void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& in,
                         const AttentionBackwardArgs<T>& args) {
-  const int64_t H = shape.heads, D = shape.head_dim, HD = H * D;
+  const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
   const T scale = T(1) / std::sqrt(T(D));
 
   // Pass 1, over receivers. With t_e = dL/dw_e = g_i . (v_j - out_i) / Z_i (or g_i . v_j when Z_i = 0,
   // where the reference path divides by 1):
   //   dL/d envelope_e = sum_h t_e exp(s_e - m_i),   dL/ds_e = t_e w_e,   dL/dq_i = sum_e dL/ds_e k_j / sqrt(D).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    std::vector<T> state(3 * H);
+    std::vector<T> p, t, state(2 * H);  // per row: exp(s - m) and t, (self edge first) x heads
     T* g_dot_out = state.data();
     T* inv_z = g_dot_out + H;
-    T* coef = inv_z + H;
     for (int64_t i = begin; i < end; ++i) {
       const T* gi = args.grad_out + i * HD;
       const T* oi = args.out + i * HD;
-      const T* qi = in.q + i * HD;
       const T* mi = args.row_max + i * H;
       T* gqi = args.grad_q + i * HD;
       std::fill(gqi, gqi + HD, T(0));
@@ -118,47 +149,39 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
         inv_z[h] = zh > T(0) ? T(1) / zh : T(1);
         g_dot_out[h] = zh > T(0) ? dot(gi + h * D, oi + h * D, D) : T(0);
       }
-      if (in.self_bias != nullptr) {  // the self edge: its k_i, v_i gradients are added in pass 2
-        const T* ki = in.k + i * HD;
-        const T* vi = in.v + i * HD;
+      const int64_t count = row_scores(in, i, H, D, scale, p), e0 = in.row_ptr[i];
+      if (static_cast<int64_t>(t.size()) < count * H) t.resize(count * H);
+      for (int64_t x = 0; x < count; ++x) {
+        const T* vj = in.v + (x < self ? i : in.senders[e0 + x - self]) * HD;
         for (int64_t h = 0; h < H; ++h) {
-          const T s = dot(qi + h * D, ki + h * D, D) * scale + in.self_bias[h];
-          const T p = std::exp(s - mi[h]);
-          const T t = (dot(gi + h * D, vi + h * D, D) - g_dot_out[h]) * inv_z[h];
-          const T ds = t * p;
-          args.self_grad[i * H + h] = ds;
-          args.self_weight[i * H + h] = p * inv_z[h];
-          T* g = gqi + h * D;
-          const T* kh = ki + h * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) g[d] += ds * scale * kh[d];
+          p[x * H + h] -= mi[h];
+          t[x * H + h] = (dot(gi + h * D, vj + h * D, D) - g_dot_out[h]) * inv_z[h];
         }
       }
-      for (int64_t e = in.row_ptr[i]; e < in.row_ptr[i + 1]; ++e) {
-        const int64_t j = in.senders[e];
-        const T* kj = in.k + j * HD;
-        const T* vj = in.v + j * HD;
-        const T env = in.envelope[e];
+      exp_array(p.data(), p.data(), count * H);
+      for (int64_t x = 0; x < count; ++x) {
+        const bool is_self = x < self;
+        const int64_t e = e0 + x - self;
+        const T* kj = in.k + (is_self ? i : in.senders[e]) * HD;
+        const T env = is_self ? T(1) : in.envelope[e];
         T grad_env = 0;
         for (int64_t h = 0; h < H; ++h) {
-          const T s = dot(qi + h * D, kj + h * D, D) * scale + in.bias[e * H + h];
-          const T p = std::exp(s - mi[h]);
-          const T t = (dot(gi + h * D, vj + h * D, D) - g_dot_out[h]) * inv_z[h];
-          const T w = env * p;
-          const T ds = t * w;
-          grad_env += t * p;
-          args.grad_bias[e * H + h] = ds;
-          args.edge_weight[e * H + h] = w * inv_z[h];
-          coef[h] = ds * scale;
-        }
-        args.grad_envelope[e] = grad_env;
-        for (int64_t h = 0; h < H; ++h) {
+          const T ph = p[x * H + h], th = t[x * H + h], ds = th * env * ph;
+          if (is_self) {  // the self edge: its k_i, v_i gradients are added in pass 2
+            args.self_grad[i * H + h] = ds;
+            args.self_weight[i * H + h] = ph * inv_z[h];
+          } else {
+            grad_env += th * ph;
+            args.grad_bias[e * H + h] = ds;
+            args.edge_weight[e * H + h] = env * ph * inv_z[h];
+          }
           T* g = gqi + h * D;
           const T* kh = kj + h * D;
-          const T ch = coef[h];
+          const T ch = ds * scale;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) g[d] += ch * kh[d];
         }
+        if (!is_self) args.grad_envelope[e] = grad_env;
       }
     }
   });
@@ -209,39 +232,6 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
 namespace {
 
 constexpr int64_t kGrainEdges = 256;
-
-// y = exp(x) for an array, written as plain arithmetic so that the compiler vectorises it (std::exp is a scalar
-// library call). Range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-13 Taylor polynomial for exp(r)
-// (truncation error below 2e-16 relative), and 2^n assembled in the exponent bits; computed in double for
-// both precisions. Arguments below -708 give 0 (as exp underflows), above 709 are clamped (never reached here).
-template <typename T>
-void exp_array(const T* x, T* y, int64_t n) {
-  constexpr double log2e = 1.4426950408889634, ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const double xi = std::min(std::max(static_cast<double>(x[i]), -708.0), 709.0);
-    const double k = std::nearbyint(xi * log2e);
-    const double r = (xi - k * ln2_hi) - k * ln2_lo;
-    double p = 1.0 / 6227020800.0;  // 1/13!
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
-    double scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    y[i] = static_cast<T>(x[i] < T(-708) ? 0.0 : p * scale);
-  }
-}
 
 // Features of one edge and the first layer: f = [r / cutoff, rbf(|r|)], z = w1 f + b1, s = sigmoid(z).
 // Returns |r|.
