@@ -1,7 +1,7 @@
 """Checkpoint -> one TorchScript artifact with its metadata inside, for Python, C++, OpenMM and LAMMPS.
 
 The artifact is a scripted `TransIPArtifact` (Angstrom and eV in, eV and eV/A out, the dtype chosen at
-export) with two whole-structure methods, and the halo methods further down for engines that exchange each
+export) with three whole-structure methods, and the halo methods further down for engines that exchange each
 block's tokens between domains (docs/artifact.md):
 
 - `compute(positions, numbers, cell, pbc, charge, spin, compute_virial)`: one structure; the artifact builds
@@ -14,6 +14,8 @@ block's tokens between domains (docs/artifact.md):
   The energy is the sum over local atoms (plus the structure's charge/spin offsets when `include_offsets`,
   so that exactly one rank adds them); forces act on every atom, ghosts included (the engine sums ghost
   forces back onto their owners); the virial is -sum_e g_e (x) r_e over all edges.
+- `edge_energy_gradients(edge_vectors, numbers, receivers, senders, charge, spin)`: per-atom energies and
+  dE/d(edge vector) from edges the engine has already formed (LAMMPS on one rank, images folded onto owners).
 
 Metadata (format version, elements, cutoff, layers, receptive field, units, dtype, charge/spin ranges,
 native ops and their version, provenance, metrics, creation time) is a JSON extra file,
@@ -144,10 +146,10 @@ class TransIPArtifact(nn.Module):
     def edge_energy_gradients(self, edge_vectors: torch.Tensor, numbers: torch.Tensor, receivers: torch.Tensor,
                               senders: torch.Tensor, charge: int = 0, spin: int = 1,
                               depth_counts: Optional[List[int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per-atom energies (charge/spin offset not included) and dE/d(edge vector), in one pass, for a graph
-        that holds every neighbour as one of its own atoms (a periodic image folded onto its owner; LAMMPS on
-        one rank). Edges grouped by receiver; `edge_vectors` = x_sender - x_receiver. `depth_counts`: see
-        `TransIP.energy_from_edges`."""
+        """Per-atom energies (charge/spin offset not included) and dE/d(edge vector), in one pass, over a graph
+        whose atoms include every sender: periodic images folded onto their owners (LAMMPS on one rank), or
+        explicit ghosts pruned by `depth_counts` (`compute_with_neighbors`; see `TransIP.energy_from_edges`).
+        Edges grouped by receiver; `edge_vectors` = x_sender - x_receiver."""
         dtype = self.model.reference_energy.dtype
         edge_vectors = edge_vectors.detach().to(dtype).requires_grad_(True)
         n = numbers.shape[0]
