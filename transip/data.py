@@ -31,6 +31,8 @@ class Structure:
     energy: Optional[float] = None
     forces: Optional[np.ndarray] = None
     name: str = ""  # molecule identity, used to split by molecule
+    kind: str = ""  # molecule | cluster | box | wall (datasets of transip.refdata), else ""
+    split: str = ""  # held-out group recorded by the generator (test_scaffolds, ...), or train; "" if none
 
     def __post_init__(self):
         self.numbers = np.asarray(self.numbers, dtype=np.int64)
@@ -102,17 +104,29 @@ def structure_from_atoms(atoms, name: str = "", require_labels: bool = True) -> 
     pbc = np.asarray(atoms.pbc, dtype=bool)
     return Structure(atoms.numbers, atoms.positions, int(info.get("charge", 0)), int(info.get("spin", 1)),
                      np.asarray(atoms.cell[:]) if pbc.any() else None, pbc if pbc.any() else None,
-                     None if energy is None else float(energy), forces, str(info.get("name", name)))
+                     None if energy is None else float(energy), forces, str(info.get("name", name)),
+                     str(info.get("kind", "")), str(info.get("split", "")))
 
 
 def read_structures(path, require_labels: bool = True, index: str = ":") -> List[Structure]:
-    """Read every structure of an extended XYZ file (optionally .xz/.gz/.bz2) or an ASE database
-    (.db, .json, OMol25 .aselmdb). Raises a clear error for a missing, unreadable or empty file."""
+    """Read every structure of an extended XYZ file (optionally .xz/.gz/.bz2), an ASE database
+    (.db, .json, OMol25 .aselmdb) or a sharded dataset folder (transip.refdata: its complete shards). Raises a
+    clear error for a missing, unreadable or empty file."""
     import ase.io
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset file {path} does not exist")
+    if path.is_dir():
+        from .refdata import MANIFEST, read_shards
+
+        if not (path / MANIFEST).exists():
+            raise ValueError(f"dataset folder {path} has no {MANIFEST}: not a dataset made by "
+                             "`transip data generate --recipe chemistry`")
+        frames = read_shards(path)
+        if not frames:
+            raise ValueError(f"dataset folder {path} has no complete shard yet")
+        return [structure_from_atoms(a, require_labels=require_labels) for a in frames]
     suffixes = [s for s in path.suffixes if s not in COMPRESSION_SUFFIXES]
     kind = suffixes[-1].lower() if suffixes else ""
     try:
@@ -165,9 +179,30 @@ def _read_database(path: Path):
 
 def split_indices(structures: Sequence[Structure], seed: int = 0, test_molecule_fraction: float = 0.1,
                   val_fraction: float = 0.1, test_frame_fraction: float = 0.1) -> Dict[str, List[int]]:
-    """Split by molecule (whole molecules held out: `test_molecules`) and by frame (random frames of the
-    remaining molecules: `train`, `val`, `test_frames`). Deterministic for a seed."""
+    """Deterministic splits for a seed.
+
+    A dataset whose structures record their held-out group (transip.refdata) keeps those groups whole
+    (`test_scaffolds`, `test_clusters`, `condensed`; `test_molecules` is the held-out scaffolds, so tools that
+    ask for held-out molecules get them) and splits the rest by frame into `train`, `val` and `test_frames`,
+    wall configurations staying in training. Any other dataset is split by molecule (whole molecules held out:
+    `test_molecules`) and by frame (random frames of the remaining molecules)."""
     rng = np.random.default_rng(seed)
+    if any(s.split for s in structures):
+        groups: Dict[str, List[int]] = {}
+        for i, s in enumerate(structures):
+            groups.setdefault(s.split or "train", []).append(i)
+        pool = np.array([i for i in groups.pop("train", []) if structures[i].kind != "wall"], dtype=np.int64)
+        wall = [i for i, s in enumerate(structures) if s.kind == "wall" and (s.split or "train") == "train"]
+        pool = pool[rng.permutation(len(pool))]
+        n_val, n_test = int(round(val_fraction * len(pool))), int(round(test_frame_fraction * len(pool)))
+        splits = {"train": sorted(pool[n_val + n_test:].tolist() + wall), "val": sorted(pool[:n_val].tolist()),
+                  "test_frames": sorted(pool[n_val:n_val + n_test].tolist())}
+        for name in ("test_scaffolds", "test_clusters", "condensed"):
+            splits[name] = sorted(groups.pop(name, []))
+        splits.update({name: sorted(v) for name, v in groups.items()})
+        splits["test_molecules"] = splits["test_scaffolds"]
+        splits["held_out_molecules"] = sorted({structures[i].molecule_key for i in splits["test_scaffolds"]})
+        return splits
     keys = sorted({s.molecule_key for s in structures})
     num_held = int(round(test_molecule_fraction * len(keys)))
     if test_molecule_fraction > 0 and len(keys) > 1:

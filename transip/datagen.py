@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 # (name, SMILES). Charge comes from the formal charges, spin multiplicity from the radical electrons
-# (high spin), both as rdkit perceives them. H C N O F S Cl only.
+# (high spin), both as rdkit perceives them. H C N O F S Cl only (Br comes with the drug-like molecules of
+# the 'chemistry' recipe, transip/refdata.py).
 MOLECULES: list[tuple[str, str]] = [
     # neutral closed shell
     ("water", "O"), ("ammonia", "N"), ("methane", "C"), ("methanol", "CO"), ("ethanol", "CCO"),
@@ -42,7 +43,7 @@ MOLECULES: list[tuple[str, str]] = [
     ("phenoxyl_radical", "[O]c1ccccc1"), ("allyl_radical", "C=C[CH2]"), ("triplet_methylene", "[CH2]"),
 ]
 
-ALLOWED_ELEMENTS = {"H", "C", "N", "O", "F", "S", "Cl"}
+ALLOWED_ELEMENTS = {"H", "C", "N", "O", "F", "S", "Cl", "Br"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,45 +85,63 @@ def embed_molecule(name: str, smiles: str, seed: int):
     return atoms
 
 
-def _xtb(charge: int, multiplicity: int):
+def xtb_calculator(charge: int, multiplicity: int, **options):
     from tblite.ase import TBLite
 
-    return TBLite(method="GFN2-xTB", charge=charge, multiplicity=multiplicity, verbosity=0)
+    return TBLite(method="GFN2-xTB", charge=charge, multiplicity=multiplicity, verbosity=0, **options)
 
 
-def run_task(task: SamplingTask) -> list:
-    """Langevin MD with GFN2-xTB; returns `task.frames` labelled snapshots (ase.Atoms with a calculator)."""
+def labelled_snapshot(atoms, **info):
+    """A copy of `atoms` (positions rounded to 1e-5 A in place first, so that the label belongs to exactly the
+    stored geometry) with the xTB energy and forces of its calculator, forces rounded to 1e-5 eV/A (the file
+    compresses ~2x better)."""
     import ase
-    from ase import units
     from ase.calculators.singlepoint import SinglePointCalculator
+
+    atoms.positions = np.round(atoms.positions, 5)
+    energy, forces = float(atoms.get_potential_energy()), atoms.get_forces(apply_constraint=False)
+    snap = ase.Atoms(atoms.numbers, positions=atoms.positions.copy(), cell=atoms.cell, pbc=atoms.pbc)
+    snap.calc = SinglePointCalculator(snap, energy=energy, forces=np.round(forces, 5))
+    snap.info.update(info)
+    return snap
+
+
+def sample_md(atoms, temperature_k: float, rng, frames: int, stride: int, equilibration_steps: int,
+              timestep_fs: float, optimisation_steps: int = 200, fmax: float = 0.05, **info) -> list:
+    """Relax `atoms` (with its xTB calculator) briefly, then Langevin MD; returns `frames` labelled snapshots
+    taken every `stride` steps after `equilibration_steps`, each carrying `info`."""
+    from ase import units
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
     from ase.optimize import BFGS
 
+    if len(atoms) > 1:
+        if optimisation_steps:
+            BFGS(atoms, logfile=None).run(fmax=fmax, steps=optimisation_steps)
+        thermalize_momenta(atoms, temperature_k, rng=rng)
+        Stationary(atoms)
+        if not atoms.pbc.any():
+            ZeroRotation(atoms)
+    atoms.set_constraint(FixCom())
+    dyn = Langevin(atoms, timestep=timestep_fs * units.fs, temperature_K=temperature_k,
+                   friction=0.02 / units.fs, fixcm=False, rng=rng)
+    dyn.run(equilibration_steps)
+    snapshots = []
+    for _ in range(frames):
+        dyn.run(stride)
+        snapshots.append(labelled_snapshot(atoms, temperature=temperature_k, **info))
+    atoms.set_constraint()
+    return snapshots
+
+
+def run_task(task: SamplingTask) -> list:
+    """Langevin MD with GFN2-xTB; returns `task.frames` labelled snapshots (ase.Atoms with a calculator)."""
     atoms = embed_molecule(task.name, task.smiles, task.seed)
     charge, spin = atoms.info["charge"], atoms.info["spin"]
-    atoms.calc = _xtb(charge, spin)
-    rng = np.random.default_rng(task.seed)
-    if len(atoms) > 1:
-        BFGS(atoms, logfile=None).run(fmax=0.05, steps=200)
-        thermalize_momenta(atoms, task.temperature_k, rng=rng)
-        Stationary(atoms)
-        ZeroRotation(atoms)
-    atoms.set_constraint(FixCom())
-    dyn = Langevin(atoms, timestep=task.timestep_fs * units.fs, temperature_K=task.temperature_k,
-                   friction=0.02 / units.fs, fixcm=False, rng=rng)
-    dyn.run(task.equilibration_steps)
-    frames = []
-    for _ in range(task.frames):
-        dyn.run(task.stride)
-        energy, forces = float(atoms.get_potential_energy()), atoms.get_forces(apply_constraint=False)
-        # Rounding to 1e-5 (A, eV/A) changes energies by < 1e-4 eV and makes the file compress ~2x better.
-        snap = ase.Atoms(atoms.numbers, positions=np.round(atoms.positions, 5))
-        snap.calc = SinglePointCalculator(snap, energy=energy, forces=np.round(forces, 5))
-        snap.info.update(name=task.name, charge=charge, spin=spin, temperature=task.temperature_k)
-        frames.append(snap)
-    return frames
+    atoms.calc = xtb_calculator(charge, spin)
+    return sample_md(atoms, task.temperature_k, np.random.default_rng(task.seed), task.frames, task.stride,
+                     task.equilibration_steps, task.timestep_fs, name=task.name, charge=charge, spin=spin)
 
 
 def make_tasks(molecules, temperatures, frames_per_task, stride, equilibration_steps, timestep_fs, seed):
