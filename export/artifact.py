@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -37,6 +35,8 @@ from torch import nn
 
 from transip import __version__, native
 from transip.checkpoint import load_checkpoint, model_from_checkpoint
+from transip.domain import trained_domain
+from transip.files import write_atomically
 from transip.model import ELEMENT_SYMBOLS, TransIP, csr_row_ptr, receptive_order
 from transip.neighbors import reference_neighbors
 
@@ -219,6 +219,8 @@ def build_metadata(payload: dict, model: TransIP, dtype: str, kernel: str, check
         "kernel": kernel,
         "charge_spin": {"inputs": True, "max_abs_charge": int(config.max_abs_charge),
                         "max_multiplicity": int(config.max_multiplicity)},
+        # what the training data held; engines refuse anything else unless the user insists (transip.domain)
+        "trained_domain": trained_domain(payload),
         "native_ops": ({"library": "transip", "version": native.version(), "ops": FUSED_OPS}
                        if kernel == "fused" else None),
         "methods": ["compute", "compute_with_neighbors", "edge_energy_gradients", "energy_offset", "halo_tokens",
@@ -244,15 +246,8 @@ def export_checkpoint(checkpoint, output, dtype: str = "float64", kernel: str = 
         parameter.requires_grad_(False)  # inference: forces come from geometry gradients only
     metadata = build_metadata(payload, model, dtype, kernel, checkpoint)
     scripted = torch.jit.script(TransIPArtifact(model, native_neighbors=kernel == "fused"))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name + ".", suffix=".partial")
-    os.close(fd)
-    try:
-        torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(output, lambda tmp: torch.jit.save(scripted, str(tmp),
+                                                       _extra_files={METADATA_FILE: json.dumps(metadata, indent=1)}))
     return metadata
 
 
@@ -272,6 +267,7 @@ def describe(metadata: dict) -> str:
         f"dtype / kernel    {metadata['dtype']} / {metadata['kernel']}",
         f"charge, spin      inputs; |charge| <= {metadata['charge_spin']['max_abs_charge']}, multiplicity 1.."
         f"{metadata['charge_spin']['max_multiplicity']}",
+        "trained domain    " + _describe_domain(metadata.get("trained_domain")),
         "native ops        " + (f"{ops['library']} {ops['version']}: {', '.join(ops['ops'])}" if ops else "none"),
         f"methods           {', '.join(metadata['methods'])}",
         f"trained on        {metadata['provenance'].get('dataset')} (objective {metadata['provenance'].get('objective')},"
@@ -281,3 +277,10 @@ def describe(metadata: dict) -> str:
         lines.append(f"test (frames)     energy MAE {1000 * frames['energy_mae_per_atom']:.2f} meV/atom, force MAE "
                      f"{1000 * frames['force_mae']:.1f} meV/A")
     return "\n".join(lines)
+
+
+def _describe_domain(domain: Optional[dict]) -> str:
+    if not domain:
+        return "not recorded (exported from a checkpoint trained before it was recorded)"
+    return (f"elements {' '.join(domain['elements'])}; charges {domain['charges']}; multiplicities "
+            f"{domain['spins']}")

@@ -19,8 +19,9 @@ from transip import native
 from .artifact import FORMAT, FORMAT_VERSION, METADATA_FILE
 
 
-class ArtifactError(RuntimeError):
-    """An artifact that cannot be used here; the message says why and what to do."""
+class ArtifactError(ValueError):
+    """An artifact that cannot be used here; the message says why and what to do (a ValueError, so that every
+    front end reports it as a user-facing error without importing the export stage)."""
 
 
 def _check_archive(path: Path) -> zipfile.ZipFile:

@@ -37,3 +37,27 @@ def test_build_without_a_compiler_fails_with_a_clear_message(tmp_path):
     result = configure(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
     assert result.returncode != 0
     assert "CMAKE_CXX_COMPILER" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_setup_leaves_the_shipped_artifact_where_the_lammps_decks_run_as_they_are(tmp_path):
+    """`bash run.sh setup` exports the shipped model to lammps/examples/model.pt; the aspirin deck then runs
+    unchanged from its folder (issue 14: no manual export step)."""
+    import json
+    import re
+
+    from transip.export import read_metadata
+
+    examples = ROOT / "lammps" / "examples"
+    artifact = examples / "model.pt"
+    assert artifact.exists(), "run `bash run.sh setup` first: it exports the shipped model to " + str(artifact)
+    assert read_metadata(artifact)["provenance"]["checkpoint"] == "best.ckpt"
+    result = subprocess.run([str(Path(sys.executable).with_name("lmp")), "-in", "in.aspirin_nve", "-log",
+                             str(tmp_path / "log.lammps"), "-screen", "none"], cwd=examples, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (tmp_path / "log.lammps").read_text()
+    rows = [line.split() for line in log.splitlines() if re.fullmatch(r"\s*\d+(\s+[-+\d.eE]+){4}\s*", line)]
+    steps, etotal = [int(r[0]) for r in rows], [float(r[4]) for r in rows]
+    assert steps[0] == 0 and steps[-1] == 2000
+    assert max(etotal) - min(etotal) < 0.01 * 21, json.dumps(rows)  # NVE: total energy within 10 meV/atom

@@ -98,3 +98,100 @@ def test_ase_calculator_energy_forces_and_stress_of_a_periodic_box():
         strained.append(a.get_potential_energy())
     # isotropic strain: dE/d(eps) = V * trace(stress)
     assert (strained[0] - strained[1]) / (2 * h) == pytest.approx(atoms.get_volume() * stress[:3].sum(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- trained domain (issue 14, item 4)
+def test_shipped_checkpoint_records_its_trained_domain():
+    from transip.checkpoint import load_checkpoint
+    from transip.domain import domain_from_training_data, trained_domain
+
+    payload = load_checkpoint(SHIPPED_MODEL)
+    domain = trained_domain(payload)
+    assert domain == {"elements": ["H", "C", "N", "O", "F", "S", "Cl"], "atomic_numbers": [1, 6, 7, 8, 9, 16, 17],
+                      "charges": [-1, 0, 1], "spins": [1, 2, 3]}
+    assert domain_from_training_data(payload, SHIPPED_MODEL) == domain
+
+
+def test_ase_calculator_refuses_untrained_charge_unless_allowed():
+    import ase.io
+
+    from transip.calculator import TransIPCalculator
+
+    atoms = ase.io.read(ASPIRIN)
+    atoms.info["charge"] = 3
+    atoms.calc = TransIPCalculator(SHIPPED_MODEL)
+    with pytest.raises(ValueError, match=r"total charge 3 is not among the trained charges \[-1, 0, 1\].*"
+                                         r"allow_untrained=True"):
+        atoms.get_potential_energy()
+    atoms.info["charge"], atoms.info["spin"] = 0, 5
+    atoms.calc = TransIPCalculator(SHIPPED_MODEL)
+    with pytest.raises(ValueError, match=r"spin multiplicity 5 is not among the trained multiplicities \[1, 2, 3\]"):
+        atoms.get_potential_energy()
+    atoms.calc = TransIPCalculator(SHIPPED_MODEL, allow_untrained=True)
+    with pytest.warns(UserWarning, match="outside the trained domain: spin multiplicity 5"):
+        assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_cli_refuses_untrained_element_charge_and_spin(tmp_path):
+    import ase.io
+
+    bromo = ase.io.read(ASPIRIN)
+    bromo.numbers[20] = 35  # an H becomes Br, which the shipped model never saw
+    path = tmp_path / "bromo.xyz"
+    ase.io.write(path, bromo)
+    for command in (("md", SHIPPED_MODEL, path, "--steps", 2, "--trajectory", tmp_path / "t.extxyz"),
+                    ("check-equivariance", SHIPPED_MODEL, path, "--rotations", 2)):
+        out = transip(*command, check=False)
+        assert out.returncode == 2
+        assert out.stderr.strip() == (
+            f"transip {command[0]}: error: element Br (atom 20, 1 atom(s) in all) is not among the trained "
+            "elements H C N O F S Cl: the model would give an arbitrary energy. Pass --allow-untrained to run it "
+            "anyway"), out.stderr
+        assert not out.stdout, "nothing (no progress bar) before the error"
+    out = transip("md", SHIPPED_MODEL, ASPIRIN, "--charge", 3, "--steps", 2, "--trajectory", tmp_path / "t.extxyz",
+                  check=False)
+    assert out.returncode == 2 and "total charge 3 is not among the trained charges [-1, 0, 1]" in out.stderr
+    out = transip("md", SHIPPED_MODEL, ASPIRIN, "--charge", 1, "--spin", 2, "--steps", 2, "--trajectory",
+                  tmp_path / "t.extxyz")
+    assert out.returncode == 0
+    out = transip("check-equivariance", SHIPPED_MODEL, ASPIRIN, "--charge", 3, "--rotations", 2,
+                  "--allow-untrained")
+    assert out.returncode == 0 and "outside the trained domain: total charge 3" in out.stderr
+
+
+# ---------------------------------------------------------------- output paths (issue 14, item 6)
+def test_export_to_a_bad_path_says_so_in_one_line(tmp_path):
+    import os
+
+    folder = tmp_path / "existing"
+    folder.mkdir()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    unwritable = tmp_path / "locked" / "model.pt"
+    if os.geteuid() == 0:  # root writes anywhere a folder's mode forbids: use a file system that refuses files
+        unwritable = ROOT.anchor + "proc/transip-model.pt"
+    else:
+        unwritable.parent.mkdir()
+        unwritable.parent.chmod(0o500)
+    cases = {folder: "it is an existing folder; give a file name",
+             a_file / "model.pt": f"{a_file} is a file, not a folder",
+             unwritable: ""}
+    for path, reason in cases.items():
+        out = transip("export", SHIPPED_MODEL, "-o", path, check=False)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert lines[0].startswith(f"transip export: error: cannot write {path}: {reason}"), lines[0]
+        assert "partial" not in lines[0] and "Traceback" not in out.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from transip.files import write_atomically
+
+    path = write_atomically(tmp_path / "x.txt", lambda tmp: tmp.write_text("done"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_text() == "done" and (path.stat().st_mode & 0o777) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .checkpoint import model_from_checkpoint
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import Structure, structure_from_atoms
+from .domain import check_trained_domain, domain_for
 from .metrics import predict
 
 
@@ -17,21 +18,34 @@ class TransIPCalculator(Calculator):
     """Energy (eV), forces (eV/A), per-atom energies and, for periodic cells, stress (eV/A^3).
 
     Total charge and spin multiplicity are read from `atoms.info['charge']` / `['spin']` (OMol25 keys),
-    or default to the values given here.
+    or default to the values given here. An element, charge or multiplicity outside the checkpoint's trained
+    domain is refused (ValueError) unless `allow_untrained=True`, which warns once instead.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "energies", "stress"]
 
-    def __init__(self, checkpoint, charge: int = 0, spin: int = 1, dtype: torch.dtype = torch.float64, **kwargs):
+    def __init__(self, checkpoint, charge: int = 0, spin: int = 1, dtype: torch.dtype = torch.float64,
+                 allow_untrained: bool = False, where: str = "python", **kwargs):
         super().__init__(**kwargs)
-        self.model = model_from_checkpoint(checkpoint, dtype)
+        payload = load_checkpoint(checkpoint)
+        self.model = model_from_checkpoint(payload, dtype)
+        self.domain = domain_for(payload, self.model.config)
         self.default_charge, self.default_spin = charge, spin
+        self.allow_untrained, self.where = allow_untrained, where
+
+    def charge_and_spin(self, atoms) -> tuple:
+        return int(atoms.info.get("charge", self.default_charge)), int(atoms.info.get("spin", self.default_spin))
+
+    def check(self, atoms) -> None:
+        """Refuse (or, with allow_untrained, warn about) what the model was not trained on."""
+        check_trained_domain(self.domain, atoms.numbers, *self.charge_and_spin(atoms), self.allow_untrained,
+                             self.where)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
+        self.check(self.atoms)
         s = structure_from_atoms(self.atoms, require_labels=False)
-        s.charge = int(self.atoms.info.get("charge", self.default_charge))
-        s.spin = int(self.atoms.info.get("spin", self.default_spin))
+        s.charge, s.spin = self.charge_and_spin(self.atoms)
         periodic = s.periodic
         out = predict(self.model, [s], compute_virial=periodic)
         energy = float(out["energy"][0])
@@ -44,7 +58,7 @@ class TransIPCalculator(Calculator):
 
 
 def run_md(checkpoint, structure: Structure, steps: int, timestep_fs: float, temperature: float,
-           trajectory: str, seed: int = 0, log=print) -> dict:
+           trajectory: str, seed: int = 0, log=print, allow_untrained: bool = False) -> dict:
     """NVE velocity-Verlet MD with ASE; prints energy and temperature, writes an extended XYZ trajectory."""
     import ase
     import ase.io
@@ -56,7 +70,8 @@ def run_md(checkpoint, structure: Structure, steps: int, timestep_fs: float, tem
     atoms = ase.Atoms(structure.numbers, positions=structure.positions, cell=structure.cell,
                       pbc=structure.pbc if structure.pbc is not None else False)
     atoms.info.update(charge=structure.charge, spin=structure.spin)
-    atoms.calc = TransIPCalculator(checkpoint)
+    atoms.calc = TransIPCalculator(checkpoint, allow_untrained=allow_untrained, where="cli")
+    atoms.calc.check(atoms)  # before the progress bar starts, so an error is the only thing printed
     thermalize_momenta(atoms, temperature, rng=np.random.default_rng(seed))
     Stationary(atoms)
     ZeroRotation(atoms)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
+from .files import write_atomically
 from .model import ModelConfig, TransIP
 
 CHECKPOINT_FORMAT = "transip-checkpoint"
@@ -18,17 +17,8 @@ REQUIRED_KEYS = ("format", "version", "model_config", "model_state")
 
 def save_checkpoint(path, payload: Dict[str, Any]) -> None:
     """Write atomically: a crash mid-write never leaves a truncated file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path) -> Dict[str, Any]:

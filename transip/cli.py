@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 
+UNTRAINED_HELP = ("run an element, total charge or spin multiplicity the model was not trained on (refused "
+                  "otherwise); a warning is printed")
+
+
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="reference data").add_subparsers(dest="data_command", required=True)
     gen = data.add_parser("generate", help="GFN2-xTB reference data: MD of a SMILES list (recipe md) or the "
@@ -74,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument("--seed", type=int, default=0)
     eq.add_argument("--charge", type=int, help="total charge (default: from the file, else 0)")
     eq.add_argument("--spin", type=int, help="spin multiplicity (default: from the file, else 1)")
+    eq.add_argument("--allow-untrained", action="store_true", help=UNTRAINED_HELP)
     md = sub.add_parser("md", help="short MD of a structure: ASE (checkpoint) or OpenMM (artifact or checkpoint)")
     md.add_argument("checkpoint", help="checkpoint (.ckpt); with --engine openmm also an exported artifact (.pt)")
     md.add_argument("--engine", choices=("ase", "openmm"), default="ase")
@@ -88,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--spin", type=int)
     md.add_argument("--trajectory", default="md.extxyz", help="output trajectory (extended XYZ)")
     md.add_argument("--seed", type=int, default=0)
+    md.add_argument("--allow-untrained", action="store_true", help=UNTRAINED_HELP)
     ex = sub.add_parser("export", help="checkpoint -> one TorchScript artifact (with metadata) for every engine")
     ex.add_argument("checkpoint")
     ex.add_argument("-o", "--output", required=True, help="artifact file, e.g. model.pt")
@@ -222,11 +228,15 @@ def _structure_with_overrides(path, charge, spin):
 
 
 def cmd_check_equivariance(args) -> int:
-    from .checkpoint import model_from_checkpoint
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .domain import check_trained_domain, domain_for
     from .metrics import equivariance_error
 
-    model = model_from_checkpoint(args.checkpoint)
+    payload = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(payload)
     s = _structure_with_overrides(args.structure, args.charge, args.spin)
+    check_trained_domain(domain_for(payload, model.config), s.numbers, s.charge, s.spin, args.allow_untrained,
+                         "cli")
     result = equivariance_error(model, [s], args.rotations, args.seed)
     print(f"{args.structure}: {len(s.numbers)} atoms, {args.rotations} random rotations")
     print(f"  energy invariance error |E(Rx) - E(x)|: mean {1000 * result['energy_abs']:.4f} meV, "
@@ -242,7 +252,8 @@ def cmd_md(args) -> int:
     if args.engine == "ase":
         from .calculator import run_md
 
-        run_md(args.checkpoint, s, args.steps, args.timestep_fs, args.temperature, args.trajectory, args.seed)
+        run_md(args.checkpoint, s, args.steps, args.timestep_fs, args.temperature, args.trajectory, args.seed,
+               allow_untrained=args.allow_untrained)
         return 0
     import tempfile
 
@@ -281,15 +292,13 @@ def cmd_inspect(args) -> int:
 
 
 def main(argv=None) -> int:
-    from transip.export import ArtifactError
-
     args = build_parser().parse_args(argv)
     handlers = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate,
                 "check-equivariance": cmd_check_equivariance, "md": cmd_md, "export": cmd_export,
                 "inspect": cmd_inspect}
     try:
         return handlers[args.command](args)
-    except (FileNotFoundError, ValueError, ArtifactError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # user mistakes (the export stage's ArtifactError included)
         print(f"transip {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .files import write_atomically
 
 # (name, SMILES). Charge comes from the formal charges, spin multiplicity from the radical electrons
 # (high spin), both as rdkit perceives them. H C N O F S Cl only (Br comes with the drug-like molecules of
@@ -191,11 +192,7 @@ def generate(output: Path, molecules=MOLECULES, temperatures=(300.0, 600.0, 900.
     ordered = [frame for task in tasks for frame in results[task]]  # deterministic order
     if not ordered:
         raise RuntimeError("data generation produced no frames:\n" + "\n".join(failures))
-    suffix = "".join(output.suffixes)
-    with tempfile.TemporaryDirectory(dir=output.parent) as tmp:
-        partial = Path(tmp) / ("partial" + suffix)
-        ase.io.write(partial, ordered, format="extxyz")
-        os.replace(partial, output)
+    write_atomically(output, lambda tmp: ase.io.write(tmp, ordered, format="extxyz"))
     return {"frames": len(ordered), "molecules": len({f.info["name"] for f in ordered}),
             "tasks": len(tasks), "failures": failures, "seconds": time.perf_counter() - start,
             "bytes": output.stat().st_size, "single_points": len(tasks) * (equilibration_steps +

@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 
 from .datagen import ALLOWED_ELEMENTS, MOLECULES, embed_molecule, labelled_snapshot, xtb_calculator
+from .files import write_atomically
 
 MOSES_PACKAGE = "molsets"  # PyPI package that ships the MOSES data files (install with --no-deps)
 MOSES_FILES = {"train": "train.csv.gz", "test_scaffolds": "test_scaffolds.csv.gz"}
@@ -507,14 +508,8 @@ def shard_path(folder: Path, index: int) -> Path:
     return folder / "shards" / f"shard-{index:05d}{SHARD_SUFFIX}"
 
 
-def _write_atomically(path: Path, write) -> None:
-    partial = path.with_name("partial." + path.name)  # keeps the suffix that picks the compression
-    write(partial)
-    os.replace(partial, path)
-
-
 def _write_json(path: Path, value) -> None:
-    _write_atomically(path, lambda p: p.write_text(json.dumps(value, indent=1) + "\n"))
+    write_atomically(path, lambda p: p.write_text(json.dumps(value, indent=1) + "\n"))
 
 
 def completed_shards(folder: Path) -> dict[int, dict]:
@@ -570,9 +565,9 @@ def generate(folder, recipe: Recipe = Recipe(), workers: int = 2, command: str =
             results = sorted(buffered.pop(s), key=lambda r: r[0])
             frames = [f for r in results for f in r[1]]
             if frames:
-                _write_atomically(shard_path(folder, s), lambda p: ase.io.write(p, frames, format="extxyz"))
+                write_atomically(shard_path(folder, s), lambda p: ase.io.write(p, frames, format="extxyz"))
             else:  # an empty shard is complete too; it holds no frames
-                _write_atomically(shard_path(folder, s), lambda p: p.write_bytes(b""))
+                write_atomically(shard_path(folder, s), lambda p: p.write_bytes(b""))
             _write_json(shard_path(folder, s).with_name(f"shard-{s:05d}.json"),
                         {"tasks": [tasks[r[0]].key for r in results], "frames": len(frames),
                          "failures": [f"{tasks[r[0]].key}: {reason}" for r in results for reason in r[2]],
@@ -608,8 +603,6 @@ def summarize(folder: Path, tasks: list[Task], shards: list[list[int]], manifest
 
 def read_shards(folder) -> list:
     """Every frame of the complete shards of a dataset folder, in shard order (ase.Atoms)."""
-    import ase.io
-
     from .data import _read_extxyz
 
     frames = []
@@ -694,4 +687,4 @@ def write_data_card(folder: Path, manifest: dict) -> None:
         f"{summary.get('generation_seconds', 0) / 3600:.2f} h wall time in {len(runs)} run(s) "
         f"({', '.join(str(r['workers']) for r in runs)} worker(s)), "
         f"{summary.get('task_core_seconds', 0) / 3600:.2f} core-hours in the tasks themselves.", ""]
-    _write_atomically(folder / "README.md", lambda p: p.write_text("\n".join(lines)))
+    write_atomically(folder / "README.md", lambda p: p.write_text("\n".join(lines)))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import Batch, Structure, collate, evaluate_batch, file_digest, read_structures, split_indices
+from .domain import domain_of
 from .metrics import accuracy, equivariance_error, spread_subset
 from .model import ModelConfig, TransformationNetwork, TransIP, count_parameters, random_rotation
 
@@ -140,6 +141,7 @@ class Trainer:
             raise ValueError(f"dataset {config.data}: the training split is empty ({len(structures)} structures)")
         train = training_subset(self.splits["train"], config.max_train_structures, config.seed)
         self.train_set = [structures[i] for i in train]
+        self.trained_domain = domain_of(self.train_set)
         val = self.splits["val"] or self.splits["test_frames"]
         val_pick = np.random.default_rng(config.seed + 1).permutation(len(val))[:config.val_structures]
         self.val_set = [structures[val[i]] for i in sorted(val_pick)]
@@ -173,6 +175,7 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
             "epoch": self.epoch, "step": self.step, "history": self.history,
             "best_force_mae": self.best_force_mae,
+            "trained_domain": self.trained_domain,
             "splits": {k: v for k, v in self.splits.items()},
             "provenance": {"dataset": str(self.config.data), "dataset_sha256": self.dataset_sha256,
                            "objective": self.config.objective, "parameters": count_parameters(self.model),
