@@ -13,7 +13,7 @@ from transip.data import read_structures, split_indices
 TINY = dict(moses_train=3, moses_test=2, protonated=1, deprotonated=1, radicals=1, small_molecules=False,
             clusters=3, cluster_test_fraction=0.34, boxes_per_kind=1, box_waters=4, box_methanols=2,
             box_solvating_waters=3, wall_per_task=2, optimisation_steps=4, equilibration_steps=2,
-            frames_per_task=2, stride=2, box_frames=1, max_heavy_atoms=14, shard_size=3, seed=7)
+            frames_per_task=2, stride=2, box_frames=1, max_heavy_atoms=14, shard_size=3, seed=8)  # a seed whose plan has every variant
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +98,10 @@ def test_labels_equal_fresh_xtb_single_points(tiny_dataset):
     for kind, s in by_kind.items():
         atoms = ase.Atoms(s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc if s.periodic else False)
         atoms.calc = xtb_calculator(s.charge, s.spin)
+        # The MD restarts each SCF from the previous step, a fresh single point starts from scratch: both stop
+        # at tblite's default convergence, which leaves ~1e-4 eV/A in the forces (the energy is variational).
         assert atoms.get_potential_energy() == pytest.approx(s.energy, abs=1e-5), kind
-        np.testing.assert_allclose(atoms.get_forces(), s.forces, atol=2e-5, err_msg=kind)
+        np.testing.assert_allclose(atoms.get_forces(), s.forces, atol=5e-4, err_msg=kind)
 
 
 @pytest.mark.slow
@@ -123,7 +125,7 @@ def test_shards_resume_and_half_written_shards_are_never_read(tiny_dataset, tmp_
     manifest = json.loads((copy / refdata.MANIFEST).read_text())
     assert [r["shards_written"] for r in manifest["runs"]] == [summary_shards(summary), 1]
     with pytest.raises(ValueError, match="another recipe"):
-        refdata.generate(copy, refdata.Recipe(**{**TINY, "seed": 8}), workers=1, progress=False)
+        refdata.generate(copy, refdata.Recipe(**{**TINY, "seed": 9}), workers=1, progress=False)
 
 
 def summary_shards(summary) -> int:
@@ -139,6 +141,18 @@ def test_failures_are_counted_not_fatal():
     assert refdata._run_one((0, odd, recipe))[2] == ["element outside the recipe"]
 
 
+def test_xtb_convergence_failures_are_recognised():
+    import ase
+
+    from transip.datagen import xtb_calculator
+
+    atoms = ase.Atoms("OHH", positions=[[0, 0, 0], [0.5, 0, 0], [0, 0.5, 0]])  # squeezed onto the wall
+    atoms.calc = xtb_calculator(0, 1, max_iterations=1)
+    with pytest.raises(Exception) as caught:
+        atoms.get_potential_energy()
+    assert refdata.classify_failure(caught.value) == "xTB did not converge"
+
+
 def test_old_dataset_still_reads():
     from conftest import SHIPPED_DATA
 
@@ -146,3 +160,19 @@ def test_old_dataset_still_reads():
     assert len(structures) == 23400 and not any(s.split or s.kind for s in structures)
     splits = split_indices(structures)
     assert set(splits) == {"train", "val", "test_frames", "test_molecules", "held_out_molecules"}
+
+
+@pytest.mark.slow
+def test_data_info_reports_splits_and_composition(tiny_dataset):
+    import subprocess
+    import sys
+
+    folder, summary = tiny_dataset
+    out = subprocess.run([sys.executable, "-m", "transip", "data", "info", str(folder)], capture_output=True,
+                         text=True, check=True)
+    report = json.loads(out.stdout)
+    assert report["structures"] == summary["frames"]
+    assert set(report["splits"]) >= {"train", "val", "test_frames", "test_scaffolds", "test_clusters", "condensed"}
+    assert report["kinds"] == summary["frames_by_kind"]
+    assert report["charges"] == summary["charges"] and report["spins"] == summary["spins"]
+    assert report["splits_by_kind"]["condensed"] == {"box": summary["frames_by_kind"]["box"]}
