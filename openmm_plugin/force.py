@@ -9,10 +9,16 @@ returns energy *and* forces (`setOutputsForces(True)`): the artifact computes fo
 OpenMM does not differentiate through it. Creating the force imports transip, which loads the native ops
 library before OpenMM deserialises the model; a process that reads a saved System must `import transip`
 first for the same reason.
+
+Saving a System with this force (XmlSerializer, copy.deepcopy, pickle) needs an openmmtorch built against the
+installed OpenMM's serialization classes: constraints.txt pins such a set, and `serialization_problem()` names
+a known-bad pair (docs/openmm.md, "Saving Systems").
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from transip.domain import check_trained_domain
 from transip.export import ArtifactError, load
 
 # CODATA 2018: 1 eV = 96.48533212331002 kJ/mol; 1 nm = 10 Angstrom.
@@ -111,9 +118,45 @@ def load_openmm_torch_kernels() -> None:
                 pass
 
 
+def _release(text: str) -> Tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def serialization_problem(openmm_version: Optional[str] = None, openmmtorch_version: Optional[str] = None
+                          ) -> Optional[str]:
+    """Why a System holding a TorchForce cannot be saved with the installed openmm and openmmtorch, or None.
+
+    openmmtorch 1.5 (the newest on PyPI) was compiled against OpenMM 8.5's SerializationNode. OpenMM 8.6 changed
+    that class (properties kept in one string, getStringProperty returning by value), so with openmm >= 8.6 its
+    TorchForceProxy::deserialize reads garbage and the process dies with a segmentation fault: XmlSerializer
+    .deserialize, copy.deepcopy(system), pickle, openmm-ml's interpolate=True. Nothing can catch that crash, so
+    it is detected from the versions. Defaults: the installed versions."""
+    if openmm_version is None:
+        import openmm
+
+        openmm_version = openmm.__version__
+    if openmmtorch_version is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            openmmtorch_version = version("openmmtorch")
+        except PackageNotFoundError:
+            return None
+    if _release(openmm_version) >= (8, 6) and _release(openmmtorch_version) <= (1, 5):
+        return (f"openmm {openmm_version} with openmmtorch {openmmtorch_version}: a System holding a TorchForce "
+                "cannot be saved or copied (XmlSerializer.deserialize, copy.deepcopy and pickle end in a "
+                "segmentation fault, because openmmtorch was built against OpenMM 8.5). Install the pinned set, "
+                "`pip install openmm==8.5.2 openmmml==1.7` (constraints.txt), or save State checkpoints instead of "
+                "Systems (docs/openmm.md, 'Saving Systems')")
+    return None
+
+
+_serialization_warned = False
+
+
 def create_force(artifact, topology=None, numbers: Optional[Iterable[int]] = None, charge: int = 0, spin: int = 1,
                  atoms: Optional[Sequence[int]] = None, periodic: Optional[bool] = None, box_vectors=None,
-                 num_particles: Optional[int] = None):
+                 num_particles: Optional[int] = None, allow_untrained: bool = False):
     """Build an `openmmtorch.TorchForce` from an exported artifact (`transip export`).
 
     topology / numbers: the system's atoms (an OpenMM Topology, or atomic numbers of the ML particles).
@@ -122,10 +165,17 @@ def create_force(artifact, topology=None, numbers: Optional[Iterable[int]] = Non
     periodic: default, whether the topology has box vectors. box_vectors (nm): checked against the model's
     cutoff when given (or taken from the topology).
     num_particles: the System's particle count, checked against the topology when given.
+    allow_untrained: run elements, a charge or a spin multiplicity outside the model's trained domain (the
+    artifact's `trained_domain` metadata) with a warning instead of refusing them.
     """
     import openmmtorch
 
+    global _serialization_warned
     load_openmm_torch_kernels()
+    problem = serialization_problem()
+    if problem and not _serialization_warned:  # running is fine; saving would crash, so say so once, up front
+        _serialization_warned = True
+        warnings.warn(problem, stacklevel=2)
     path = Path(artifact)
     module, metadata = load(path)
     if topology is None and numbers is None:
@@ -158,6 +208,10 @@ def create_force(artifact, topology=None, numbers: Optional[Iterable[int]] = Non
     if abs(int(charge)) > limits["max_abs_charge"] or not 1 <= int(spin) <= limits["max_multiplicity"]:
         raise ValueError(f"charge {charge} / spin multiplicity {spin} outside the model's range "
                          f"(|charge| <= {limits['max_abs_charge']}, multiplicity 1..{limits['max_multiplicity']})")
+    # Inside the range the embeddings accept, but never seen in training: an arbitrary energy unless overridden.
+    # Artifacts exported before the domain was recorded have no `trained_domain`: only the checks above apply.
+    check_trained_domain(metadata.get("trained_domain"), numbers, int(charge), int(spin), allow_untrained,
+                         where="openmm")
     periodic = bool(periodic)
     if periodic and box_vectors is not None:
         widths = box_widths(_as_nm(box_vectors)) * ANGSTROM_PER_NM
@@ -173,4 +227,5 @@ def create_force(artifact, topology=None, numbers: Optional[Iterable[int]] = Non
     return force
 
 
-__all__ = ["create_force", "TransIPOpenMMModule", "ArtifactError", "KJ_PER_MOL_PER_EV", "ANGSTROM_PER_NM"]
+__all__ = ["create_force", "serialization_problem", "TransIPOpenMMModule", "ArtifactError", "KJ_PER_MOL_PER_EV",
+           "ANGSTROM_PER_NM"]

@@ -43,7 +43,7 @@ def platform_by_name(name: str):
 
 
 def build_simulation(artifact, structure, timestep_fs: float = 0.5, temperature: float = 300.0,
-                     platform: str = "CPU", thermostat: bool = False, seed: int = 0):
+                     platform: str = "CPU", thermostat: bool = False, seed: int = 0, allow_untrained: bool = False):
     import openmm
     import openmm.app as app
     from openmm import unit
@@ -58,7 +58,8 @@ def build_simulation(artifact, structure, timestep_fs: float = 0.5, temperature:
         system.addParticle(atom.element.mass)
     if topology.getPeriodicBoxVectors() is not None:
         system.setDefaultPeriodicBoxVectors(*topology.getPeriodicBoxVectors())
-    system.addForce(create_force(artifact, topology=topology, charge=structure.charge, spin=structure.spin))
+    system.addForce(create_force(artifact, topology=topology, charge=structure.charge, spin=structure.spin,
+                                 allow_untrained=allow_untrained))
     step = timestep_fs * unit.femtoseconds
     if thermostat:
         integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond, step)
@@ -73,12 +74,14 @@ def build_simulation(artifact, structure, timestep_fs: float = 0.5, temperature:
 
 def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: float = 300.0,
         platform: str = "CPU", thermostat: bool = False, trajectory: Optional[str] = None, report_every: int = 50,
-        seed: int = 0, stream=sys.stdout) -> dict:
-    """Run MD and return a summary: steps per second, total-energy drift and fluctuation per atom (eV)."""
+        seed: int = 0, stream=sys.stdout, allow_untrained: bool = False) -> dict:
+    """Run MD and return a summary: steps per second, total-energy drift and fluctuation per atom (eV).
+    allow_untrained: run a structure outside the model's trained domain with a warning (create_force)."""
     import openmm.app as app
     from openmm import unit
 
-    simulation = build_simulation(artifact, structure, timestep_fs, temperature, platform, thermostat, seed)
+    simulation = build_simulation(artifact, structure, timestep_fs, temperature, platform, thermostat, seed,
+                                  allow_untrained)
     n = len(structure.numbers)
     simulation.reporters.append(app.StateDataReporter(stream, report_every, step=True, potentialEnergy=True,
                                                       kineticEnergy=True, totalEnergy=True, temperature=True,

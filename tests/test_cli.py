@@ -195,3 +195,14 @@ def test_written_files_follow_the_umask(tmp_path):
     os.umask(umask)
     assert path.read_text() == "done" and (path.stat().st_mode & 0o777) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_md_with_openmm_refuses_untrained_charge_naming_the_cli_override(tmp_path):
+    out = transip("md", SHIPPED_MODEL, ASPIRIN, "--engine", "openmm", "--charge", 3, "--steps", 2,
+                  "--trajectory", tmp_path / "t.dcd", check=False)
+    assert out.returncode == 2, out.stderr
+    assert "total charge 3 is not among the trained charges [-1, 0, 1]" in out.stderr
+    assert "Pass --allow-untrained" in out.stderr
+    out = transip("md", SHIPPED_MODEL, ASPIRIN, "--engine", "openmm", "--charge", 3, "--steps", 2,
+                  "--trajectory", tmp_path / "t.dcd", "--allow-untrained")
+    assert "outside the trained domain: total charge 3" in out.stderr

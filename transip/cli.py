@@ -257,8 +257,10 @@ def cmd_md(args) -> int:
         return 0
     import tempfile
 
-    from transip.export import export_checkpoint
+    from transip.export import export_checkpoint, read_metadata
     from transip.openmm_plugin.md import run
+
+    from .domain import check_trained_domain
 
     with tempfile.TemporaryDirectory() as tmp:
         artifact = args.checkpoint
@@ -266,8 +268,11 @@ def cmd_md(args) -> int:
             artifact = str(Path(tmp) / "model.pt")
             export_checkpoint(args.checkpoint, artifact)
         trajectory = args.trajectory if args.trajectory != "md.extxyz" else "md.dcd"
+        # checked here too, so that the message names this command's override
+        check_trained_domain(read_metadata(artifact).get("trained_domain"), s.numbers, s.charge, s.spin,
+                             args.allow_untrained, "cli")
         summary = run(artifact, s, args.steps, args.timestep_fs, args.temperature, args.platform, args.thermostat,
-                      trajectory, args.report_every, args.seed)
+                      trajectory, args.report_every, args.seed, allow_untrained=args.allow_untrained)
     print(f"OpenMM ({args.platform}): {summary['atoms']} atoms, {summary['steps_per_second']:.1f} steps/s, "
           f"{summary['ns_per_day']:.3f} ns/day; total-energy change {1000 * summary['energy_drift_per_atom_ev']:.4f} "
           f"meV/atom, std {1000 * summary['energy_std_per_atom_ev']:.4f} meV/atom; trajectory {trajectory}")
