@@ -78,6 +78,7 @@ class TransIPArtifact(nn.Module):
         self.model = model
         self.cutoff = float(model.cutoff)
         self.max_abs_charge = int(model.max_abs_charge)
+        self.max_multiplicity = int(model.max_multiplicity)
         # A submodule, not a flag: TorchScript compiles only the chosen one, so a reference artifact never
         # names a native op.
         self.neighbors = (NativeNeighborList if native_neighbors else ReferenceNeighborList)(self.cutoff)
@@ -93,7 +94,12 @@ class TransIPArtifact(nn.Module):
         n = positions.shape[0]
         out = self.model(positions, numbers, torch.tensor([charge]), torch.tensor([spin]),
                          torch.zeros(n, dtype=torch.long), edge_index, shift_vectors, 1, True, compute_virial)
-        result = {"energy": out["energy"][0], "forces": out["forces"], "atom_energies": out["atom_energy"]}
+        energy = out["energy"][0]
+        if n == 0:
+            # An empty structure has no energy: the charge/spin offset belongs to a structure's atoms. (The model
+            # still ran, so a charge or spin outside its range fails here as it would with atoms.)
+            energy = torch.zeros_like(energy)
+        result = {"energy": energy, "forces": out["forces"], "atom_energies": out["atom_energy"]}
         if compute_virial:
             result["virial"] = out["virial"][0]
         return result
@@ -172,6 +178,13 @@ class TransIPArtifact(nn.Module):
     @torch.jit.export
     def energy_offset(self, charge: int = 0, spin: int = 1) -> torch.Tensor:
         """The structure's energy offset for its total charge and spin (add it once per structure)."""
+        # Checked here: a negative index would silently wrap around to another charge's or spin's offset.
+        if charge < -self.max_abs_charge or charge > self.max_abs_charge:
+            raise ValueError("energy_offset: total charge " + str(charge) + " is outside the model's range -"
+                             + str(self.max_abs_charge) + ".." + str(self.max_abs_charge))
+        if spin < 1 or spin > self.max_multiplicity:
+            raise ValueError("energy_offset: spin multiplicity " + str(spin) + " is outside the model's range 1.."
+                             + str(self.max_multiplicity))
         return self.model.charge_reference[charge + self.max_abs_charge] + self.model.spin_reference[spin - 1]
 
     @torch.jit.export

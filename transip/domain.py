@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .model import ELEMENT_SYMBOLS
+from .elements import ELEMENT_SYMBOLS
 
 OVERRIDE_HINT = {  # how each front end spells the override, for the error message
     "python": "allow_untrained=True",

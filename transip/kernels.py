@@ -80,7 +80,8 @@ class FusedEdgeEncoder(torch.nn.Module):
                                                                    width, cutoff, w1, b1, w2, b2, w_bias, b_bias,
                                                                    bias_groups)
         projected = F.linear(pooled, w_msg) + weight[:, None] * b_msg
-        return bias, (projected.view(num_atoms, num_species, -1) * neighbor_embedding).sum(1), env
+        # Explicit width, not -1: with no atoms (an empty MPI rank) -1 would be ambiguous and view would fail.
+        return bias, (projected.view(num_atoms, num_species, w_msg.shape[0]) * neighbor_embedding).sum(1), env
 
 
 class ReferenceNeighborAttention(torch.nn.Module):

@@ -21,13 +21,8 @@ import torch
 from torch import nn
 
 from . import native
+from .elements import ELEMENT_SYMBOLS  # the one element table (transip/elements.py); others import it from here
 from .kernels import attention_module, edge_encoder_module, reference_edge_embedding
-
-ELEMENT_SYMBOLS = (
-    "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr Rb Sr Y "
-    "Zr Nb Mo Tc Ru Rh Pd Ag Cd In Sn Sb Te I Xe Cs Ba La Ce Pr Nd Pm Sm Eu Gd Tb Dy Ho Er Tm Yb Lu Hf Ta W Re "
-    "Os Ir Pt Au Hg Tl Pb Bi Po At Rn Fr Ra Ac Th Pa U Np Pu Am Cm Bk Cf Es Fm Md No Lr Rf Db Sg Bh Hs Mt Ds Rg "
-    "Cn Nh Fl Mc Lv Ts Og").split()
 
 
 @dataclasses.dataclass
@@ -102,7 +97,8 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
         attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, self_bias, receivers,
                                   senders, row_ptr)
-        h = h[:num_updated] + self.out(attended[:num_updated].reshape(num_updated, -1))
+        # Explicit width, not -1: reshape cannot infer it when no atom is updated (an MPI rank without atoms).
+        h = h[:num_updated] + self.out(attended[:num_updated].reshape(num_updated, self.num_heads * self.head_dim))
         return h + self.ffn(self.norm_ffn(h))
 
 
@@ -185,7 +181,7 @@ class TransIP(nn.Module):
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         if bool((numbers < 1).any()) or bool((numbers >= self.species_of_z.shape[0]).any()):
-            raise ValueError("atomic numbers must lie in 1..118")
+            raise ValueError("atomic numbers must lie in 1.." + str(self.species_of_z.shape[0] - 1))
         species = self.species_of_z[numbers]
         if bool((species < 0).any()):
             bad = int(numbers[species < 0][0])
@@ -198,10 +194,15 @@ class TransIP(nn.Module):
         """Initial tokens (num_tokens, d) of the first `num_tokens` atoms, and the per-edge work of every block:
         attention biases (layers, E, heads) and envelope (E,). Every receiver must be below `num_tokens`;
         senders index `species` (which may hold more atoms, e.g. ghosts)."""
+        # Named with the value: engines show this text when a model call fails (pair_style transip does).
         if bool((charge.abs() > self.max_abs_charge).any()):
-            raise ValueError("total charge outside the model's range +-" + str(self.max_abs_charge))
+            bad = int(charge[charge.abs() > self.max_abs_charge][0])
+            raise ValueError("total charge " + str(bad) + " is outside the model's range -" + str(self.max_abs_charge)
+                             + ".." + str(self.max_abs_charge))
         if bool((spin < 1).any()) or bool((spin > self.max_multiplicity).any()):
-            raise ValueError("spin multiplicity outside the model's range 1.." + str(self.max_multiplicity))
+            bad = int(spin[(spin < 1) | (spin > self.max_multiplicity)][0])
+            raise ValueError("spin multiplicity " + str(bad) + " is outside the model's range 1.."
+                             + str(self.max_multiplicity))
         first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
         bias_weight, bias_offset = self.bias_parameters()
         edge_bias, messages, env = self.edge_encoder(

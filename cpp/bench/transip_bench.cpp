@@ -232,11 +232,10 @@ int main(int argc, char** argv) {
       std::cout << json.str() << std::endl;
     }
   } catch (const c10::Error& e) {
-    const std::string what = e.what_without_backtrace();
-    std::cerr << "transip-bench: error: " << what.substr(0, what.find('\n')) << "\n";
+    std::cerr << "transip-bench: error: " << transip::model_error_message(e.what_without_backtrace()) << "\n";
     return 1;
-  } catch (const std::exception& e) {
-    std::cerr << "transip-bench: error: " << e.what() << "\n";
+  } catch (const std::exception& e) {  // a failed model call (JITException): its own message, not the header line
+    std::cerr << "transip-bench: error: " << transip::model_error_message(e.what()) << "\n";
     return 1;
   }
   return 0;

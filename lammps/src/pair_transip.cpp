@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <sstream>
+#include <filesystem>
 
 #include "atom.h"
 #include "comm.h"
@@ -27,6 +27,31 @@ bool keep_freed_memory();  // see cpp/src/ops.cpp
 namespace {
 
 constexpr double kKcalPerMolPerEv = 23.060547830619026;  // CODATA 2018, as LAMMPS's own unit conversions
+
+// The message of an exception from libtorch: c10::Error without its C++ backtrace, and for a failed TorchScript
+// call the model's own message rather than the interpreter's header line (transip::model_error_message).
+std::string error_text(const std::exception &e) {
+  const auto *c10_error = dynamic_cast<const c10::Error *>(&e);
+  return transip::model_error_message(c10_error ? c10_error->what_without_backtrace() : e.what());
+}
+
+template <typename T>
+std::string joined(const std::vector<T> &values) {
+  std::string text;
+  for (const T &v : values) text += (text.empty() ? "" : " ") + std::to_string(v);
+  return text;
+}
+
+std::string element_list(const std::vector<int64_t> &numbers) {
+  std::string text;
+  for (int64_t z : numbers) text += (text.empty() ? "" : " ") + transip::element_symbol(z);
+  return text;
+}
+
+template <typename T>
+bool contains(const std::vector<T> &values, int64_t value) {
+  return std::find(values.begin(), values.end(), value) != values.end();
+}
 
 }  // namespace
 
@@ -55,14 +80,19 @@ void PairTransIP::allocate() {
 }
 
 void PairTransIP::load_model(const std::string &path) {
+  // torch::jit::load reports a missing file as an archive it cannot read; say what it is before trying.
+  std::error_code status;
+  if (!std::filesystem::exists(path, status))
+    error->all(FLERR, "pair_style transip: model file {} not found; give the path of an artifact written by "
+               "`transip export` (a relative path starts in the folder LAMMPS runs in)", path);
+  if (!std::filesystem::is_regular_file(path, status))
+    error->all(FLERR, "pair_style transip: model file {} is not a regular file; give the path of an artifact "
+               "written by `transip export`", path);
   torch::jit::ExtraFilesMap extra{{"transip_metadata.json", ""}};
   try {
     model_ = torch::jit::load(path, torch::kCPU, extra);
   } catch (const std::exception &e) {  // c10::Error, and torch::jit::ErrorReport for an op missing at compile
-    const auto *c10_error = dynamic_cast<const c10::Error *>(&e);
-    std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
-    what.erase(0, what.find_first_not_of('\n'));
-    what = what.substr(0, what.find('\n'));
+    const std::string what = error_text(e);
     if (what.find("Unknown builtin op") != std::string::npos)
       error->all(FLERR, "pair_style transip: model file {} calls a native op that this plugin's libtransip_ops {} "
                  "does not have ({}); export the model again with this transip", path, transip::version(),
@@ -93,14 +123,57 @@ void PairTransIP::load_model(const std::string &path) {
                  "it again with this one", path, method);
   comm_forward = comm_reverse = token_width_;  // one token per atom travels between ranks
   float64_ = transip::metadata_value(json, "dtype") == "float64";
-  model_elements_.clear();
-  std::istringstream numbers(transip::metadata_value(json, "atomic_numbers"));
-  for (std::string item; std::getline(numbers, item, ',');) model_elements_.push_back(std::stoi(item));
+  model_elements_ = transip::metadata_integers(transip::metadata_field(json, "atomic_numbers"));
+  const std::string charge_spin = transip::metadata_object(json, "charge_spin");
+  if (charge_spin.empty())
+    error->all(FLERR, "pair_style transip: {} has no charge_spin ranges in its metadata; export the model again with "
+               "`transip export`", path);
+  max_abs_charge_ = std::stoll(transip::metadata_field(charge_spin, "max_abs_charge"));
+  max_multiplicity_ = std::stoll(transip::metadata_field(charge_spin, "max_multiplicity"));
+  const std::string domain = transip::metadata_object(json, "trained_domain");
+  has_trained_domain_ = !domain.empty();
+  trained_elements_ = transip::metadata_integers(transip::metadata_field(domain, "atomic_numbers"));
+  trained_charges_ = transip::metadata_integers(transip::metadata_field(domain, "charges"));
+  trained_spins_ = transip::metadata_integers(transip::metadata_field(domain, "spins"));
   model_.eval();
 }
 
+// Charge and spin are plain inputs of every model call, so a value the model cannot take would otherwise stop the
+// first `run` deep inside TorchScript. Outside the range of its embeddings there is no override; inside it, a value
+// absent from the training data gives arbitrary energies, refused unless the user asked for `untrained warn`.
+void PairTransIP::check_charge_spin() {
+  if (charge_ < -max_abs_charge_ || charge_ > max_abs_charge_)
+    error->all(FLERR, "pair_style transip: charge {} is outside the range of the model {}, total charge -{}..{} "
+               "(charge_spin in its metadata); give `charge Q` with Q in that range", charge_, model_path_,
+               max_abs_charge_, max_abs_charge_);
+  if (spin_ < 1 || spin_ > max_multiplicity_)
+    error->all(FLERR, "pair_style transip: spin {} is outside the range of the model {}, spin multiplicity 1..{} "
+               "(charge_spin in its metadata; 1 singlet, 2 doublet, ...); give `spin S` with S in that range", spin_,
+               model_path_, max_multiplicity_);
+  if (!has_trained_domain_) return;  // exported before the trained domain was recorded: the range is all we know
+  if (!contains(trained_charges_, charge_))
+    untrained("pair_style transip", fmt::format("charge {} is not among the total charges the model {} was trained "
+                                                "on ({})", charge_, model_path_, joined(trained_charges_)));
+  if (!contains(trained_spins_, spin_))
+    untrained("pair_style transip", fmt::format("spin {} is not among the spin multiplicities the model {} was "
+                                                "trained on ({})", spin_, model_path_, joined(trained_spins_)));
+}
+
+void PairTransIP::untrained(const std::string &command, const std::string &problem) {
+  if (!untrained_warn_)
+    error->all(FLERR, "{}: {}: its energies and forces there would be arbitrary; use a trained value, or add "
+               "`untrained warn` to the pair_style line to run anyway", command, problem);
+  if (std::find(warned_.begin(), warned_.end(), problem) != warned_.end()) return;  // once per value
+  warned_.push_back(problem);
+  if (comm->me == 0)
+    error->warning(FLERR, "{}: {}; running anyway (untrained warn): results there are not reliable", command,
+                   problem);
+}
+
 void PairTransIP::settings(int narg, char **arg) {
-  if (narg < 1) error->all(FLERR, "pair_style transip: expected `pair_style transip model.pt [charge Q] [spin S]`");
+  if (narg < 1)
+    error->all(FLERR, "pair_style transip: expected `pair_style transip model.pt [charge Q] [spin S] [untrained "
+               "error|warn]`");
   const std::string units = update->unit_style;
   if (units == "metal")
     energy_scale_ = 1.0;
@@ -109,6 +182,9 @@ void PairTransIP::settings(int narg, char **arg) {
   else
     error->all(FLERR, "pair_style transip supports units metal and real only, not units {}", units);
   model_path_ = arg[0];
+  charge_ = 0;  // a new pair_style line starts from the defaults
+  spin_ = 1;
+  untrained_warn_ = false;
   for (int i = 1; i < narg; i += 2) {
     const std::string key = arg[i];
     if (i + 1 >= narg) error->all(FLERR, "pair_style transip: option {} needs a value", key);
@@ -116,10 +192,17 @@ void PairTransIP::settings(int narg, char **arg) {
       charge_ = utils::inumeric(FLERR, arg[i + 1], false, lmp);
     else if (key == "spin")
       spin_ = utils::inumeric(FLERR, arg[i + 1], false, lmp);
+    else if (key == "untrained" && (strcmp(arg[i + 1], "error") == 0 || strcmp(arg[i + 1], "warn") == 0))
+      untrained_warn_ = strcmp(arg[i + 1], "warn") == 0;
+    else if (key == "untrained")
+      error->all(FLERR, "pair_style transip: untrained {} is not a choice: use `untrained error` (the default: refuse "
+                 "a charge, spin or element the model was not trained on) or `untrained warn` (warn once and run)",
+                 arg[i + 1]);
     else
-      error->all(FLERR, "pair_style transip: unknown option {} (expected charge or spin)", key);
+      error->all(FLERR, "pair_style transip: unknown option {} (expected charge, spin or untrained)", key);
   }
   load_model(model_path_);
+  check_charge_spin();
   transip::keep_freed_memory();  // an MD run evaluates the same sizes every step (docs/native_ops.md)
   if (comm->me == 0)
     utils::logmesg(lmp, "pair_style transip: {} (cutoff {} A, receptive field {} A, {}), {}\n", model_path_, cutoff_,
@@ -138,15 +221,16 @@ void PairTransIP::coeff(int narg, char **arg) {
   for (int t = 1; t <= ntypes; ++t) {
     const std::string symbol = arg[1 + t];
     const int z = transip::atomic_number(symbol);
-    if (z == 0) error->all(FLERR, "pair_coeff for transip: unknown element symbol {} for atom type {}", symbol, t);
-    bool known = false;
-    for (int e : model_elements_) known = known || e == z;
-    if (!known) {
-      std::string list;
-      for (int e : model_elements_) list += std::string(" ") + transip::kElementSymbols[e];
+    if (z == 0)
+      error->all(FLERR, "pair_coeff for transip: unknown element symbol {} for atom type {}; give element symbols "
+                 "as in the periodic table (H, He, ..., Og), one per atom type", symbol, t);
+    if (!contains(model_elements_, z))
       error->all(FLERR, "pair_coeff for transip: element {} (atom type {}) is not known to the model {}, which "
-                 "knows{}", symbol, t, model_path_, list);
-    }
+                 "knows {}", symbol, t, model_path_, element_list(model_elements_));
+    if (has_trained_domain_ && !contains(trained_elements_, z))
+      untrained("pair_coeff for transip", fmt::format("element {} (atom type {}) is not among the elements the model "
+                                                      "{} was trained on ({})", symbol, t, model_path_,
+                                                      element_list(trained_elements_)));
     type_number_[t] = z;
   }
   for (int i = 1; i <= ntypes; ++i)
@@ -346,9 +430,7 @@ void PairTransIP::compute(int eflag, int vflag) {
     // The structure's charge/spin energy offset is added once, by rank 0.
     if (comm->me == 0) offset = model_.get_method("energy_offset")({charge_, spin_}).toTensor().item<double>();
   } catch (const std::exception &e) {
-    const auto *c10_error = dynamic_cast<const c10::Error *>(&e);
-    std::string what = c10_error ? c10_error->what_without_backtrace() : e.what();
-    error->one(FLERR, "pair_style transip: model evaluation failed: {}", what.substr(0, what.find('\n')));
+    error->one(FLERR, "pair_style transip: model evaluation failed: {}", error_text(e));
   }
 
   // Forces from the edge gradients g = dE/dr, r = x_sender - x_receiver: F_receiver += g, F_sender -= g. Senders

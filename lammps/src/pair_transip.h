@@ -1,7 +1,11 @@
 // pair_style transip: a TransIP artifact (transip export) as a LAMMPS pair style, loaded as a plugin.
 //
-//   pair_style transip model.pt [charge Q] [spin S]
+//   pair_style transip model.pt [charge Q] [spin S] [untrained error|warn]
 //   pair_coeff * * El1 El2 ...          (one element per atom type)
+//
+// Charge and spin are checked at pair_style time against the model's range (charge_spin in its metadata) and,
+// with elements at pair_coeff time, against what it was trained on (trained_domain); `untrained warn` turns the
+// second check into one warning per value.
 //
 // Requires newton on and atom IDs. Ghosts reach one cutoff (plus skin). On one rank every ghost is a periodic image
 // of a local atom, so the model sees local atoms only, with the images' displacements. On several ranks each
@@ -51,6 +55,8 @@ class PairTransIP : public Pair {
 
   void allocate();
   void load_model(const std::string &path);
+  void check_charge_spin();
+  void untrained(const std::string &command, const std::string &problem);  // refuse, or warn once (untrained warn)
   void build_graph();
   Result evaluate(const torch::Tensor &vectors, const torch::Tensor &numbers, const torch::Tensor &receivers,
                   const torch::Tensor &senders);  // one pass (one rank) or block by block (several ranks)
@@ -62,7 +68,14 @@ class PairTransIP : public Pair {
 
   torch::jit::Module model_;
   std::string model_path_;
-  std::vector<int> model_elements_;   // atomic numbers the model knows
+  std::vector<int64_t> model_elements_;  // atomic numbers the model knows
+  // The model's input range (charge_spin) and what its training data held (trained_domain; absent in artifacts
+  // exported before it was recorded, then only the range is checked).
+  int64_t max_abs_charge_ = 0, max_multiplicity_ = 0;
+  bool has_trained_domain_ = false;
+  std::vector<int64_t> trained_elements_, trained_charges_, trained_spins_;
+  bool untrained_warn_ = false;          // `untrained warn`: warn once and run outside the trained domain
+  std::vector<std::string> warned_;      // problems already warned about
   std::vector<int64_t> type_number_;  // atomic number per LAMMPS type (1-based)
   double cutoff_ = 0.0;               // Angstrom
   double receptive_field_ = 0.0;      // Angstrom

@@ -1,16 +1,18 @@
-// What C++ readers of a TransIP artifact share (transip-bench, pair_style transip): element symbols and a
-// lookup into the artifact's metadata JSON (transip_metadata.json, written by transip export).
+// What C++ readers of a TransIP artifact share (transip-bench, pair_style transip): element symbols, a lookup into
+// the artifact's metadata JSON (transip_metadata.json, written by transip export), and the model's own message out
+// of a TorchScript exception.
 #pragma once
 
+#include <cstdint>
+#include <sstream>
 #include <string>
+#include <vector>
+
+// kElementSymbols, kNumElementSymbols: generated at build time from transip/elements.py, the table Python uses
+// (cpp/generate_element_symbols.py), so that C++ and Python know the same elements.
+#include "transip/element_symbols.h"
 
 namespace transip {
-
-inline const char* const kElementSymbols[] = {
-    "X",  "H",  "He", "Li", "Be", "B",  "C",  "N",  "O",  "F",  "Ne", "Na", "Mg", "Al", "Si", "P",  "S",  "Cl", "Ar",
-    "K",  "Ca", "Sc", "Ti", "V",  "Cr", "Mn", "Fe", "Co", "Ni", "Cu", "Zn", "Ga", "Ge", "As", "Se", "Br", "Kr", "Rb",
-    "Sr", "Y",  "Zr", "Nb", "Mo", "Tc", "Ru", "Rh", "Pd", "Ag", "Cd", "In", "Sn", "Sb", "Te", "I",  "Xe"};
-inline constexpr int kNumElementSymbols = sizeof(kElementSymbols) / sizeof(kElementSymbols[0]);
 
 // Atomic number of an element symbol, 0 if unknown.
 inline int atomic_number(const std::string& symbol) {
@@ -19,19 +21,123 @@ inline int atomic_number(const std::string& symbol) {
   return 0;
 }
 
-// The text after "key": in the metadata JSON: a top-level scalar (quotes removed) or the inside of a list.
-// A flat search is enough for the top-level fields these readers need; empty if the key is absent.
-inline std::string metadata_value(const std::string& json, const std::string& key) {
-  const size_t at = json.find("\"" + key + "\":");
-  if (at == std::string::npos) return "";
-  size_t start = at + key.size() + 3;
-  while (start < json.size() && json[start] == ' ') ++start;
+// Symbol of an atomic number; "Z=<z>" outside the table, so that no caller indexes past its end.
+inline std::string element_symbol(int64_t z) {
+  if (z >= 1 && z < kNumElementSymbols) return kElementSymbols[z];
+  return "Z=" + std::to_string(z);
+}
+
+// Where the value of "key": starts in a JSON text: the first occurrence at any depth (depth 0), or only among the
+// fields of the outermost object (depth 1; strings, nested objects and lists skipped). npos if absent.
+inline size_t metadata_key(const std::string& json, const std::string& key, int depth = 0) {
+  const std::string quoted = "\"" + key + "\"";
+  int level = 0;
+  for (size_t i = 0; i < json.size(); ++i) {
+    const char c = json[i];
+    if (c == '{' || c == '[') {
+      ++level;
+    } else if (c == '}' || c == ']') {
+      --level;
+    } else if (c == '"') {
+      if ((depth == 0 || level == depth) && json.compare(i, quoted.size(), quoted) == 0) {
+        size_t colon = i + quoted.size();
+        while (colon < json.size() && (json[colon] == ' ' || json[colon] == '\n')) ++colon;
+        if (colon < json.size() && json[colon] == ':') {
+          size_t start = colon + 1;
+          while (start < json.size() && (json[start] == ' ' || json[start] == '\n')) ++start;
+          return start;
+        }
+      }
+      for (++i; i < json.size() && json[i] != '"'; ++i)  // skip the string
+        if (json[i] == '\\') ++i;
+    }
+  }
+  return std::string::npos;
+}
+
+// The value text starting at `start`: a scalar (quotes removed) or the inside of a list.
+inline std::string metadata_value_at(const std::string& json, size_t start) {
+  if (start == std::string::npos) return "";
   if (start < json.size() && json[start] == '[') return json.substr(start + 1, json.find(']', start) - start - 1);
   size_t end = start;
   while (end < json.size() && json[end] != ',' && json[end] != '\n' && json[end] != '}') ++end;
   std::string value = json.substr(start, end - start);
   if (value.size() >= 2 && value.front() == '"') value = value.substr(1, value.size() - 2);
   return value;
+}
+
+// The value of the first "key": anywhere in the metadata JSON: enough for fields whose name occurs once
+// (cutoff, d_model, native_ops' version). Empty if absent.
+inline std::string metadata_value(const std::string& json, const std::string& key) {
+  return metadata_value_at(json, metadata_key(json, key));
+}
+
+// The value of a field of the outermost object only ("atomic_numbers" of the model, not of its trained_domain).
+inline std::string metadata_field(const std::string& json, const std::string& key) {
+  return metadata_value_at(json, metadata_key(json, key, 1));
+}
+
+// The text {...} of an object field of the outermost object; empty if absent or not an object (null: e.g.
+// "trained_domain" of an artifact exported before it was recorded). Its own fields: metadata_field.
+inline std::string metadata_object(const std::string& json, const std::string& key) {
+  const size_t start = metadata_key(json, key, 1);
+  if (start == std::string::npos || json[start] != '{') return "";
+  int depth = 0;
+  for (size_t i = start; i < json.size(); ++i) {
+    const char c = json[i];
+    if (c == '"') {
+      for (++i; i < json.size() && json[i] != '"'; ++i)
+        if (json[i] == '\\') ++i;
+    } else if (c == '{') {
+      ++depth;
+    } else if (c == '}' && --depth == 0) {
+      return json.substr(start, i - start + 1);
+    }
+  }
+  return "";
+}
+
+// The integers of a list's inside as metadata_value returns it ("-1, 0, 1", with any whitespace).
+inline std::vector<int64_t> metadata_integers(const std::string& list) {
+  std::vector<int64_t> values;
+  std::istringstream items(list);
+  for (std::string item; std::getline(items, item, ',');)
+    if (item.find_first_not_of(" \n\t") != std::string::npos) values.push_back(std::stoll(item));
+  return values;
+}
+
+// The model's own message in the text of a failed TorchScript call. The interpreter puts a header ("The following
+// operation failed in the TorchScript interpreter.") and two tracebacks of indented code before the exception
+// line that says what went wrong ("builtins.ValueError: total charge ..." or "RuntimeError: ..."), so the first
+// line says nothing. This returns the exception line and any lines after it, joined by spaces, without
+// "builtins."; text without a TorchScript traceback (an error of libtorch itself) gives its first line.
+inline std::string model_error_message(const std::string& what) {
+  std::vector<std::string> lines;
+  std::istringstream in(what);
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  size_t traceback = lines.size();
+  for (size_t i = 0; i < lines.size(); ++i)
+    if (lines[i].rfind("Traceback of TorchScript", 0) == 0) traceback = i;
+  size_t first = lines.size();
+  if (traceback < lines.size()) {
+    // Traceback lines ("  File ...", code) are indented; the exception line starts at the margin.
+    for (size_t i = traceback + 1; i < lines.size() && first == lines.size(); ++i)
+      if (!lines[i].empty() && lines[i][0] != ' ') first = i;
+  } else {
+    for (size_t i = 0; i < lines.size() && first == lines.size(); ++i)
+      if (lines[i].find_first_not_of(" \t") != std::string::npos) first = i;
+  }
+  if (first == lines.size()) return what;
+  std::string message;
+  const size_t last = traceback < lines.size() ? lines.size() : first + 1;
+  for (size_t i = first; i < last; ++i) {
+    const size_t begin = lines[i].find_first_not_of(" \t");
+    if (begin == std::string::npos) continue;
+    if (!message.empty()) message += ' ';
+    message += lines[i].substr(begin);
+  }
+  if (message.rfind("builtins.", 0) == 0) message.erase(0, 9);
+  return message;
 }
 
 }  // namespace transip
