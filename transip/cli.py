@@ -10,6 +10,19 @@ import sys
 from pathlib import Path
 
 
+# Later stages plug into this command line through entry points (pyproject.toml), so that data flows one way,
+# model -> export -> engines: `transip export`/`inspect` come from transip.export, `md --engine openmm` from
+# transip.openmm_plugin, and this module imports neither.
+COMMANDS = "transip.commands"  # register(subparsers): adds commands, each with set_defaults(handler=...)
+MD_ENGINES = "transip.md_engines"  # an object with add_arguments(md_parser) and run(args, structure) -> exit code
+
+
+def _plugins(group: str) -> dict:
+    from importlib.metadata import entry_points
+
+    return {point.name: point.load() for point in sorted(entry_points(group=group), key=lambda p: p.name)}
+
+
 UNTRAINED_HELP = ("run an element, total charge or spin multiplicity the model was not trained on (refused "
                   "otherwise); a warning is printed")
 
@@ -79,12 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     eq.add_argument("--charge", type=int, help="total charge (default: from the file, else 0)")
     eq.add_argument("--spin", type=int, help="spin multiplicity (default: from the file, else 1)")
     eq.add_argument("--allow-untrained", action="store_true", help=UNTRAINED_HELP)
-    md = sub.add_parser("md", help="short MD of a structure: ASE (checkpoint) or OpenMM (artifact or checkpoint)")
-    md.add_argument("checkpoint", help="checkpoint (.ckpt); with --engine openmm also an exported artifact (.pt)")
-    md.add_argument("--engine", choices=("ase", "openmm"), default="ase")
-    md.add_argument("--platform", default="CPU", help="OpenMM platform (Reference, CPU, ...)")
-    md.add_argument("--thermostat", action="store_true", help="OpenMM: Langevin at --temperature instead of NVE")
-    md.add_argument("--report-every", type=int, default=50)
+    engines = _plugins(MD_ENGINES)
+    md = sub.add_parser("md", help="short MD of a structure: ASE (checkpoint)"
+                        + "".join(f" or {name}" for name in engines))
+    md.add_argument("checkpoint", help="checkpoint (.ckpt); other engines may also take an exported artifact (.pt)")
+    md.add_argument("--engine", choices=("ase", *engines), default="ase")
     md.add_argument("structure")
     md.add_argument("--steps", type=int, default=200)
     md.add_argument("--timestep-fs", type=float, default=0.5)
@@ -94,15 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--trajectory", default="md.extxyz", help="output trajectory (extended XYZ)")
     md.add_argument("--seed", type=int, default=0)
     md.add_argument("--allow-untrained", action="store_true", help=UNTRAINED_HELP)
-    ex = sub.add_parser("export", help="checkpoint -> one TorchScript artifact (with metadata) for every engine")
-    ex.add_argument("checkpoint")
-    ex.add_argument("-o", "--output", required=True, help="artifact file, e.g. model.pt")
-    ex.add_argument("--dtype", choices=("float64", "float32"), default="float64")
-    ex.add_argument("--kernel", choices=("fused", "reference"), default="fused",
-                    help="fused: native ops (fast, needs libtransip_ops); reference: plain TorchScript, no ops")
-    ins = sub.add_parser("inspect", help="print the metadata of an exported artifact")
-    ins.add_argument("artifact")
-    ins.add_argument("--json", action="store_true", help="the whole metadata as JSON")
+    for engine in engines.values():
+        engine.add_arguments(md)
+    md.set_defaults(handler=cmd_md, engines=engines)
+    for register in _plugins(COMMANDS).values():
+        register(sub)
     return parser
 
 
@@ -249,60 +257,21 @@ def cmd_check_equivariance(args) -> int:
 
 def cmd_md(args) -> int:
     s = _structure_with_overrides(args.structure, args.charge, args.spin)
-    if args.engine == "ase":
-        from .calculator import run_md
+    if args.engine != "ase":
+        return args.engines[args.engine].run(args, s)
+    from .calculator import run_md
 
-        run_md(args.checkpoint, s, args.steps, args.timestep_fs, args.temperature, args.trajectory, args.seed,
-               allow_untrained=args.allow_untrained)
-        return 0
-    import tempfile
-
-    from transip.export import export_checkpoint, read_metadata
-    from transip.openmm_plugin.md import run
-
-    from .domain import check_trained_domain
-
-    with tempfile.TemporaryDirectory() as tmp:
-        artifact = args.checkpoint
-        if str(artifact).endswith(".ckpt"):  # export on the fly
-            artifact = str(Path(tmp) / "model.pt")
-            export_checkpoint(args.checkpoint, artifact)
-        trajectory = args.trajectory if args.trajectory != "md.extxyz" else "md.dcd"
-        # checked here too, so that the message names this command's override
-        check_trained_domain(read_metadata(artifact).get("trained_domain"), s.numbers, s.charge, s.spin,
-                             args.allow_untrained, "cli")
-        summary = run(artifact, s, args.steps, args.timestep_fs, args.temperature, args.platform, args.thermostat,
-                      trajectory, args.report_every, args.seed, allow_untrained=args.allow_untrained)
-    print(f"OpenMM ({args.platform}): {summary['atoms']} atoms, {summary['steps_per_second']:.1f} steps/s, "
-          f"{summary['ns_per_day']:.3f} ns/day; total-energy change {1000 * summary['energy_drift_per_atom_ev']:.4f} "
-          f"meV/atom, std {1000 * summary['energy_std_per_atom_ev']:.4f} meV/atom; trajectory {trajectory}")
-    print(json.dumps(summary))
-    return 0
-
-
-def cmd_export(args) -> int:
-    from transip.export import describe, export_checkpoint
-
-    metadata = export_checkpoint(args.checkpoint, args.output, dtype=args.dtype, kernel=args.kernel)
-    print(f"wrote {args.output}\n{describe(metadata)}")
-    return 0
-
-
-def cmd_inspect(args) -> int:
-    from transip.export import describe, read_metadata
-
-    metadata = read_metadata(args.artifact)
-    print(json.dumps(metadata, indent=1) if args.json else describe(metadata))
+    run_md(args.checkpoint, s, args.steps, args.timestep_fs, args.temperature, args.trajectory, args.seed,
+           allow_untrained=args.allow_untrained)
     return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"data": cmd_data, "train": cmd_train, "evaluate": cmd_evaluate,
-                "check-equivariance": cmd_check_equivariance, "md": cmd_md, "export": cmd_export,
-                "inspect": cmd_inspect}
+                "check-equivariance": cmd_check_equivariance}
     try:
-        return handlers[args.command](args)
+        return (args.handler if "handler" in args else handlers[args.command])(args)
     except (FileNotFoundError, ValueError) as exc:  # user mistakes (the export stage's ArtifactError included)
         print(f"transip {args.command}: error: {exc}", file=sys.stderr)
         return 2
