@@ -3,13 +3,14 @@
     python benchmarks/attention_kernels.py            # writes benchmarks/results/attention_kernels.{json,md,png}
     python benchmarks/attention_kernels.py --smoke
 
-- fused: `torch.ops.transip.neighbor_attention` (cpp/), CSR rows, online softmax, no per-edge temporaries.
+- fused: `torch.ops.transip.neighbor_attention` (cpp/), CSR rows (each row scored first, then its maximum, then
+  one exp over the row), no per-edge temporaries.
 - reference: the plain-PyTorch neighbour attention (transip.attention), per-edge tensors and scatter ops.
 - dense: PyTorch's own `scaled_dot_product_attention`, each atom's neighbourhood gathered and padded to the
   largest one, with an additive mask (bias + log envelope, -inf on padding): what one would write with the
   framework's attention primitive.
 
-Graphs: periodic water boxes at liquid density (benchmarks/native_ops.py), cutoff 6 A, self edges included, the
+Graphs: periodic water boxes at liquid density (benchmarks/common.py), cutoff 6 A, self edges included, the
 shipped model's 4 heads x 16. Each measurement runs in a fresh process: the fastest of at least 5 forward +
 backward passes (gradients for q, k, v, bias, envelope; the median is in the JSON) and the peak resident memory
 above the process's baseline. The rate
@@ -28,10 +29,8 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from native_ops import machine, reset_peak_rss, rss_kib, run_task, water_system, with_self_edges  # noqa: E402,E501
-from timing import repeated_seconds  # noqa: E402
+from common import (ROOT, machine, repeated_seconds, reset_peak_rss, rss_kib, run_task, water_system,
+                    with_self_edges)
 
 FULL_SIZES = (100, 300, 1000, 3000, 10000, 30000, 100000)
 SMOKE_SIZES = (100, 300)

@@ -23,10 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from timing import median_seconds, write_results  # noqa: E402
-MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
+from common import MODEL, ROOT, median_seconds, water_system, write_results
+
 KINDS = [(d, k) for d in ("float64", "float32") for k in ("fused", "reference")]
 
 
@@ -42,7 +40,6 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from native_ops import water_system
     from transip import native
     from transip.checkpoint import model_from_checkpoint
     from transip.data import collate, evaluate_batch, structure_from_atoms, write_extxyz_exact

@@ -3,7 +3,7 @@
     python benchmarks/engines.py              # writes benchmarks/results/engines.{json,md,png}
     python benchmarks/engines.py --smoke
 
-Structures: aspirin (21 atoms, no box) and periodic water boxes at liquid density (benchmarks/native_ops.py),
+Structures: aspirin (21 atoms, no box) and periodic water boxes at liquid density (benchmarks/common.py),
 the shipped model exported as float64 with the fused kernel. Per structure, each in a fresh process:
 
 - model: the artifact's `compute` (neighbour list included), energy + forces, `--threads` threads;
@@ -32,10 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from native_ops import machine, rss_kib, run_task, water_system  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from common import ROOT, machine, median_seconds, rss_kib, run_task, water_system, write_results
 
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 STUDY_MACE = ROOT / "runs" / "accuracy_study" / "mace" / "n4000-seed0" / "mace.model"
@@ -211,8 +208,6 @@ def write_report(rows: list, info: dict, threads: int, out: Path, mace_model: st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from timing import write_results
 
     def get(system, atoms, engine):
         return next((r for r in rows if r["system"] == system and r["atoms"] == atoms and r["engine"] == engine), None)

@@ -5,8 +5,10 @@
 
 Runs the example decks of lammps/examples (aspirin NVE in a non-periodic box; the periodic 384-atom methanol box
 NVT) with the shipped model (float64, fused) on 1 and 2 MPI ranks, 1 OpenMP thread per rank, and compares
-LAMMPS's loop time per step with `compute_with_neighbors` of the artifact on the same atoms and pairs, in this
-process on 1 thread: the model's work for one step on one rank, with nothing of the engine around it.
+LAMMPS's loop time per step with the artifact methods the pair style calls, on the same atoms and pairs, in this
+process on 1 thread: `edge_energy_gradients` with periodic images folded onto their owners (what one rank calls),
+or the halo methods block by block with the images as ghosts (what the ranks call between them, here as one
+domain), each with `energy_offset`. That is the model's work for one step, with nothing of the engine around it.
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from timing import median_seconds, write_results  # noqa: E402
+from common import MODEL, ROOT, median_seconds, write_results
 
-MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 EXAMPLES = ROOT / "lammps" / "examples"
 BIN = Path(sys.executable).parent
 TIMESTEP_FS = 0.5  # both decks
@@ -33,27 +32,52 @@ SYSTEMS = [
 ]
 
 
-def bare_call_seconds(data: Path, periodic: bool, module, smoke: bool) -> float:
-    """Median time of the artifact's compute_with_neighbors on the data file's atoms with the periodic pairs
-    LAMMPS hands the model on one rank."""
+def bare_call_seconds(data: Path, periodic: bool, ranks: int, module, num_layers: int, smoke: bool) -> float:
+    """Median time of the artifact calls pair_style transip makes for one step on `ranks` ranks (module
+    docstring), on the data file's atoms and their pairs within the cutoff."""
     import ase.io
     import torch
 
+    from transip.export.halo import halo_energy_gradients
     from transip.neighbors import structure_neighbors
 
     atoms = ase.io.read(data, format="lammps-data", atom_style="atomic")
     positions, cell = torch.tensor(atoms.positions), torch.tensor(atoms.cell.array)
     edge_index, shifts = structure_neighbors(positions, 6.0, cell if periodic else None,
                                              torch.tensor([periodic] * 3) if periodic else None)
-    inputs = (positions, torch.tensor(atoms.numbers), edge_index, shifts.double() @ cell, len(atoms), 0, 1, True,
-              False)
+    receivers, senders = edge_index
+    vectors = positions[senders] - positions[receivers] + shifts.double() @ cell
+    numbers = torch.tensor(atoms.numbers)
+    if ranks == 1:
+        def step():
+            module.edge_energy_gradients(vectors, numbers, receivers, senders, 0, 1)
+    else:
+        senders, owner = images_as_ghosts(senders, shifts, len(atoms))
+
+        def step():
+            halo_energy_gradients(module, vectors, numbers[owner], receivers, senders, owner, num_layers, 0, 1)
 
     def evaluate(n):
         for _ in range(n):
-            module.compute_with_neighbors(*inputs)
+            step()
+            module.energy_offset(0, 1)
 
     calls = 2 if smoke else max(1, 4000 // len(atoms))  # about 0.2 s per timed block
     return median_seconds(evaluate, 2, 3 if smoke else 7, calls)
+
+
+def images_as_ghosts(senders, shifts, num_atoms: int):
+    """Senders that are periodic images (a non-zero shift) as ghost rows after the atoms, one per distinct image,
+    as several ranks see them. Returns the new senders and the owner (N + ghosts,) of every row."""
+    import torch
+
+    image = shifts.abs().sum(1) > 0
+    # one ghost per distinct (owner, shift)
+    distinct, ghost_of_edge = torch.unique(torch.cat([senders[image, None], shifts[image].long()], 1), dim=0,
+                                           return_inverse=True)
+    senders = senders.clone()
+    senders[image] = num_atoms + ghost_of_edge
+    return senders, torch.cat([torch.arange(num_atoms), distinct[:, 0]])
 
 
 def lammps_seconds_per_step(folder: Path, deck: str, ranks: int, steps: int) -> float:
@@ -89,22 +113,25 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         export_checkpoint(MODEL, tmp / "model.pt")
-        module, _ = load(tmp / "model.pt")
+        module, metadata = load(tmp / "model.pt")
         runs = [(system, ranks) for system in SYSTEMS for ranks in (1, 2)]
         bare = {}
         for (label, deck, data, periodic, full, smoke), ranks in tqdm(runs, desc="LAMMPS runs", unit="run"):
             shutil.copy(EXAMPLES / data, tmp / data)
-            if data not in bare:
-                bare[data] = bare_call_seconds(tmp / data, periodic, module, args.smoke)
+            if (data, ranks) not in bare:
+                bare[data, ranks] = bare_call_seconds(tmp / data, periodic, ranks, module, metadata["num_layers"],
+                                                      args.smoke)
             steps = smoke if args.smoke else full
             step = lammps_seconds_per_step(tmp, deck, ranks, steps)
             atoms = int(re.search(r"(\d+) atoms", label).group(1))
-            rows.append(dict(system=label, atoms=atoms, ranks=ranks, steps=steps, artifact_ms=1e3 * bare[data],
+            rows.append(dict(system=label, atoms=atoms, ranks=ranks, steps=steps, artifact_ms=1e3 * bare[data, ranks],
                              lammps_step_ms=1e3 * step, steps_per_second=1.0 / step,
                              atom_steps_per_second=atoms / step, ns_per_day=TIMESTEP_FS * 1e-6 / step * 86400,
-                             overhead=step / bare[data] - 1.0))
+                             overhead=step / bare[data, ranks] - 1.0))
     lines = [f"Shipped model (float64, fused), example decks of lammps/examples, {TIMESTEP_FS} fs, 1 OpenMP thread "
-             "per rank; artifact call = compute_with_neighbors on the same atoms and periodic pairs, 1 thread.", "",
+             "per rank; artifact call = what the pair style calls, on the same atoms and periodic pairs, 1 thread: "
+             "edge_energy_gradients (1 rank) or the halo methods block by block, all ghosts in one domain (2 ranks), "
+             "each with energy_offset.", "",
              "| system | ranks | steps | artifact call (ms) | LAMMPS step (ms) | steps/s | atom-steps/s | ns/day | "
              "overhead |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

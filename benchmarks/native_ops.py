@@ -21,61 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from timing import repeated_seconds
+from common import (MODEL, ROOT, machine, repeated_seconds, reset_peak_rss, rss_kib, run_task, water_system,
+                    with_self_edges)
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
-WATER = ((0.0, 0.0, 0.0), (0.9572, 0.0, 0.0), (-0.2400, 0.9266, 0.0))  # O, H, H (Angstrom)
-WATER_SPACING = 3.104  # Angstrom per molecule on a cubic lattice: liquid density, 1.0 g/cm^3
 FULL_SIZES = (100, 300, 1000, 3000, 10000, 30000, 100000)
 SMOKE_SIZES = (100, 300)
 
 
-# ------------------------------------------------------------------------------------------ systems
-def water_system(num_atoms: int, periodic: bool, seed: int = 0):
-    """Randomly oriented water molecules on a cubic lattice at liquid density (periodic box or bare cluster)."""
-    import numpy as np
-
-    from transip.data import Structure
-    from transip.model import random_rotation
-    import torch
-
-    molecules = max(1, num_atoms // 3)
-    side = int(np.ceil(molecules ** (1.0 / 3.0)))
-    generator = torch.Generator().manual_seed(seed)
-    sites = np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3)[:molecules]
-    water = np.array(WATER)
-    positions = np.concatenate([water @ random_rotation(generator).numpy().T + site * WATER_SPACING
-                                for site in sites])
-    numbers = np.tile([8, 1, 1], molecules)
-    if periodic:
-        return Structure(numbers, positions, cell=np.eye(3) * side * WATER_SPACING, pbc=[True] * 3)
-    return Structure(numbers, positions)
-
-
 # ------------------------------------------------------------------------------------------ one measurement
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak_rss() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
 def measure(task: dict) -> dict:
     """Runs in a fresh process: time and peak memory of one (size, kind, path, dtype)."""
     import torch
@@ -115,19 +73,6 @@ def measure(task: dict) -> dict:
     return result
 
 
-def with_self_edges(edge_index, n: int):
-    """Receivers, senders and CSR row offsets of the graph plus each atom's own edge, grouped by receiver: what
-    one attention layer reads when the self edge is explicit."""
-    import torch
-
-    from transip.model import csr_row_ptr
-
-    everyone = torch.arange(n)
-    receivers, senders = torch.cat([everyone, edge_index[0]]), torch.cat([everyone, edge_index[1]])
-    order = torch.argsort(receivers, stable=True)
-    return receivers[order], senders[order], csr_row_ptr(receivers[order], n)
-
-
 def attention_rate(model, batch, task: dict, dtype) -> dict:
     """Time forward + backward of one attention layer alone on this graph (self edges included)."""
     import torch
@@ -156,51 +101,10 @@ def attention_rate(model, batch, task: dict, dtype) -> dict:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     # Multiply-adds per edge and head, counting the vector work (scalar exp/max/divide ignored):
-    # forward q.k (2D) + rescale-and-accumulate (3D); backward q.k again (2D), g.v (2D), dq (2D), dk (2D), dv (2D).
+    # forward q.k (2D) + weight-and-accumulate v (3D: counted as when the kernel still rescaled its accumulator, so
+    # rates stay comparable with earlier results); backward q.k again (2D), g.v (2D), dq (2D), dk (2D), dv (2D).
     flops = 15 * head_dim * heads * receivers.numel()
     return dict(attention_seconds=seconds, attention_gflops=flops / seconds / 1e9, attention_edges=int(receivers.numel()))
-
-
-def run_task(task: dict, timeout: float, script: str = __file__) -> dict:
-    """Run `script --worker TASK` in a fresh process (clean heap, own peak-memory mark); its last line of output
-    is the result as JSON."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(task["threads"]))
-    try:
-        out = subprocess.run([sys.executable, script, "--worker", json.dumps(task)], capture_output=True, text=True,
-                             env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(task, skipped=f"took longer than {timeout:.0f} s")
-    if out.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer does: a limit, not a bug
-        return dict(task, skipped="out of memory (killed)", out_of_memory=True)
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(task, skipped=f"failed (exit {out.returncode}): {tail}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-# ------------------------------------------------------------------------------------------ machine
-def machine() -> dict:
-    """CPU model, cores, clock and the double/single-precision peak assumed for the GFLOP/s fraction."""
-    info = {"platform": platform.platform(), "cpu": platform.processor() or "unknown", "cores": os.cpu_count()}
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    mhz = [float(line.split(":")[1]) for line in text.splitlines() if line.startswith("cpu MHz")]
-    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    info["cpu"] = names[0] if names else info["cpu"]
-    info["ghz"] = (max(mhz) / 1000) if mhz else None
-    # Two FMA pipes per core; an FMA is 2 flops on each lane; AVX-512 holds 8 doubles, AVX2 4.
-    lanes64 = 8 if "avx512f" in flags else 4
-    if info["ghz"]:
-        info["peak_gflops_float64"] = info["cores"] * info["ghz"] * 2 * 2 * lanes64
-        info["peak_gflops_float32"] = 2 * info["peak_gflops_float64"]
-    info["peak_assumption"] = f"cores x clock x 2 FMA pipes x 2 flops x {lanes64} float64 lanes (twice for float32)"
-    import torch
-
-    import transip
-
-    info["torch"] = torch.__version__
-    info["isa"] = transip.native.isa()
-    return info
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -326,7 +230,7 @@ def main(argv=None) -> int:
             if projected > args.memory_limit_gb:
                 results.append(dict(task, skipped=f"projected {projected:.0f} GB > {args.memory_limit_gb:.0f} GB"))
                 continue
-        result = run_task(task, args.timeout)
+        result = run_task(task, args.timeout, __file__)
         results.append(result)
         if task["kernel"] == "reference" and "skipped" not in result:
             previous_reference[task["kind"]] = result

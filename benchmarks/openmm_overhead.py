@@ -18,10 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from timing import median_seconds, write_results  # noqa: E402
-MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
+from common import MODEL, ROOT, median_seconds, write_results
+
 SYSTEMS = {"aspirin (21 atoms)": ROOT / "examples" / "molecules" / "aspirin.xyz",
            "methanol box (384 atoms, periodic)": ROOT / "examples" / "boxes" / "methanol_box.extxyz"}
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import ROOT, machine
+
 SCRIPTS = ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead", "engines")
 STUDY = ROOT / "docs" / "accuracy_study" / "study.json"  # configs/accuracy_study.json writes it
 
@@ -134,8 +134,6 @@ def study_section() -> list:
 
 
 def write_benchmarks(results: Path, target: Path, smoke: bool) -> None:
-    from native_ops import machine
-
     info = machine()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()

@@ -2,8 +2,8 @@
 
 Every way an artifact can be unusable gets its own message that says which and what to do: missing file,
 not a TorchScript file (including a training checkpoint given by mistake), truncated or corrupt file, no
-TransIP metadata, a newer format version, native ops missing or of another version, dtype or device not
-available.
+TransIP metadata, another format version (older: export it again; newer: upgrade), native ops missing or of
+another version, dtype or device not available.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from transip import native
 
-from .artifact import FORMAT, FORMAT_VERSION, METADATA_FILE
+from . import contract as c
+from .contract import FORMAT, FORMAT_VERSION, METADATA_FILE
 
 
 class ArtifactError(ValueError):
@@ -59,17 +60,25 @@ def read_metadata(path) -> dict:
     except (zipfile.BadZipFile, ValueError, OSError) as exc:
         raise ArtifactError(f"artifact {path}: metadata unreadable ({exc}); the file is corrupt, export it again") \
             from exc
-    if metadata.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: metadata format {metadata.get('format')!r} is not {FORMAT!r}")
-    version = metadata.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(f"artifact {path} has format version {version}; this transip reads up to "
-                            f"{FORMAT_VERSION}: upgrade transip, or export the model again with this version")
+    if c.metadata_path(metadata, c.KEY_FORMAT) != FORMAT:
+        raise ArtifactError(f"{path}: metadata format {c.metadata_path(metadata, c.KEY_FORMAT)!r} is not {FORMAT!r}")
+    check_format_version(path, c.metadata_path(metadata, c.KEY_FORMAT_VERSION))
     return metadata
 
 
+def check_format_version(path, version) -> None:
+    """Only this transip's format version loads: an older artifact lacks or misnames methods that engines call."""
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise ArtifactError(f"artifact {path} has format version {version}, older than the version {FORMAT_VERSION} "
+                            "this transip reads (its methods differ): export it again with `transip export "
+                            f"CHECKPOINT -o {path}`")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"artifact {path} has format version {version}; this transip reads version "
+                            f"{FORMAT_VERSION}: upgrade transip, or export it again with this transip")
+
+
 def check_native_ops(path, metadata: dict) -> None:
-    ops = metadata.get("native_ops")
+    ops = c.metadata_path(metadata, c.KEY_NATIVE_OPS)
     if not ops:
         return
     if not native.available():
@@ -85,10 +94,10 @@ def check_native_ops(path, metadata: dict) -> None:
 def check_device(path, metadata: dict, device: torch.device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArtifactError(f"device {device} requested for {path}, but CUDA is not available here; use device='cpu'")
-    if device.type != "cpu" and metadata.get("kernel") == "fused":
+    if device.type != "cpu" and c.metadata_path(metadata, c.KEY_KERNEL) == "fused":
         raise ArtifactError(f"artifact {path} uses the fused kernel, which runs on the CPU only; load it with "
                             "device='cpu' or export with `--kernel reference`")
-    if device.type == "mps" and metadata.get("dtype") == "float64":
+    if device.type == "mps" and c.metadata_path(metadata, c.KEY_DTYPE) == "float64":
         raise ArtifactError(f"artifact {path} is float64, which device {device} does not support; export with "
                             "`--dtype float32`")
     if device.type not in ("cpu", "cuda", "mps"):

@@ -28,10 +28,7 @@ from torch import nn
 
 from transip.domain import check_trained_domain
 from transip.export import ArtifactError, load
-
-# CODATA 2018: 1 eV = 96.48533212331002 kJ/mol; 1 nm = 10 Angstrom.
-KJ_PER_MOL_PER_EV = 96.48533212331002
-ANGSTROM_PER_NM = 10.0
+from transip.export.contract import ANGSTROM_PER_NM, KJ_PER_MOL_PER_EV  # the one source of unit factors
 
 
 class TransIPOpenMMModule(nn.Module):

@@ -13,7 +13,13 @@ from typing import Optional
 
 import numpy as np
 
+from transip.export.contract import ANGSTROM_PER_NM, KJ_PER_MOL_PER_EV
+from transip.md_summary import md_summary
+
 from .force import create_force
+
+# Multiplied by 1/10 (the double 0.1), not divided by 10: positions bit for bit as OpenMM's own Angstrom -> nm.
+NM_PER_ANGSTROM = 1.0 / ANGSTROM_PER_NM
 
 
 def topology_of(structure):
@@ -29,7 +35,8 @@ def topology_of(structure):
         if not all(structure.pbc):
             raise ValueError("OpenMM boxes are periodic in all three directions; the structure has pbc "
                              f"{list(structure.pbc)}")
-        topology.setPeriodicBoxVectors([Vec3(*row) * 0.1 for row in np.asarray(structure.cell)] * unit.nanometer)
+        topology.setPeriodicBoxVectors([Vec3(*row) * NM_PER_ANGSTROM for row in np.asarray(structure.cell)]
+                                       * unit.nanometer)
     return topology
 
 
@@ -67,7 +74,7 @@ def build_simulation(artifact, structure, timestep_fs: float = 0.5, temperature:
     else:
         integrator = openmm.VerletIntegrator(step)
     simulation = app.Simulation(topology, system, integrator, platform_by_name(platform))
-    simulation.context.setPositions(np.asarray(structure.positions) * 0.1)
+    simulation.context.setPositions(np.asarray(structure.positions) * NM_PER_ANGSTROM)
     simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
     return simulation
 
@@ -75,7 +82,8 @@ def build_simulation(artifact, structure, timestep_fs: float = 0.5, temperature:
 def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: float = 300.0,
         platform: str = "CPU", thermostat: bool = False, trajectory: Optional[str] = None, report_every: int = 50,
         seed: int = 0, stream=sys.stdout, allow_untrained: bool = False) -> dict:
-    """Run MD and return a summary: steps per second, total-energy drift and fluctuation per atom (eV).
+    """Run MD and return `transip.md_summary.md_summary`: steps per second, ns/day, total-energy drift and
+    fluctuation per atom in eV (the keys the ASE driver returns too).
     allow_untrained: run a structure outside the model's trained domain with a warning (create_force)."""
     import openmm.app as app
     from openmm import unit
@@ -105,7 +113,4 @@ def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: 
         done += chunk
         totals.append(total_energy())
     seconds = time.perf_counter() - start
-    ev = np.array(totals) / 96.48533212331002
-    return {"atoms": n, "steps": steps, "steps_per_second": steps / seconds,
-            "ns_per_day": steps * timestep_fs * 1e-6 / seconds * 86400,
-            "energy_drift_per_atom_ev": float(ev[-1] - ev[0]) / n, "energy_std_per_atom_ev": float(ev.std()) / n}
+    return md_summary(np.array(totals) / KJ_PER_MOL_PER_EV, n, steps, seconds, timestep_fs)

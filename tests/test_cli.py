@@ -39,7 +39,7 @@ def test_md_conserves_energy_and_writes_a_trajectory(tmp_path):
                     log=lambda line: None)
     frames = read_structures(traj, require_labels=False)
     assert len(frames) == 11 and all(len(f.numbers) == 21 for f in frames)
-    assert abs(result["energy_drift_per_atom"]) < 1e-3  # eV/atom over 20 fs of NVE
+    assert abs(result["energy_drift_per_atom_ev"]) < 1e-3  # eV/atom over 20 fs of NVE
     assert np.isfinite(frames[-1].positions).all()
 
 
@@ -51,7 +51,9 @@ def test_cli_errors_name_the_problem(tmp_path):
     chlorine = tmp_path / "cl.xyz"
     chlorine.write_text("2\n\nC 0 0 0\nBr 1.9 0 0\n")
     out = transip("check-equivariance", SHIPPED_MODEL, chlorine, check=False)
-    assert out.returncode == 2 and "atomic number 35 is not known" in out.stderr
+    # issue 14: the symbol, the first atom and the model's elements, not a bare atomic number
+    assert out.returncode == 2 and ("element Br (atom 1, 1 atom(s) in all) is not among the trained elements "
+                                    "H C N O F S Cl") in out.stderr
     out = transip("train", "--data", tmp_path / "nothing.extxyz", "-o", tmp_path / "run", check=False)
     assert out.returncode == 2 and "nothing.extxyz does not exist" in out.stderr
 

@@ -84,7 +84,7 @@ def test_unknown_element_is_named():
     model = TransIP(ModelConfig(elements=[1, 6, 8], cutoff=3.0, d_model=16, num_heads=2, num_layers=1)).double()
     with pytest.raises(ValueError, match="atomic number 17 is not known"):
         predict(model, [Structure([6, 17], [[0, 0, 0], [1.7, 0, 0]])])
-    with pytest.raises(ValueError, match="charge outside"):
+    with pytest.raises(ValueError, match=r"total charge 9 is outside the model.s range -4\.\.4"):
         predict(model, [Structure([6, 8], [[0, 0, 0], [1.2, 0, 0]], charge=9)])
 
 

@@ -17,7 +17,8 @@ from conftest import ROOT, SHIPPED_MODEL
 from transip import native
 from transip.checkpoint import model_from_checkpoint
 from transip.data import Structure, collate, evaluate_batch, structure_from_atoms, write_extxyz_exact
-from transip.export import ArtifactError, export_checkpoint, load, read_metadata
+from transip.export import FORMAT_VERSION, METHODS, ArtifactError, contract, export_checkpoint, load, read_metadata
+from transip.export.halo import halo_energy_gradients
 from transip.export.load import check_device, check_native_ops
 
 KINDS = [(dtype, kernel) for dtype in ("float64", "float32") for kernel in ("fused", "reference")]
@@ -93,41 +94,9 @@ def test_artifacts_in_a_fresh_process_equal_the_checkpoint(artifacts, tmp_path):
                 assert_close(got[key], expected[key], TOLERANCE[dtype], f"{dtype} {kernel} {name} {key}")
 
 
-def test_engine_method_with_explicit_ghost_atoms(artifacts):
-    """compute_with_neighbors, as LAMMPS uses it: the periodic box as local atoms plus two layers of image
-    copies as ghosts (more than the 18 A receptive field around every wrapped atom), an ordinary (non-periodic)
-    neighbour list over all of them, energy summed over local atoms only. Folding ghost forces onto their
-    owners must give the periodic forces; the virial must be the periodic one."""
-    from transip.neighbors import structure_neighbors
-
-    box = periodic_box()
-    fractional = box.positions @ np.linalg.inv(box.cell)
-    box = Structure(box.numbers, (fractional % 1.0) @ box.cell, cell=box.cell, pbc=box.pbc)  # atoms inside the cell
-    module, _ = load(artifacts["float64", "fused"])
-    expected = module.compute(*inputs_of(box), 0, 1, True)
-    n = len(box.numbers)
-    layers = (0, -1, 1, -2, 2)
-    offsets = [np.array([a, b, c]) @ box.cell for a in layers for b in layers for c in layers]
-    positions = torch.tensor(np.concatenate([box.positions + o for o in offsets]))
-    numbers = torch.tensor(np.tile(box.numbers, len(offsets)))
-    edge_index, _ = structure_neighbors(positions, 6.0)
-    out = module.compute_with_neighbors(positions, numbers, edge_index, torch.zeros(edge_index.shape[1], 3), n, 0, 1,
-                                        True, True)
-    folded = out["forces"].view(len(offsets), n, 3).sum(0)
-    assert_close(out["energy"], expected["energy"], 1e-10, "energy")
-    assert_close(out["atom_energies"], expected["atom_energies"], 1e-10, "atom energies")
-    assert_close(folded, expected["forces"], 1e-10, "forces")
-    assert_close(out["virial"], expected["virial"], 1e-10, "virial")
-    without = module.compute_with_neighbors(positions, numbers, edge_index, torch.zeros(edge_index.shape[1], 3), n, 0,
-                                            1, False, False)
-    model = model_from_checkpoint(SHIPPED_MODEL)
-    offset = float(model.charge_reference[model.max_abs_charge] + model.spin_reference[0])
-    assert abs(float(out["energy"] - without["energy"]) - offset) < 1e-10
-
-
 @pytest.mark.parametrize("dtype,kernel", [("float64", "fused"), ("float64", "reference")])
 def test_halo_exchange_methods_block_by_block(artifacts, dtype, kernel):
-    """The halo recipe (docs/artifact.md, as pair_style transip runs it on several ranks) with one domain whose
+    """The halo recipe (export/halo.py, as pair_style transip runs it on several ranks) with one domain whose
     ghosts are periodic images one cell away: each block's ghost tokens are copied from their owners, the
     backward runs block by block with ghost gradients summed onto the owners, and the result is the periodic
     energy, forces and virial."""
@@ -145,27 +114,9 @@ def test_halo_exchange_methods_block_by_block(artifacts, dtype, kernel):
     numbers = torch.tensor(box.numbers)[owner]
     edge_index, _ = structure_neighbors(positions, 6.0)
     receivers, senders = edge_index[:, edge_index[0] < n]  # local receivers only, grouped by receiver
-    vectors = (positions[senders] - positions[receivers]).requires_grad_(True)
-
-    h0, bias, env = module.halo_tokens(vectors, numbers, receivers, senders, n, 0, 1)
-    bias_leaf, env_leaf = bias.detach().requires_grad_(True), env.detach().requires_grad_(True)
-    local_in, ghost_in, out, h = [], [], [], h0
-    for layer in range(metadata["num_layers"]):
-        local_in.append(h.detach().requires_grad_(True))
-        ghost_in.append(local_in[-1].detach()[owner[n:]].requires_grad_(True))  # "forward communication"
-        h = module.halo_block(layer, torch.cat([local_in[-1], ghost_in[-1]]), bias_leaf[layer], env_leaf, receivers,
-                              senders, n)
-        out.append(h)
-    last = h.detach().requires_grad_(True)
-    atom_energies = module.halo_energies(last, numbers[:n])
-    (grad,) = torch.autograd.grad(atom_energies.sum(), [last])
-    grad_bias, grad_env = torch.zeros_like(bias), torch.zeros_like(env)
-    for layer in reversed(range(metadata["num_layers"])):
-        g_local, g_ghost, g_bias, g_env = torch.autograd.grad(out[layer], [local_in[layer], ghost_in[layer], bias_leaf,
-                                                                           env_leaf], grad, allow_unused=True)
-        grad = g_local.index_add(0, owner[n:], g_ghost)  # "reverse communication"
-        grad_bias, grad_env = grad_bias + g_bias, grad_env + g_env
-    (g,) = torch.autograd.grad([h0, bias, env], [vectors], [grad, grad_bias, grad_env])
+    vectors = positions[senders] - positions[receivers]
+    atom_energies, g = halo_energy_gradients(module, vectors, numbers, receivers, senders, owner,
+                                             metadata["num_layers"], 0, 1)
     forces = torch.zeros(len(positions), 3, dtype=g.dtype).index_add(0, receivers, g).index_add(0, senders, -g)
     folded = torch.zeros(n, 3, dtype=g.dtype).index_add(0, owner, forces)
     energy = atom_energies.sum() + module.energy_offset(0, 1)
@@ -217,14 +168,6 @@ def test_every_method_handles_zero_atoms(artifacts, dtype, kernel):
         assert torch.equal(out["virial"], torch.zeros(3, 3, dtype=float_type))
     energies, g = module.edge_energy_gradients(none3, none, none, none, 0, 1)
     assert energies.shape == (0,) and g.shape == (0, 3)
-    # No local atom, two ghosts and no edge (ghosts send only to local atoms): forces are zero, the energy is just
-    # the structure's offset when this domain is the one that adds it.
-    ghosts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=float_type)
-    out = module.compute_with_neighbors(ghosts, torch.tensor([8, 1]), torch.zeros(2, 0, dtype=torch.long),
-                                        torch.zeros(0, 3, dtype=float_type), 0, 0, 1, True, True, True)
-    assert float(out["energy"]) == float(module.energy_offset(0, 1))
-    assert torch.equal(out["forces"], torch.zeros(2, 3, dtype=float_type)) and out["atom_energies"].shape == (0,)
-    assert torch.equal(out["virial"], torch.zeros(3, 3, dtype=float_type)) and out["atom_virial"].shape == (2, 3, 3)
     # The halo methods on a rank without atoms, as pair_style transip calls them, with the gradient back to the
     # (empty) edge vectors.
     vectors = none3.clone().requires_grad_(True)
@@ -258,7 +201,17 @@ def test_energy_offset_checks_its_range(artifacts):
 
 def test_metadata_says_what_an_engine_needs(artifacts):
     fused, reference = read_metadata(artifacts["float64", "fused"]), read_metadata(artifacts["float32", "reference"])
-    assert fused["format"] == "transip-artifact" and fused["format_version"] == 1
+    assert fused["format"] == "transip-artifact" and fused["format_version"] == FORMAT_VERSION == 2
+    assert fused["methods"] == METHODS == ["compute", "edge_energy_gradients", "energy_offset", "halo_tokens",
+                                           "halo_block", "halo_energies"]
+    module, _ = load(artifacts["float64", "fused"])
+    assert all(hasattr(module, method) for method in METHODS) and not hasattr(module, "compute_with_neighbors")
+    # every metadata path the engines read (export/contract.py, C++ through its generated header) is there
+    for name in dir(contract):
+        if name.startswith("KEY_"):
+            assert contract.metadata_path(fused, getattr(contract, name)) is not None, name
+    assert contract.metadata_path(fused, contract.KEY_NATIVE_OPS_VERSION) == native.version()
+    assert contract.metadata_path(reference, contract.KEY_NATIVE_OPS_VERSION) is None
     assert fused["elements"] == ["H", "C", "N", "O", "F", "S", "Cl"]
     assert fused["cutoff"] == 6.0 and fused["num_layers"] == 2 and fused["receptive_field"] == 18.0
     assert fused["units"]["energy"] == "eV" and fused["units"]["length"] == "angstrom"
@@ -312,7 +265,7 @@ def test_load_errors_name_the_problem(artifacts, tmp_path):
         load(truncated)
     newer = tmp_path / "newer.pt"
     rewrite_metadata(good, newer, format_version=99)
-    with pytest.raises(ArtifactError, match="format version 99; this transip reads up to 1: upgrade"):
+    with pytest.raises(ArtifactError, match=f"format version 99; this transip reads version {FORMAT_VERSION}: upgrade"):
         load(newer)
     other_ops = tmp_path / "other-ops.pt"
     rewrite_metadata(good, other_ops, native_ops={**read_metadata(good)["native_ops"], "version": "9.9.9"})
@@ -322,6 +275,20 @@ def test_load_errors_name_the_problem(artifacts, tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(no_metadata))
     with pytest.raises(ArtifactError, match="without TransIP metadata"):
         load(no_metadata)
+
+
+def test_artifact_of_the_old_format_is_refused(artifacts, tmp_path):
+    """Format version 1 had `compute_with_neighbors` and no method named for each engine path: Python and C++
+    readers refuse it and say to export it again."""
+    old = tmp_path / "old.pt"
+    rewrite_metadata(artifacts["float64", "fused"], old, format_version=1)
+    message = f"format version 1, older than the version {FORMAT_VERSION} .*export it again with `transip export"
+    with pytest.raises(ArtifactError, match=message):
+        load(old)
+    xyz = ROOT / "examples" / "molecules" / "aspirin.xyz"
+    run = subprocess.run([str(bench_binary()), str(old), str(xyz)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and re.search("transip-bench: error: .*old\\.pt has artifact " + message, run.stderr), \
+        run.stderr
 
 
 def test_corrupt_content_is_reported(artifacts, tmp_path):
@@ -416,6 +383,23 @@ def test_one_element_table_for_every_language(tmp_path):
     sources = [p for folder in ("cpp", "lammps", "openmm_plugin") for p in (ROOT / folder).rglob("*")
                if p.suffix in (".h", ".hpp", ".cpp", ".cc")]
     assert sources and not [p for p in sources if '"Xe"' in p.read_text()]
+
+
+def test_one_artifact_contract_for_every_language(tmp_path):
+    """Issue 15: the format version, metadata file and key paths and unit factors C++ uses are generated at build
+    time from export/contract.py, the module the exporter writes with, and no C++ source retypes them."""
+    header = tmp_path / "contract.h"
+    run = subprocess.run([sys.executable, str(ROOT / "cpp" / "generate_contract.py"),
+                          str(ROOT / "export" / "contract.py"), str(header)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    text = header.read_text()
+    assert f"inline constexpr int kFormatVersion = {contract.FORMAT_VERSION};" in text
+    assert 'inline constexpr const char* kKeyNativeOpsVersion = "native_ops.version";' in text
+    assert f"inline constexpr double kKcalPerMolPerEv = {contract.KCAL_PER_MOL_PER_EV!r};" in text
+    sources = [p for folder in ("cpp", "lammps") for p in (ROOT / folder).rglob("*") if p.suffix in (".h", ".cpp")]
+    retyped = [p for p in sources for literal in (contract.METADATA_FILE, "23.06", '"format_version"', '"version"')
+               if literal in p.read_text()]
+    assert sources and not retyped, retyped
 
 
 def test_cpp_program_errors(artifacts, tmp_path):

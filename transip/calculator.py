@@ -11,6 +11,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import Structure, structure_from_atoms
 from .domain import check_trained_domain, domain_for
+from .md_summary import md_summary
 from .metrics import predict
 
 
@@ -59,7 +60,8 @@ class TransIPCalculator(Calculator):
 
 def run_md(checkpoint, structure: Structure, steps: int, timestep_fs: float, temperature: float,
            trajectory: str, seed: int = 0, log=print, allow_untrained: bool = False) -> dict:
-    """NVE velocity-Verlet MD with ASE; prints energy and temperature, writes an extended XYZ trajectory."""
+    """NVE velocity-Verlet MD with ASE; prints energy and temperature, writes an extended XYZ trajectory.
+    Returns `transip.md_summary.md_summary` (energies per atom in eV), as the OpenMM driver does."""
     import ase
     import ase.io
     from ase import units
@@ -98,9 +100,8 @@ def run_md(checkpoint, structure: Structure, steps: int, timestep_fs: float, tem
     bar.close()
     seconds = time.perf_counter() - start
     ase.io.write(trajectory, frames, format="extxyz")
-    drift = (energies[-1] - energies[0]) / len(atoms)
-    fluctuation = float(np.std(energies)) / len(atoms)
-    log(f"{steps} steps in {seconds:.1f} s ({steps / seconds:.1f} steps/s); total-energy change "
-        f"{1000 * drift:.3f} meV/atom, std {1000 * fluctuation:.3f} meV/atom; trajectory: {trajectory}")
-    return {"steps_per_second": steps / seconds, "energy_drift_per_atom": drift,
-            "energy_std_per_atom": fluctuation}
+    summary = md_summary(energies, len(atoms), steps, seconds, timestep_fs)
+    log(f"{steps} steps in {seconds:.1f} s ({summary['steps_per_second']:.1f} steps/s); total-energy change "
+        f"{1000 * summary['energy_drift_per_atom_ev']:.3f} meV/atom, std "
+        f"{1000 * summary['energy_std_per_atom_ev']:.3f} meV/atom; trajectory: {trajectory}")
+    return summary

@@ -4,7 +4,8 @@
 differentiable to any order: what training uses and what the tests compare against.
 
 `fused`: the native ops of cpp/ (`torch.ops.transip.*`): the edge encoder (features, edge MLP, attention
-biases, envelope and pooled initial messages in one pass per edge) and the neighbour attention (online softmax over each atom's CSR row).
+biases, envelope and pooled initial messages in one pass per edge) and the neighbour attention (over each atom's
+CSR row: all its scores first, then the row's maximum, then one vectorised exp over the row).
 Differentiable once, with respect to the geometry: exactly what energy -> forces and virial need.
 
 Each implementation is its own module, so a scripted model only references the native ops when it uses them.
@@ -12,7 +13,7 @@ Each implementation is its own module, so a scripted model only references the n
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,14 +27,32 @@ def envelope(r: torch.Tensor, cutoff: float) -> torch.Tensor:
     return torch.where(r < cutoff, 1.0 + x * x * x * (-10.0 + x * (15.0 - 6.0 * x)), torch.zeros_like(r))
 
 
-def reference_edge_embedding(vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
-                             cutoff: float, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                             b2: torch.Tensor) -> torch.Tensor:
+class EdgeWeights(NamedTuple):
+    """The model's parameters of the per-edge work, in one value so that both edge encoders take the same
+    arguments (the model builds it: `TransIP.edge_weights`). The attention-bias layers of all blocks are stacked
+    (`bias_groups` of them), so one product gives every block's biases."""
+
+    centers: torch.Tensor  # radial basis centres
+    width: float  # radial basis width
+    cutoff: float
+    w1: torch.Tensor  # edge MLP: Linear(w1, b1) -> SiLU -> Linear(w2, b2)
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    w_bias: torch.Tensor  # attention biases of every block, stacked
+    b_bias: torch.Tensor
+    bias_groups: int  # blocks
+    w_msg: torch.Tensor  # edge message projection
+    b_msg: torch.Tensor
+    neighbor_embedding: torch.Tensor  # (species, d_model)
+
+
+def reference_edge_embedding(vectors: torch.Tensor, lengths: torch.Tensor, w: EdgeWeights) -> torch.Tensor:
     """Edge features [r / cutoff, Gaussian radial basis of |r|] (not rotation invariant) through
     Linear(w1, b1) -> SiLU -> Linear(w2, b2)."""
-    rbf = torch.exp(-0.5 * ((lengths[:, None] - centers) / width) ** 2)
-    features = torch.cat([vectors / cutoff, rbf], dim=1)
-    return F.linear(F.silu(F.linear(features, w1, b1)), w2, b2)
+    rbf = torch.exp(-0.5 * ((lengths[:, None] - w.centers) / w.width) ** 2)
+    features = torch.cat([vectors / w.cutoff, rbf], dim=1)
+    return F.linear(F.silu(F.linear(features, w.w1, w.b1)), w.w2, w.b2)
 
 
 class ReferenceEdgeEncoder(torch.nn.Module):
@@ -46,18 +65,16 @@ class ReferenceEdgeEncoder(torch.nn.Module):
     kernel = "reference"
 
     def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
-                num_atoms: int, centers: torch.Tensor, width: float, cutoff: float, w1: torch.Tensor,
-                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w_bias: torch.Tensor, b_bias: torch.Tensor,
-                bias_groups: int, w_msg: torch.Tensor, b_msg: torch.Tensor,
-                neighbor_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lengths = torch.linalg.norm(vectors, dim=1)
-        env = envelope(lengths, cutoff)
-        embedding = reference_edge_embedding(vectors, lengths, centers, width, cutoff, w1, b1, w2, b2)
-        messages = env[:, None] * F.linear(embedding, w_msg, b_msg) * neighbor_embedding[species.index_select(0, senders)]
+        env = envelope(lengths, w.cutoff)
+        embedding = reference_edge_embedding(vectors, lengths, w)
+        messages = (env[:, None] * F.linear(embedding, w.w_msg, w.b_msg)
+                    * w.neighbor_embedding[species.index_select(0, senders)])
         summed = torch.zeros(num_atoms, messages.shape[1], dtype=messages.dtype,
                              device=messages.device).index_add(0, receivers, messages)
-        heads = w_bias.shape[0] // bias_groups
-        bias = F.linear(embedding, w_bias, b_bias).view(vectors.shape[0], bias_groups, heads).transpose(0, 1)
+        heads = w.w_bias.shape[0] // w.bias_groups
+        bias = F.linear(embedding, w.w_bias, w.b_bias).view(vectors.shape[0], w.bias_groups, heads).transpose(0, 1)
         return bias, summed, env
 
 
@@ -70,18 +87,15 @@ class FusedEdgeEncoder(torch.nn.Module):
     kernel = "fused"
 
     def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
-                num_atoms: int, centers: torch.Tensor, width: float, cutoff: float, w1: torch.Tensor,
-                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, w_bias: torch.Tensor, b_bias: torch.Tensor,
-                bias_groups: int, w_msg: torch.Tensor, b_msg: torch.Tensor,
-                neighbor_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        num_species = neighbor_embedding.shape[0]
+                num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        num_species = w.neighbor_embedding.shape[0]
         slot = receivers * num_species + species.index_select(0, senders)
-        bias, pooled, weight, env = torch.ops.transip.edge_encoder(vectors, slot, num_atoms * num_species, centers,
-                                                                   width, cutoff, w1, b1, w2, b2, w_bias, b_bias,
-                                                                   bias_groups)
-        projected = F.linear(pooled, w_msg) + weight[:, None] * b_msg
-        # Explicit width, not -1: with no atoms (an empty MPI rank) -1 would be ambiguous and view would fail.
-        return bias, (projected.view(num_atoms, num_species, w_msg.shape[0]) * neighbor_embedding).sum(1), env
+        bias, pooled, weight, env = torch.ops.transip.edge_encoder(vectors, slot, num_atoms * num_species, w.centers,
+                                                                   w.width, w.cutoff, w.w1, w.b1, w.w2, w.b2,
+                                                                   w.w_bias, w.b_bias, w.bias_groups)
+        projected = F.linear(pooled, w.w_msg) + weight[:, None] * w.b_msg
+        # Explicit width, not -1: with no atoms -1 would be ambiguous and view would fail.
+        return bias, (projected.view(num_atoms, num_species, w.w_msg.shape[0]) * w.neighbor_embedding).sum(1), env
 
 
 class ReferenceNeighborAttention(torch.nn.Module):

@@ -6,10 +6,9 @@ structures, H heads, D = d_model / H. Units: Angstrom, eV.
 Forces and virial come from one gradient: the energy depends on positions only through the edge
 displacements r_e = x_j - x_i + shift_e, so with g_e = dE/dr_e
 
-    F_i = sum_{e: receiver i} g_e - sum_{e: sender i} g_e,      virial_ab = -sum_e g_e,a r_e,b.
+    F_i = sum_{e: receiver i} g_e - sum_{e: sender i} g_e,      virial_ab = -sum_e g_e,a r_e,b
 
-The same expression serves engines that pass ghost atoms (LAMMPS): forces land on whichever atom is the
-sender, local or ghost.
+(`edge_forces_and_virial`).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from torch import nn
 
 from . import native
 from .elements import ELEMENT_SYMBOLS  # the one element table (transip/elements.py); others import it from here
-from .kernels import attention_module, edge_encoder_module, reference_edge_embedding
+from .kernels import EdgeWeights, attention_module, edge_encoder_module, reference_edge_embedding
 
 
 @dataclasses.dataclass
@@ -55,7 +54,7 @@ class ModelConfig:
     @property
     def receptive_field(self) -> float:
         """How far an atom's energy reaches: one cutoff for the neighbour sum in the initial tokens, plus one
-        per attention block. Engines with ghost atoms need ghosts out to this distance."""
+        per attention block."""
         return (self.num_layers + 1) * self.cutoff
 
 
@@ -97,19 +96,20 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
         attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, self_bias, receivers,
                                   senders, row_ptr)
-        # Explicit width, not -1: reshape cannot infer it when no atom is updated (an MPI rank without atoms).
+        # Explicit width, not -1: reshape cannot infer it when no atom is updated (zero atoms).
         h = h[:num_updated] + self.out(attended[:num_updated].reshape(num_updated, self.num_heads * self.head_dim))
         return h + self.ffn(self.norm_ffn(h))
 
 
 class TransIP(nn.Module):
-    """The model. `kernel` picks the attention implementation (see transip.native): 'auto' (default: the
-    TRANSIP_KERNEL environment variable, else fused when the native library is loaded), 'fused' or
-    'reference'. Both compute the same function; `set_kernel` switches an existing model."""
+    """The model. `kernel` picks the implementation of the per-edge work (see transip.native): 'fused',
+    'reference' or 'auto' (fused when the native library is loaded); None (default) takes
+    `native.default_kernel()`, i.e. the TRANSIP_KERNEL environment variable, else auto. Both kernels compute the
+    same function; `set_kernel` switches an existing model."""
 
     __jit_unused_properties__ = ["kernel"]
 
-    def __init__(self, config: ModelConfig, kernel: str = "auto"):
+    def __init__(self, config: ModelConfig, kernel: Optional[str] = None):
         super().__init__()
         self.config = config
         c = config
@@ -131,7 +131,7 @@ class TransIP(nn.Module):
         self.spin_embedding = nn.Embedding(c.max_multiplicity, c.d_model)
         self.edge_mlp = MLP([3 + c.num_rbf, c.edge_hidden, c.edge_hidden])
         self.edge_message = nn.Linear(c.edge_hidden, c.d_model)
-        kernel = native.default_kernel() if kernel == "auto" else native.resolve_kernel(kernel)
+        kernel = native.default_kernel() if kernel is None else native.resolve_kernel(kernel)
         self.edge_encoder = edge_encoder_module(kernel)
         self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier, kernel)
                                      for _ in range(c.num_layers)])
@@ -140,16 +140,17 @@ class TransIP(nn.Module):
         # Per-element reference energies and the scale of the learned residual, fitted on training data.
         self.register_buffer("reference_energy", torch.zeros(num_species))
         # Energy offsets of a whole structure by total charge and by spin multiplicity (ionisation and
-        # spin-pairing energies do not scale with size). Added to the total, not to atom energies, so that
-        # engines splitting atoms over ranks add it exactly once.
+        # spin-pairing energies do not scale with size). Added to the total, not to atom energies: it belongs to
+        # the structure, not to any atom.
         self.register_buffer("charge_reference", torch.zeros(2 * c.max_abs_charge + 1))
         self.register_buffer("spin_reference", torch.zeros(c.max_multiplicity))
         self.register_buffer("energy_scale", torch.ones(()))
 
     @torch.jit.unused
     def set_kernel(self, kernel: str) -> "TransIP":
-        """Switch every attention layer to 'fused', 'reference' or 'auto'; returns the model."""
-        resolved = native.default_kernel() if kernel == "auto" else native.resolve_kernel(kernel)
+        """Switch the edge encoder and every attention layer to 'fused', 'reference' or 'auto' (fused when the
+        native library is loaded); returns the model."""
+        resolved = native.resolve_kernel(kernel)
         for block in self.blocks:
             block.attention = attention_module(resolved)
         self.edge_encoder = edge_encoder_module(resolved)
@@ -160,24 +161,26 @@ class TransIP(nn.Module):
         return self.blocks[0].attention.kernel if len(self.blocks) else "reference"
 
     # ---------------------------------------------------------------- features
-    def bias_parameters(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The attention-bias layers of every block stacked: one product gives all blocks' biases."""
+    def edge_weights(self) -> EdgeWeights:
+        """The parameters of the per-edge work, as the edge encoders take them (attention-bias layers of every
+        block stacked: one product gives all blocks' biases)."""
         weights: List[torch.Tensor] = []
         offsets: List[torch.Tensor] = []
         for block in self.blocks:
             weights.append(block.edge_bias.weight)
             offsets.append(block.edge_bias.bias)
-        return torch.cat(weights), torch.cat(offsets)
+        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
+        return EdgeWeights(self.rbf_centers, self.rbf_width, self.cutoff, first.weight, first.bias, second.weight,
+                           second.bias, torch.cat(weights), torch.cat(offsets), len(self.blocks),
+                           self.edge_message.weight, self.edge_message.bias, self.neighbor_element_embedding.weight)
 
     def self_edge_bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Attention biases (1, layers * heads) of the self edge (zero displacement), built from constants so
         that no gradient passes through |0|."""
-        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
+        weights = self.edge_weights()
         zero = torch.zeros(1, 3, dtype=dtype, device=device)
-        embedding = reference_edge_embedding(zero, zero[:, 0], self.rbf_centers, self.rbf_width, self.cutoff,
-                                             first.weight, first.bias, second.weight, second.bias)
-        weight, offset = self.bias_parameters()
-        return torch.nn.functional.linear(embedding, weight, offset)
+        embedding = reference_edge_embedding(zero, zero[:, 0], weights)
+        return torch.nn.functional.linear(embedding, weights.w_bias, weights.b_bias)
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         if bool((numbers < 1).any()) or bool((numbers >= self.species_of_z.shape[0]).any()):
@@ -193,8 +196,8 @@ class TransIP(nn.Module):
                        num_tokens: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Initial tokens (num_tokens, d) of the first `num_tokens` atoms, and the per-edge work of every block:
         attention biases (layers, E, heads) and envelope (E,). Every receiver must be below `num_tokens`;
-        senders index `species` (which may hold more atoms, e.g. ghosts)."""
-        # Named with the value: engines show this text when a model call fails (pair_style transip does).
+        senders index `species`, which may hold more atoms (atoms that only send)."""
+        # The message names the value: callers show it as the reason a model call failed.
         if bool((charge.abs() > self.max_abs_charge).any()):
             bad = int(charge[charge.abs() > self.max_abs_charge][0])
             raise ValueError("total charge " + str(bad) + " is outside the model's range -" + str(self.max_abs_charge)
@@ -203,12 +206,8 @@ class TransIP(nn.Module):
             bad = int(spin[(spin < 1) | (spin > self.max_multiplicity)][0])
             raise ValueError("spin multiplicity " + str(bad) + " is outside the model's range 1.."
                              + str(self.max_multiplicity))
-        first, second = self.edge_mlp.net[0], self.edge_mlp.net[2]
-        bias_weight, bias_offset = self.bias_parameters()
-        edge_bias, messages, env = self.edge_encoder(
-            edge_vectors, receivers, senders, species, num_tokens, self.rbf_centers, self.rbf_width, self.cutoff,
-            first.weight, first.bias, second.weight, second.bias, bias_weight, bias_offset, len(self.blocks),
-            self.edge_message.weight, self.edge_message.bias, self.neighbor_element_embedding.weight)
+        edge_bias, messages, env = self.edge_encoder(edge_vectors, receivers, senders, species, num_tokens,
+                                                     self.edge_weights())
         h = (self.element_embedding(species[:num_tokens])
              + self.charge_embedding(charge + self.max_abs_charge)[token_batch]
              + self.spin_embedding(spin - 1)[token_batch] + messages / self.avg_num_neighbors)
@@ -219,6 +218,10 @@ class TransIP(nn.Module):
                     num_updated: int) -> torch.Tensor:
         """Block number `layer` (see AttentionBlock.forward); every atom also attends to itself (zero
         displacement, envelope 1)."""
+        # TorchScript workarounds, both cheap: a ModuleList cannot be indexed with a run-time integer
+        # (`self.blocks[layer]` does not compile; enumerating does), so the loop picks the block; and every
+        # block's self-edge bias is recomputed here, on each call, so that this method stands alone for callers
+        # that call it block by block (a one-row product next to a block over all atoms).
         self_bias = self.self_edge_bias(h.dtype, h.device).view(len(self.blocks), -1)
         for index, block in enumerate(self.blocks):
             if index == layer:
@@ -232,45 +235,22 @@ class TransIP(nn.Module):
 
     def energy_from_edges(self, edge_vectors: torch.Tensor, numbers: torch.Tensor, charge: torch.Tensor,
                           spin: torch.Tensor, batch: torch.Tensor, receivers: torch.Tensor,
-                          senders: torch.Tensor, num_structures: int,
-                          depth_counts: Optional[List[int]] = None) -> Dict[str, torch.Tensor]:
-        """Energy per structure, per-atom energies and per-atom latent vectors from edge displacements.
-
-        `depth_counts` (see `receptive_order`) restricts the work to what the first `depth_counts[0]` atoms'
-        energies need: atoms sorted by graph distance from them, `depth_counts[k]` of them within k hops. The
-        initial tokens are then built for atoms within `layers` hops, block l updates atoms within
-        `layers - l` hops, and energies are returned for the first `depth_counts[0]` atoms only. Without it,
-        every atom is computed (`depth_counts` = [N] * (layers + 2))."""
+                          senders: torch.Tensor, num_structures: int) -> Dict[str, torch.Tensor]:
+        """Energy per structure, per-atom energies and per-atom latent vectors from edge displacements."""
         n = numbers.shape[0]
-        layers = len(self.blocks)
-        counts = depth_counts if depth_counts is not None else [n] * (layers + 2)
-        if len(counts) != layers + 2 or counts[layers + 1] != n:
-            raise ValueError("depth_counts must have layers + 2 entries ending with the number of atoms")
         species = self.species(numbers)
         # Edges grouped by receiver (CSR), as the fused attention reads them; neighbour lists from
-        # transip.neighbors already are, engines' lists may not be.
+        # transip.neighbors already are, other callers' lists may not be.
         if receivers.numel() > 1 and not bool((receivers[1:] >= receivers[:-1]).all()):
             order = torch.argsort(receivers, stable=True)
             edge_vectors, receivers, senders = edge_vectors[order], receivers[order], senders[order]
         row_ptr = csr_row_ptr(receivers, n)
-
-        # Initial tokens only for the atoms that need them: their edges are a prefix, as edges are grouped.
-        tokens = counts[layers]
-        edges = int(row_ptr[tokens])
-        edge_vectors, receivers, senders = edge_vectors[:edges], receivers[:edges], senders[:edges]
-        h, edge_bias, env = self.initial_tokens(edge_vectors, receivers, senders, species, charge, spin,
-                                                batch[:tokens], tokens)
-        for layer in range(layers):
-            # Block `layer` reads the atoms within `layers - layer` hops and updates those within one hop fewer.
-            rows, updated = counts[layers - layer], counts[layers - layer - 1]
-            block_edges = int(row_ptr[updated])
-            block_row_ptr = torch.cat([row_ptr[:updated + 1], row_ptr[updated:updated + 1].expand(rows - updated)])
-            h = self.apply_block(layer, h, edge_bias[layer, :block_edges], env[:block_edges],
-                                 receivers[:block_edges], senders[:block_edges], block_row_ptr, updated)
-
-        atom_energy, latent = self.atom_energies(h, species[:counts[0]])
+        h, edge_bias, env = self.initial_tokens(edge_vectors, receivers, senders, species, charge, spin, batch, n)
+        for layer in range(len(self.blocks)):
+            h = self.apply_block(layer, h, edge_bias[layer], env, receivers, senders, row_ptr, n)
+        atom_energy, latent = self.atom_energies(h, species)
         energy = torch.zeros(num_structures, dtype=atom_energy.dtype,
-                             device=atom_energy.device).index_add(0, batch[:counts[0]], atom_energy)
+                             device=atom_energy.device).index_add(0, batch, atom_energy)
         energy = energy + self.charge_reference[charge + self.max_abs_charge] + self.spin_reference[spin - 1]
         return {"energy": energy, "atom_energy": atom_energy, "latent": latent}
 
@@ -295,14 +275,28 @@ class TransIP(nn.Module):
             g = grads[0]
             if g is None:  # no edges at all
                 g = torch.zeros_like(edge_vectors)
-            if compute_forces:
-                forces = torch.zeros_like(positions).index_add(0, receivers, g).index_add(0, senders, -g)
-                out["forces"] = forces
-            if compute_virial:
-                per_edge = -g[:, :, None] * edge_vectors[:, None, :]
-                virial = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device)
-                out["virial"] = virial.index_add(0, batch.index_select(0, receivers), per_edge)
+            derived = edge_forces_and_virial(g, edge_vectors, receivers, senders, positions.shape[0],
+                                             batch.index_select(0, receivers), num_structures, compute_forces,
+                                             compute_virial)
+            for key, value in derived.items():
+                out[key] = value
         return out
+
+
+def edge_forces_and_virial(g: torch.Tensor, edge_vectors: torch.Tensor, receivers: torch.Tensor,
+                           senders: torch.Tensor, num_atoms: int, edge_structure: torch.Tensor, num_structures: int,
+                           compute_forces: bool = True, compute_virial: bool = True) -> Dict[str, torch.Tensor]:
+    """Forces (num_atoms, 3) and virial (num_structures, 3, 3) from the edge gradients g_e = dE/dr_e, as the
+    module docstring derives them, each on request; `edge_structure` (E,) is the structure of each edge."""
+    out: Dict[str, torch.Tensor] = {}
+    if compute_forces:
+        out["forces"] = torch.zeros(num_atoms, 3, dtype=g.dtype, device=g.device).index_add(
+            0, receivers, g).index_add(0, senders, -g)
+    if compute_virial:
+        per_edge = -g[:, :, None] * edge_vectors[:, None, :]
+        out["virial"] = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device).index_add(
+            0, edge_structure, per_edge)
+    return out
 
 
 def csr_row_ptr(receivers: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -310,32 +304,6 @@ def csr_row_ptr(receivers: torch.Tensor, num_rows: int) -> torch.Tensor:
     row_ptr = torch.zeros(num_rows + 1, dtype=torch.long, device=receivers.device)
     row_ptr[1:] = torch.cumsum(torch.bincount(receivers, minlength=num_rows), 0)
     return row_ptr
-
-
-def receptive_order(receivers: torch.Tensor, senders: torch.Tensor, num_atoms: int, num_centres: int,
-                    layers: int) -> Tuple[torch.Tensor, List[int]]:
-    """Which atoms the energies of the first `num_centres` atoms depend on, and in what order to compute them.
-
-    An atom's energy reads the tokens of its neighbours after `layers - 1` blocks, theirs read their
-    neighbours', and the initial tokens sum over neighbours once more: so it depends on atoms up to
-    `layers + 1` edge hops away, and block l is needed only for atoms within `layers - l` hops. Returns the
-    atoms within `layers + 1` hops sorted by hop count (the centres first, in their order) and the counts
-    within 0, 1, ..., layers + 1 hops, the `depth_counts` of `TransIP.energy_from_edges`. Engines with ghost
-    atoms (LAMMPS) pass ghosts out to the receptive field, most of which only feed the outer hops."""
-    unreached = layers + 2
-    depth = torch.full((num_atoms,), unreached, dtype=torch.long, device=receivers.device)
-    depth[:num_centres] = 0
-    for hop in range(1, layers + 2):
-        from_frontier = depth.index_select(0, receivers) == hop - 1
-        reached = torch.zeros(num_atoms, dtype=torch.bool, device=receivers.device)
-        reached[senders[from_frontier]] = True
-        depth = torch.where(reached & (depth > hop), torch.full_like(depth, hop), depth)
-    order = torch.argsort(depth, stable=True)
-    counts = torch.cumsum(torch.bincount(depth, minlength=unreached + 1), 0)
-    depth_counts: List[int] = []
-    for hops in range(layers + 2):
-        depth_counts.append(int(counts[hops]))
-    return order[:depth_counts[layers + 1]], depth_counts
 
 
 class TransformationNetwork(nn.Module):

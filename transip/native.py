@@ -1,12 +1,19 @@
-"""Loading the native ops library (cpp/) and choosing the attention kernel.
+"""Loading the native ops library (cpp/) and choosing the kernel.
 
 `import transip` imports this module, which imports `transip._C`; that loads `libtransip_ops`, whose
-`TORCH_LIBRARY` block registers `torch.ops.transip.*` (fused neighbour attention, cell-list neighbour list,
-CSR grouping). Engines outside Python load the same file: `library_path()` says where it is.
+`TORCH_LIBRARY` block registers `torch.ops.transip.*` (fused edge encoder, fused neighbour attention,
+cell-list neighbour list, CSR grouping; docs/native_ops.md lists them all). Engines outside Python load the same
+file: `library_path()` says where it is.
 
-Kernel choice, one switch: `TRANSIP_KERNEL=fused|reference|auto` in the environment sets the default for new
-models (`auto`, the default, means fused when the library is loaded); `model.set_kernel(...)` changes one
-model.
+The kernel, one switch for all per-edge work and the neighbour list, with one vocabulary everywhere (models,
+neighbour lists, artifacts, `transip export --kernel`, the artifact's `kernel` metadata):
+
+- `fused`: the native ops of cpp/ (fused edge encoder and neighbour attention, cell-list neighbour list);
+- `reference`: plain PyTorch (any device, differentiable to any order, what training uses);
+- `auto`: fused when the library is loaded, else reference.
+
+`TRANSIP_KERNEL=fused|reference|auto` in the environment sets the kernel new models get when none is named
+(`default_kernel`; `auto` when unset); `model.set_kernel(...)` changes one model.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from typing import Optional
 
 import torch
 
-KERNELS = ("auto", "fused", "reference")
+KERNELS = ("fused", "reference")  # what a model or neighbour list runs with
+KERNEL_CHOICES = KERNELS + ("auto",)  # what may be asked for: `auto` resolves to one of KERNELS
 
 _load_error: Optional[str] = None
 try:
@@ -81,14 +89,17 @@ def keep_freed_memory() -> bool:
 
 
 def default_kernel() -> str:
-    """The kernel a new model uses: TRANSIP_KERNEL if set, else fused when the library is loaded."""
+    """The kernel a new model gets when none is named: TRANSIP_KERNEL if set, else `auto` (fused when the library
+    is loaded)."""
     requested = os.environ.get("TRANSIP_KERNEL", "auto").strip().lower() or "auto"
     return resolve_kernel(requested)
 
 
 def resolve_kernel(requested: str) -> str:
-    if requested not in KERNELS:
-        raise ValueError(f"unknown attention kernel {requested!r}: choose one of {', '.join(KERNELS)}")
+    """'fused' or 'reference' for a requested kernel (one of KERNEL_CHOICES); asking for fused without the
+    library is an error that says how to rebuild."""
+    if requested not in KERNEL_CHOICES:
+        raise ValueError(f"unknown attention kernel {requested!r}: choose one of {', '.join(KERNEL_CHOICES)}")
     if requested == "auto":
         return "fused" if available() else "reference"
     if requested == "fused":

@@ -5,8 +5,9 @@ displacement is r_ij = x_j - x_i + shift @ cell. Every pair within the cutoff ap
 edges are sorted by receiver (CSR order), which is the layout the attention layers consume.
 
 `reference_neighbors` is O(N^2) per structure (all pairs, all needed images): exact and simple, which is what
-a reference should be. `structure_neighbors` uses the native cell-list op (`torch.ops.transip.neighbor_list`,
-linear in atoms, same pairs and shifts) when the library is loaded. Both handle boxes thinner than the
+a reference should be. `structure_neighbors` runs the kernel it is given (transip.native's vocabulary): the
+fused kernel's cell-list op (`torch.ops.transip.neighbor_list`, linear in atoms, same pairs and shifts), or the
+reference; by default (`auto`) the fused one when the library is loaded. Both handle boxes thinner than the
 cutoff exactly, by listing every periodic image within the cutoff.
 """
 
@@ -35,20 +36,18 @@ def _image_range(cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> List[i
 
 
 def structure_neighbors(positions: torch.Tensor, cutoff: float, cell: Optional[torch.Tensor] = None,
-                        pbc: Optional[torch.Tensor] = None, method: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+                        pbc: Optional[torch.Tensor] = None, kernel: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Neighbours of one structure. Returns (edge_index (2, E) as [receiver, sender], shifts (E, 3) int).
 
-    `method`: 'native' (cell list), 'reference' (all pairs) or 'auto' (native when loaded).
+    `kernel`: 'fused' (the native cell list), 'reference' (all pairs) or 'auto' (fused when the library is
+    loaded). Not TRANSIP_KERNEL: that picks a model's kernel, and both lists give the same edges.
     """
-    if method == "auto":
-        method = "native" if native.available() else "reference"
-    if method == "native":
-        native.require()
+    if kernel not in native.KERNEL_CHOICES:
+        raise ValueError(f"unknown neighbour-list kernel {kernel!r}: choose one of {', '.join(native.KERNEL_CHOICES)}")
+    if native.resolve_kernel(kernel) == "fused":
         if cell is not None and pbc is not None and not bool(pbc.any()):
             cell = pbc = None  # a cell without periodic axes changes nothing
         return torch.ops.transip.neighbor_list(positions.detach(), cell, pbc, float(cutoff))
-    if method != "reference":
-        raise ValueError(f"unknown neighbour-list method {method!r}: choose auto, native or reference")
     return reference_neighbors(positions, cutoff, cell, pbc)
 
 

@@ -167,21 +167,18 @@ int main(int argc, char** argv) {
     if (opt.charge != INT64_MIN) s.charge = opt.charge;
     if (opt.spin != INT64_MIN) s.spin = opt.spin;
 
-    torch::jit::ExtraFilesMap extra{{"transip_metadata.json", ""}};
+    torch::jit::ExtraFilesMap extra{{transip::contract::kMetadataFile, ""}};
     torch::jit::Module module;
     try {
       module = torch::jit::load(opt.model, torch::kCPU, extra);
     } catch (const c10::Error& e) {
-      const std::string what = e.what_without_backtrace();
-      throw std::runtime_error("cannot load artifact " + opt.model + ": " + what.substr(0, what.find('\n')));
+      throw std::runtime_error("cannot load artifact " + opt.model + ": " + transip::exception_message(e));
     }
-    const std::string& metadata = extra["transip_metadata.json"];
-    if (transip::metadata_value(metadata, "format") != "transip-artifact")
-      throw std::runtime_error(opt.model + " has no TransIP metadata: export it with `transip export`");
-    if (std::stoi(transip::metadata_value(metadata, "format_version")) > 1)
-      throw std::runtime_error(opt.model + " has a newer format version (" + transip::metadata_value(metadata, "format_version") +
-                               ") than this transip-bench reads (1)");
-    const auto dtype = transip::metadata_value(metadata, "dtype") == "float32" ? torch::kFloat32 : torch::kFloat64;
+    const std::string& metadata = extra[transip::contract::kMetadataFile];
+    const std::string problem = transip::format_problem(metadata, opt.model, "transip-bench");
+    if (!problem.empty()) throw std::runtime_error(problem);
+    const auto dtype = transip::metadata_path(metadata, transip::contract::kKeyDtype) == "float32" ? torch::kFloat32
+                                                                                                  : torch::kFloat64;
 
     const int64_t n = static_cast<int64_t>(s.numbers.size());
     torch::Tensor positions = torch::from_blob(s.positions.data(), {n, 3}, torch::kFloat64).to(dtype);
@@ -231,11 +228,8 @@ int main(int argc, char** argv) {
     } else {
       std::cout << json.str() << std::endl;
     }
-  } catch (const c10::Error& e) {
-    std::cerr << "transip-bench: error: " << transip::model_error_message(e.what_without_backtrace()) << "\n";
-    return 1;
-  } catch (const std::exception& e) {  // a failed model call (JITException): its own message, not the header line
-    std::cerr << "transip-bench: error: " << transip::model_error_message(e.what()) << "\n";
+  } catch (const std::exception& e) {  // c10::Error, or a failed model call (JITException): the model's own message
+    std::cerr << "transip-bench: error: " << transip::exception_message(e) << "\n";
     return 1;
   }
   return 0;

@@ -31,7 +31,7 @@ struct AttentionInputs {
   const T* self_bias;  // (H,) or null: every row also holds the edge (i, i) with this bias and envelope 1
 };
 
-// Forward: writes out (N, H, D) and the per-row softmax state m (running maximum) and Z (normaliser),
+// Forward: writes out (N, H, D) and the per-row softmax state m (the row's maximum score) and Z (normaliser),
 // (N, H) each, which the backward reuses instead of storing per-edge weights.
 template <typename T>
 struct AttentionForwardOutputs {

@@ -26,14 +26,7 @@ bool keep_freed_memory();  // see cpp/src/ops.cpp
 
 namespace {
 
-constexpr double kKcalPerMolPerEv = 23.060547830619026;  // CODATA 2018, as LAMMPS's own unit conversions
-
-// The message of an exception from libtorch: c10::Error without its C++ backtrace, and for a failed TorchScript
-// call the model's own message rather than the interpreter's header line (transip::model_error_message).
-std::string error_text(const std::exception &e) {
-  const auto *c10_error = dynamic_cast<const c10::Error *>(&e);
-  return transip::model_error_message(c10_error ? c10_error->what_without_backtrace() : e.what());
-}
+namespace contract = transip::contract;  // format version, metadata key paths, unit factors (export/contract.py)
 
 template <typename T>
 std::string joined(const std::vector<T> &values) {
@@ -88,11 +81,11 @@ void PairTransIP::load_model(const std::string &path) {
   if (!std::filesystem::is_regular_file(path, status))
     error->all(FLERR, "pair_style transip: model file {} is not a regular file; give the path of an artifact "
                "written by `transip export`", path);
-  torch::jit::ExtraFilesMap extra{{"transip_metadata.json", ""}};
+  torch::jit::ExtraFilesMap extra{{contract::kMetadataFile, ""}};
   try {
     model_ = torch::jit::load(path, torch::kCPU, extra);
   } catch (const std::exception &e) {  // c10::Error, and torch::jit::ErrorReport for an op missing at compile
-    const std::string what = error_text(e);
+    const std::string what = transip::exception_message(e);
     if (what.find("Unknown builtin op") != std::string::npos)
       error->all(FLERR, "pair_style transip: model file {} calls a native op that this plugin's libtransip_ops {} "
                  "does not have ({}); export the model again with this transip", path, transip::version(),
@@ -100,41 +93,36 @@ void PairTransIP::load_model(const std::string &path) {
     error->all(FLERR, "pair_style transip: cannot load model file {}: {} (a corrupt or truncated file must be "
                "exported again with transip export)", path, what);
   }
-  const std::string &json = extra["transip_metadata.json"];
-  if (transip::metadata_value(json, "format") != "transip-artifact")
-    error->all(FLERR, "pair_style transip: {} has no TransIP metadata; export the model with `transip export`", path);
-  // Native ops are versioned: the artifact records the version it was exported with (empty for reference kernels).
-  const std::string ops_version = transip::metadata_value(json, "version");
-  if (!ops_version.empty() && ops_version != "null" && ops_version != transip::version())
+  const std::string &json = extra[contract::kMetadataFile];
+  const std::string problem = transip::format_problem(json, path, "this pair style");
+  if (!problem.empty()) error->all(FLERR, "pair_style transip: {}", problem);
+  // Native ops are versioned: the artifact records the version it was exported with (null for reference kernels).
+  const std::string ops_version = transip::metadata_path(json, contract::kKeyNativeOpsVersion);
+  if (!ops_version.empty() && ops_version != transip::version())
     error->all(FLERR, "pair_style transip: {} was exported with TransIP native ops {}, but this plugin has "
                "libtransip_ops {}; export the model again with this transip", path, ops_version,
                transip::version());
-  if (std::stoi(transip::metadata_value(json, "format_version")) > 1)
-    error->all(FLERR, "pair_style transip: {} has format version {}, newer than this plugin reads (1)", path,
-               transip::metadata_value(json, "format_version"));
-  cutoff_ = std::stod(transip::metadata_value(json, "cutoff"));
-  receptive_field_ = std::stod(transip::metadata_value(json, "receptive_field"));
-  num_layers_ = std::stoi(transip::metadata_value(json, "num_layers"));
-  token_width_ = std::stoi(transip::metadata_value(json, "d_model"));
+  cutoff_ = std::stod(transip::metadata_path(json, contract::kKeyCutoff));
+  receptive_field_ = std::stod(transip::metadata_path(json, contract::kKeyReceptiveField));
+  num_layers_ = std::stoi(transip::metadata_path(json, contract::kKeyNumLayers));
+  token_width_ = std::stoi(transip::metadata_path(json, contract::kKeyDModel));
   for (const char *method : {"edge_energy_gradients", "halo_tokens", "halo_block", "halo_energies",
                              "energy_offset"})
     if (!model_.find_method(method))
       error->all(FLERR, "pair_style transip: {} has no method {}: it was exported by an older transip; export "
                  "it again with this one", path, method);
   comm_forward = comm_reverse = token_width_;  // one token per atom travels between ranks
-  float64_ = transip::metadata_value(json, "dtype") == "float64";
-  model_elements_ = transip::metadata_integers(transip::metadata_field(json, "atomic_numbers"));
-  const std::string charge_spin = transip::metadata_object(json, "charge_spin");
-  if (charge_spin.empty())
-    error->all(FLERR, "pair_style transip: {} has no charge_spin ranges in its metadata; export the model again with "
-               "`transip export`", path);
-  max_abs_charge_ = std::stoll(transip::metadata_field(charge_spin, "max_abs_charge"));
-  max_multiplicity_ = std::stoll(transip::metadata_field(charge_spin, "max_multiplicity"));
-  const std::string domain = transip::metadata_object(json, "trained_domain");
-  has_trained_domain_ = !domain.empty();
-  trained_elements_ = transip::metadata_integers(transip::metadata_field(domain, "atomic_numbers"));
-  trained_charges_ = transip::metadata_integers(transip::metadata_field(domain, "charges"));
-  trained_spins_ = transip::metadata_integers(transip::metadata_field(domain, "spins"));
+  float64_ = transip::metadata_path(json, contract::kKeyDtype) == "float64";
+  model_elements_ = transip::metadata_integers(transip::metadata_path(json, contract::kKeyAtomicNumbers));
+  if (transip::metadata_object(json, contract::kKeyChargeSpin).empty())
+    error->all(FLERR, "pair_style transip: {} has no {} ranges in its metadata; export the model again with "
+               "`transip export`", path, contract::kKeyChargeSpin);
+  max_abs_charge_ = std::stoll(transip::metadata_path(json, contract::kKeyMaxAbsCharge));
+  max_multiplicity_ = std::stoll(transip::metadata_path(json, contract::kKeyMaxMultiplicity));
+  has_trained_domain_ = !transip::metadata_object(json, contract::kKeyTrainedDomain).empty();
+  trained_elements_ = transip::metadata_integers(transip::metadata_path(json, contract::kKeyTrainedAtomicNumbers));
+  trained_charges_ = transip::metadata_integers(transip::metadata_path(json, contract::kKeyTrainedCharges));
+  trained_spins_ = transip::metadata_integers(transip::metadata_path(json, contract::kKeyTrainedSpins));
   model_.eval();
 }
 
@@ -178,7 +166,7 @@ void PairTransIP::settings(int narg, char **arg) {
   if (units == "metal")
     energy_scale_ = 1.0;
   else if (units == "real")
-    energy_scale_ = kKcalPerMolPerEv;
+    energy_scale_ = contract::kKcalPerMolPerEv;
   else
     error->all(FLERR, "pair_style transip supports units metal and real only, not units {}", units);
   model_path_ = arg[0];
@@ -368,7 +356,7 @@ PairTransIP::Result PairTransIP::evaluate(const torch::Tensor &vectors, const to
   return result;
 }
 
-// Several ranks: the artifact's halo methods, block by block (docs/artifact.md). Each block's inputs are fresh
+// Several ranks: the artifact's halo methods, block by block, as the recipe in export/halo.py says. Each block's inputs are fresh
 // leaves, so the backward runs block by block too, and the gradient that reaches a ghost's token goes back to
 // its owner before the owner's previous block is differentiated.
 PairTransIP::Result PairTransIP::evaluate_by_blocks(const torch::Tensor &vectors, const torch::Tensor &numbers,
@@ -410,7 +398,6 @@ PairTransIP::Result PairTransIP::evaluate_by_blocks(const torch::Tensor &vectors
 void PairTransIP::compute(int eflag, int vflag) {
   ev_init(eflag, vflag);
   const int nlocal = atom->nlocal;
-  double **f = atom->f;
   const int *type = atom->type;
   build_graph();
   const int64_t edges = static_cast<int64_t>(graph_.receivers.size());
@@ -430,15 +417,26 @@ void PairTransIP::compute(int eflag, int vflag) {
     // The structure's charge/spin energy offset is added once, by rank 0.
     if (comm->me == 0) offset = model_.get_method("energy_offset")({charge_, spin_}).toTensor().item<double>();
   } catch (const std::exception &e) {
-    error->one(FLERR, "pair_style transip: model evaluation failed: {}", error_text(e));
+    error->one(FLERR, "pair_style transip: model evaluation failed: {}", transip::exception_message(e));
   }
 
-  // Forces from the edge gradients g = dE/dr, r = x_sender - x_receiver: F_receiver += g, F_sender -= g. Senders
-  // may be ghosts (several ranks): LAMMPS sums their forces back onto the owners (newton on).
-  const torch::Tensor g = result.edge_grads.to(torch::kFloat64).contiguous();
+  tally_edge_gradients(result.edge_grads);
+  if (eflag_global) eng_vdwl += energy_scale_ * (result.energy + offset);
+  if (eflag_atom) {
+    const torch::Tensor atom_energies = result.atom_energies.detach().to(torch::kFloat64).contiguous();
+    for (int i = 0; i < nlocal; ++i) eatom[i] += energy_scale_ * atom_energies.data_ptr<double>()[i];
+  }
+}
+
+// Forces and virial from the edge gradients g = dE/dr, r = x_sender - x_receiver (as transip.model's
+// edge_forces_and_virial in Python): F_receiver += g, F_sender -= g, virial -sum_e g_e (x) r_e. Senders may be
+// ghosts (several ranks): LAMMPS sums their forces and per-atom virials back onto the owners (newton on).
+void PairTransIP::tally_edge_gradients(const torch::Tensor &edge_grads) {
+  double **f = atom->f;
+  const torch::Tensor g = edge_grads.to(torch::kFloat64).contiguous();
   const double *ge = g.data_ptr<double>(), *r = graph_.vectors.data();
-  double w[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};  // virial -sum_e g_e (x) r_e, row-major
-  for (int64_t e = 0; e < edges; ++e, ge += 3, r += 3) {
+  double w[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0};  // row-major
+  for (size_t e = 0; e < graph_.receivers.size(); ++e, ge += 3, r += 3) {
     const int i = graph_.receivers[e], j = graph_.sender_atoms[e];
     double we[9];
     for (int a = 0; a < 3; ++a) {
@@ -447,31 +445,19 @@ void PairTransIP::compute(int eflag, int vflag) {
       for (int b = 0; b < 3; ++b) we[3 * a + b] = -ge[a] * r[b];
     }
     for (int k = 0; k < 9; ++k) w[k] += we[k];
-    if (vflag_atom)  // each edge's virial shared equally by its two atoms (ghost shares go back to owners)
-      for (int atom_index : {i, j}) add_atom_virial(atom_index, we, 0.5 * energy_scale_);
+    if (vflag_atom)  // each edge's virial shared equally by its two atoms
+      for (int atom_index : {i, j}) add_voigt(vatom[atom_index], we, 0.5 * energy_scale_);
   }
-  if (eflag_global) eng_vdwl += energy_scale_ * (result.energy + offset);
-  if (eflag_atom) {
-    const torch::Tensor atom_energies = result.atom_energies.detach().to(torch::kFloat64).contiguous();
-    for (int i = 0; i < nlocal; ++i) eatom[i] += energy_scale_ * atom_energies.data_ptr<double>()[i];
-  }
-  if (vflag_global) {
-    // LAMMPS order xx, yy, zz, xy, xz, yz; the model's virial is not exactly symmetric (learned rotation
-    // symmetry), so LAMMPS gets its symmetric part.
-    virial[0] += energy_scale_ * w[0];
-    virial[1] += energy_scale_ * w[4];
-    virial[2] += energy_scale_ * w[8];
-    virial[3] += energy_scale_ * 0.5 * (w[1] + w[3]);
-    virial[4] += energy_scale_ * 0.5 * (w[2] + w[6]);
-    virial[5] += energy_scale_ * 0.5 * (w[5] + w[7]);
-  }
+  if (vflag_global) add_voigt(virial, w, energy_scale_);
 }
 
-void PairTransIP::add_atom_virial(int i, const double *w, double scale) {
-  vatom[i][0] += scale * w[0];
-  vatom[i][1] += scale * w[4];
-  vatom[i][2] += scale * w[8];
-  vatom[i][3] += scale * 0.5 * (w[1] + w[3]);
-  vatom[i][4] += scale * 0.5 * (w[2] + w[6]);
-  vatom[i][5] += scale * 0.5 * (w[5] + w[7]);
+// Adds scale x the symmetric part of the row-major 3x3 `w` to `target` in LAMMPS's order xx, yy, zz, xy, xz, yz.
+// The model's virial is not exactly symmetric (rotation symmetry is learned), and LAMMPS stores six components.
+void PairTransIP::add_voigt(double *target, const double *w, double scale) {
+  target[0] += scale * w[0];
+  target[1] += scale * w[4];
+  target[2] += scale * w[8];
+  target[3] += scale * 0.5 * (w[1] + w[3]);
+  target[4] += scale * 0.5 * (w[2] + w[6]);
+  target[5] += scale * 0.5 * (w[5] + w[7]);
 }

@@ -64,7 +64,8 @@ class PairTransIP : public Pair {
                             const torch::Tensor &receivers, const torch::Tensor &senders);
   torch::Tensor ghost_tokens(const torch::Tensor &local);  // forward communication of one block's input
   torch::Tensor sum_onto_owners(const torch::Tensor &local_grad, const torch::Tensor &ghost_grad);  // reverse
-  void add_atom_virial(int i, const double *w, double scale);
+  void tally_edge_gradients(const torch::Tensor &edge_grads);  // forces, global and per-atom virial
+  static void add_voigt(double *target, const double *w, double scale);
 
   torch::jit::Module model_;
   std::string model_path_;

@@ -1,9 +1,12 @@
-// What C++ readers of a TransIP artifact share (transip-bench, pair_style transip): element symbols, a lookup into
-// the artifact's metadata JSON (transip_metadata.json, written by transip export), and the model's own message out
-// of a TorchScript exception.
+// What C++ readers of a TransIP artifact share (transip-bench, pair_style transip): element symbols, lookups into
+// the artifact's metadata JSON (contract::kMetadataFile, written by transip export) by the contract's key paths,
+// the format check, and the model's own message out of a TorchScript exception.
 #pragma once
 
+#include <c10/util/Exception.h>
+
 #include <cstdint>
+#include <exception>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -11,6 +14,9 @@
 // kElementSymbols, kNumElementSymbols: generated at build time from transip/elements.py, the table Python uses
 // (cpp/generate_element_symbols.py), so that C++ and Python know the same elements.
 #include "transip/element_symbols.h"
+// transip::contract::k...: generated at build time from export/contract.py, the module the exporter writes with
+// (cpp/generate_contract.py): format version, metadata file and key paths, unit factors.
+#include "transip/contract.h"
 
 namespace transip {
 
@@ -66,12 +72,6 @@ inline std::string metadata_value_at(const std::string& json, size_t start) {
   return value;
 }
 
-// The value of the first "key": anywhere in the metadata JSON: enough for fields whose name occurs once
-// (cutoff, d_model, native_ops' version). Empty if absent.
-inline std::string metadata_value(const std::string& json, const std::string& key) {
-  return metadata_value_at(json, metadata_key(json, key));
-}
-
 // The value of a field of the outermost object only ("atomic_numbers" of the model, not of its trained_domain).
 inline std::string metadata_field(const std::string& json, const std::string& key) {
   return metadata_value_at(json, metadata_key(json, key, 1));
@@ -97,7 +97,33 @@ inline std::string metadata_object(const std::string& json, const std::string& k
   return "";
 }
 
-// The integers of a list's inside as metadata_value returns it ("-1, 0, 1", with any whitespace).
+// The value at a path of keys through nested objects, separated by dots (contract::kKeyNativeOpsVersion is
+// "native_ops.version"): a scalar (quotes removed) or a list's inside. Empty if a step is absent or null.
+inline std::string metadata_path(const std::string& json, const std::string& path) {
+  std::string scope = json;
+  size_t start = 0;
+  for (size_t dot = path.find('.'); dot != std::string::npos; start = dot + 1, dot = path.find('.', start))
+    scope = metadata_object(scope, path.substr(start, dot - start));
+  return metadata_field(scope, path.substr(start));
+}
+
+// Why an artifact's metadata cannot be read by this build (empty if it can): not TransIP metadata, or a format
+// version other than contract::kFormatVersion. `reader` names the program in the message.
+inline std::string format_problem(const std::string& json, const std::string& path, const std::string& reader) {
+  if (metadata_path(json, contract::kKeyFormat) != contract::kFormat)
+    return path + " has no TransIP metadata (" + contract::kMetadataFile + "); export the model with `transip export`";
+  const std::string version = metadata_path(json, contract::kKeyFormatVersion);
+  const std::string expected = std::to_string(contract::kFormatVersion);
+  if (version == expected) return "";
+  if (version.find_first_not_of("0123456789") == std::string::npos && !version.empty() &&
+      std::stoll(version) < contract::kFormatVersion)
+    return path + " has artifact format version " + version + ", older than the version " + expected + " that " +
+           reader + " reads (its methods differ); export it again with `transip export CHECKPOINT -o " + path + "`";
+  return path + " has artifact format version " + version + ", but " + reader + " reads version " + expected +
+         ": upgrade transip, or export it again with this transip";
+}
+
+// The integers of a list's inside as metadata_path returns it ("-1, 0, 1", with any whitespace).
 inline std::vector<int64_t> metadata_integers(const std::string& list) {
   std::vector<int64_t> values;
   std::istringstream items(list);
@@ -138,6 +164,13 @@ inline std::string model_error_message(const std::string& what) {
   }
   if (message.rfind("builtins.", 0) == 0) message.erase(0, 9);
   return message;
+}
+
+// What to show of an exception from libtorch: c10::Error without its C++ backtrace, and for a failed TorchScript
+// call the model's own message rather than the interpreter's header line (model_error_message).
+inline std::string exception_message(const std::exception& e) {
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  return model_error_message(c10_error ? c10_error->what_without_backtrace() : e.what());
 }
 
 }  // namespace transip
