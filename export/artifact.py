@@ -34,7 +34,8 @@ from transip import __version__, native
 from transip.checkpoint import load_checkpoint, model_from_checkpoint
 from transip.domain import trained_domain
 from transip.files import write_atomically
-from transip.model import ELEMENT_SYMBOLS, TransIP
+from transip.elements import ELEMENT_SYMBOLS
+from transip.model import TransIP
 from transip.neighbors import reference_neighbors
 
 from . import contract as c

@@ -197,7 +197,7 @@ def create_force(artifact, topology=None, numbers: Optional[Iterable[int]] = Non
     known = set(metadata["atomic_numbers"])
     for index, z in enumerate(numbers):
         if z not in known:
-            from transip.model import ELEMENT_SYMBOLS
+            from transip.elements import ELEMENT_SYMBOLS
 
             raise ValueError(f"element {ELEMENT_SYMBOLS[z] if 0 < z < len(ELEMENT_SYMBOLS) else z} (ML atom {index}) "
                              f"is not known to the model {path.name}, which knows {' '.join(metadata['elements'])}")

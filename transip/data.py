@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .model import ELEMENT_SYMBOLS
+from .elements import ELEMENT_SYMBOLS
 from .neighbors import batch_neighbors
 
 EXTXYZ_SUFFIXES = {".xyz", ".extxyz"}
