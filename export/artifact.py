@@ -216,6 +216,7 @@ def describe(metadata: dict) -> str:
         f"dtype / kernel    {metadata['dtype']} / {metadata['kernel']}",
         f"charge, spin      inputs; |charge| <= {metadata['charge_spin']['max_abs_charge']}, multiplicity 1.."
         f"{metadata['charge_spin']['max_multiplicity']}",
+        "repulsion         " + _describe_repulsion(metadata["model_config"]),
         "trained domain    " + _describe_domain(metadata.get("trained_domain")),
         "native ops        " + (f"{ops['library']} {ops['version']}: {', '.join(ops['ops'])}" if ops else "none"),
         f"methods           {', '.join(metadata['methods'])}",
@@ -226,6 +227,12 @@ def describe(metadata: dict) -> str:
         lines.append(f"test (frames)     energy MAE {1000 * frames['energy_mae_per_atom']:.2f} meV/atom, force MAE "
                      f"{1000 * frames['force_mae']:.1f} meV/A")
     return "\n".join(lines)
+
+
+def _describe_repulsion(config: dict) -> str:
+    if config.get("repulsion", "none") == "none":
+        return "none"
+    return f"{config['repulsion']}, switched off at {config['repulsion_range']} x the sum of covalent radii"
 
 
 def _describe_domain(domain: Optional[dict]) -> str:

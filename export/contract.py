@@ -8,9 +8,11 @@ and float constants cross to C++.
 """
 
 FORMAT = "transip-artifact"
-# Version 2: `compute_with_neighbors` is gone and each method is named for the engine path that calls it. Readers
-# refuse other versions (an older file lacks or misnames methods): the message says to export it again.
-FORMAT_VERSION = 2
+# Version 2: `compute_with_neighbors` is gone and each method is named for the engine path that calls it.
+# Version 3: `halo_tokens` also returns the local atoms' short-range repulsion energies. Readers refuse other
+# versions (an older file lacks, misnames or returns other outputs from methods): the message says to export it
+# again.
+FORMAT_VERSION = 3
 METADATA_FILE = "transip_metadata.json"  # the artifact's extra file holding its metadata (JSON)
 
 # Where engines find what they read in the metadata: a key of the outermost object, or a path of keys through

@@ -7,16 +7,18 @@ atom array holds the local atoms first, then the ghosts. The recipe, with autogr
 runs it in Python for one domain whose ghosts are images of its own atoms; lammps/src/pair_transip.cpp runs it
 across MPI ranks, `PairTransIP::evaluate_by_blocks`):
 
-1. `h0, bias, env = halo_tokens(r, ...)` with `r.requires_grad_()`. Make `bias` and `env` leaves (`detach`,
-   `requires_grad_`).
+1. `h0, bias, env, rep = halo_tokens(r, ...)` with `r.requires_grad_()`. Make `bias` and `env` leaves (`detach`,
+   `requires_grad_`). `rep` is the local atoms' share of the short-range repulsion (one cutoff: no exchange).
 2. For each block l: the local input is a new leaf `h.detach()`. The ghost input is a new leaf filled with the
    ghosts' owners' local inputs (forward communication). Then `h = halo_block(l, cat(local, ghost), bias[l], env,
    ...)`.
-3. `E = halo_energies(leaf(h), ...).sum()`. Its gradient with respect to that leaf seeds the backward.
+3. Per-atom energies are `halo_energies(leaf(h), ...) + rep`; the gradient of `halo_energies(...).sum()` with
+   respect to that leaf seeds the backward.
 4. For l from the last block down: differentiate block l's output with respect to its local leaf, ghost leaf,
    `bias` and `env` (with the current gradient). Sum the ghost gradient onto the owners (reverse communication)
    and add it to the local gradient. That sum is the gradient for block l - 1's output.
-5. One last gradient through `halo_tokens` (outputs `h0`, `bias`, `env` with their accumulated gradients) gives
+5. One last gradient through `halo_tokens` (outputs `h0`, `bias`, `env` with their accumulated gradients, `rep`
+   with ones unless it needs no gradient: a model without repulsion) gives
    `g = dE/dr`: forces and virial follow as from `edge_energy_gradients` (transip.model.edge_forces_and_virial).
 
 The structure's charge/spin offset (`energy_offset`) is added once, by one domain.
@@ -41,12 +43,15 @@ class HaloExchange(nn.Module):
     @torch.jit.export
     def halo_tokens(self, edge_vectors: torch.Tensor, numbers: torch.Tensor, receivers: torch.Tensor,
                     senders: torch.Tensor, num_local: int, charge: int = 0,
-                    spin: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Initial tokens of the local atoms (num_local, d), attention biases of every block (layers, E, heads)
-        and envelope (E,). `numbers` covers local atoms then ghosts; `edge_vectors` = x_sender - x_receiver."""
+                    spin: int = 1) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Initial tokens of the local atoms (num_local, d), attention biases of every block (layers, E, heads),
+        envelope (E,) and the local atoms' repulsion energies (num_local,). `numbers` covers local atoms then
+        ghosts; `edge_vectors` = x_sender - x_receiver."""
         species = self.model.species(numbers)
-        return self.model.initial_tokens(edge_vectors, receivers, senders, species, torch.tensor([charge]),
-                                         torch.tensor([spin]), torch.zeros(num_local, dtype=torch.long), num_local)
+        h0, bias, env = self.model.initial_tokens(edge_vectors, receivers, senders, species, torch.tensor([charge]),
+                                                  torch.tensor([spin]), torch.zeros(num_local, dtype=torch.long),
+                                                  num_local)
+        return h0, bias, env, self.model.repulsion_energies(edge_vectors, receivers, senders, species, num_local)
 
     @torch.jit.export
     def halo_block(self, layer: int, tokens: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,
@@ -71,7 +76,7 @@ def halo_energy_gradients(module, edge_vectors: torch.Tensor, numbers: torch.Ten
     num_local = int((owner == torch.arange(owner.shape[0])).sum())
     ghost_owner = owner[num_local:]
     vectors = edge_vectors.detach().requires_grad_(True)
-    h0, bias, env = module.halo_tokens(vectors, numbers, receivers, senders, num_local, charge, spin)
+    h0, bias, env, repulsion = module.halo_tokens(vectors, numbers, receivers, senders, num_local, charge, spin)
     bias_leaf, env_leaf = bias.detach().requires_grad_(True), env.detach().requires_grad_(True)
     local_in: List[torch.Tensor] = []
     ghost_in: List[torch.Tensor] = []
@@ -93,8 +98,11 @@ def halo_energy_gradients(module, edge_vectors: torch.Tensor, numbers: torch.Ten
         grad = _or_zeros(g_local, local_in[layer]).index_add(0, ghost_owner, _or_zeros(g_ghost, ghost_in[layer]))
         grad_bias = grad_bias + _or_zeros(g_bias, bias)
         grad_env = grad_env + _or_zeros(g_env, env)
-    (g,) = torch.autograd.grad([h0, bias, env], [vectors], [grad, grad_bias, grad_env], allow_unused=True)
-    return atom_energies.detach(), _or_zeros(g, vectors)
+    outputs, seeds = [h0, bias, env], [grad, grad_bias, grad_env]
+    if repulsion.requires_grad:  # not for a model without repulsion
+        outputs, seeds = outputs + [repulsion], seeds + [torch.ones_like(repulsion)]
+    (g,) = torch.autograd.grad(outputs, [vectors], seeds, allow_unused=True)
+    return (atom_energies + repulsion).detach(), _or_zeros(g, vectors)
 
 
 def _or_zeros(gradient, like: torch.Tensor) -> torch.Tensor:

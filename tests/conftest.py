@@ -33,3 +33,17 @@ def small_dataset(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "small.extxyz"
     ase.io.write(path, chosen, format="extxyz")
     return path
+
+
+@pytest.fixture(scope="session")
+def repulsive_checkpoint(tmp_path_factory) -> Path:
+    """The shipped model's weights with the ZBL repulsion switched on (it has no weights of its own, and the
+    shipped checkpoint predates it): the model the engine tests run, so that every engine path carries the
+    repulsion."""
+    from transip.checkpoint import load_checkpoint, save_checkpoint
+
+    payload = load_checkpoint(SHIPPED_MODEL)
+    payload["model_config"] = {**payload["model_config"], "repulsion": "zbl"}
+    path = tmp_path_factory.mktemp("repulsive") / "repulsive.ckpt"
+    save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    return path

@@ -37,8 +37,8 @@ def periodic_box() -> Structure:
     return Structure(np.concatenate([a.numbers, a.numbers]), positions, cell=cell, pbc=[True] * 3)
 
 
-def python_reference(structure: Structure, dtype: str, kernel: str) -> dict:
-    model = model_from_checkpoint(SHIPPED_MODEL, dtype=getattr(torch, dtype)).set_kernel(kernel)
+def python_reference(checkpoint, structure: Structure, dtype: str, kernel: str) -> dict:
+    model = model_from_checkpoint(checkpoint, dtype=getattr(torch, dtype)).set_kernel(kernel)
     out = evaluate_batch(model, collate([structure], model.cutoff, dtype=getattr(torch, dtype)), compute_virial=True)
     return {"energy": out["energy"][0], "forces": out["forces"], "atom_energies": out["atom_energy"],
             "virial": out["virial"][0]}
@@ -51,12 +51,13 @@ def inputs_of(structure: Structure):
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tmp_path_factory, repulsive_checkpoint):
+    """Artifacts of every dtype and kernel of one model with the repulsion (and "checkpoint": its checkpoint)."""
     folder = tmp_path_factory.mktemp("artifacts")
-    paths = {}
+    paths = {"checkpoint": repulsive_checkpoint}
     for dtype, kernel in KINDS:
         paths[dtype, kernel] = folder / f"model-{dtype}-{kernel}.pt"
-        export_checkpoint(SHIPPED_MODEL, paths[dtype, kernel], dtype=dtype, kernel=kernel)
+        export_checkpoint(repulsive_checkpoint, paths[dtype, kernel], dtype=dtype, kernel=kernel)
     return paths
 
 
@@ -73,7 +74,7 @@ def test_artifacts_in_a_fresh_process_equal_the_checkpoint(artifacts, tmp_path):
     script = textwrap.dedent(f"""
         import torch, transip.export as ex
         inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
-        paths = {{k: v for k, v in {json.dumps({f'{d}-{k}': str(p) for (d, k), p in artifacts.items()})}.items()}}
+        paths = {{k: v for k, v in {json.dumps({f'{d}-{k}': str(p) for (d, k), p in ((kind, artifacts[kind]) for kind in KINDS)})}.items()}}
         results = {{}}
         for key, path in paths.items():
             module, metadata = ex.load(path)
@@ -87,7 +88,7 @@ def test_artifacts_in_a_fresh_process_equal_the_checkpoint(artifacts, tmp_path):
     results = torch.load(tmp_path / "out.pt")
     for dtype, kernel in KINDS:
         for name, structure in structures.items():
-            expected = python_reference(structure, dtype, kernel)
+            expected = python_reference(artifacts["checkpoint"], structure, dtype, kernel)
             got = results[f"{dtype}-{kernel}/{name}"]
             assert got["forces"].dtype == getattr(torch, dtype)
             for key in ("energy", "forces", "atom_energies", "virial"):
@@ -171,8 +172,9 @@ def test_every_method_handles_zero_atoms(artifacts, dtype, kernel):
     # The halo methods on a rank without atoms, as pair_style transip calls them, with the gradient back to the
     # (empty) edge vectors.
     vectors = none3.clone().requires_grad_(True)
-    h0, bias, env = module.halo_tokens(vectors, torch.tensor([8, 1]), none, none, 0, 0, 1)
+    h0, bias, env, repulsion = module.halo_tokens(vectors, torch.tensor([8, 1]), none, none, 0, 0, 1)
     assert h0.shape == (0, width) and bias.shape == (layers, 0, heads) and env.shape == (0,)
+    assert repulsion.shape == (0,)
     h = module.halo_block(0, torch.cat([h0, torch.zeros(2, width, dtype=float_type)]), bias[0], env, none, none, 0)
     assert h.shape == (0, width)
     energies = module.halo_energies(h, none)
@@ -186,7 +188,7 @@ def test_energy_offset_checks_its_range(artifacts):
     """Issue 14 (2): energy_offset indexes its tables by charge + max_abs_charge and spin - 1; a value outside the
     range must be refused with its value named, not wrap around to another entry."""
     module, metadata = load(artifacts["float64", "fused"])
-    model = model_from_checkpoint(SHIPPED_MODEL)
+    model = model_from_checkpoint(artifacts["checkpoint"])
     top, spins = metadata["charge_spin"]["max_abs_charge"], metadata["charge_spin"]["max_multiplicity"]
     for charge, spin in ((-top, 1), (top, spins), (0, 1)):
         expected = model.charge_reference[charge + top] + model.spin_reference[spin - 1]
@@ -199,9 +201,9 @@ def test_energy_offset_checks_its_range(artifacts):
             module.energy_offset(charge, spin)
 
 
-def test_metadata_says_what_an_engine_needs(artifacts):
+def test_metadata_says_what_an_engine_needs(artifacts, tmp_path):
     fused, reference = read_metadata(artifacts["float64", "fused"]), read_metadata(artifacts["float32", "reference"])
-    assert fused["format"] == "transip-artifact" and fused["format_version"] == FORMAT_VERSION == 2
+    assert fused["format"] == "transip-artifact" and fused["format_version"] == FORMAT_VERSION == 3
     assert fused["methods"] == METHODS == ["compute", "edge_energy_gradients", "energy_offset", "halo_tokens",
                                            "halo_block", "halo_energies"]
     module, _ = load(artifacts["float64", "fused"])
@@ -218,7 +220,11 @@ def test_metadata_says_what_an_engine_needs(artifacts):
     assert fused["native_ops"]["version"] == native.version() and "transip::neighbor_attention" in fused["native_ops"]["ops"]
     assert reference["native_ops"] is None and reference["dtype"] == "float32"
     assert fused["provenance"]["objective"] == "transip" and fused["provenance"]["dataset_sha256"]
-    assert abs(fused["metrics"]["test"]["test_frames"]["force_mae"] - 0.0824) < 1e-3
+    assert fused["model_config"]["repulsion"] == "zbl" and fused["model_config"]["repulsion_range"] == 1.0
+    # the test metrics written beside a checkpoint travel with it; the shipped model predates the repulsion
+    shipped = export_checkpoint(SHIPPED_MODEL, tmp_path / "shipped.pt")
+    assert abs(shipped["metrics"]["test"]["test_frames"]["force_mae"] - 0.0824) < 1e-3
+    assert shipped["model_config"]["repulsion"] == "none"
     assert fused["created"].endswith("+00:00")
 
 
@@ -352,7 +358,7 @@ def test_cpp_program_gives_the_python_numbers(artifacts, tmp_path, dtype, kernel
     assert run.returncode == 0, run.stderr
     assert "time per evaluation" in run.stderr and "atom-evaluations per second" in run.stderr
     got = json.loads(result.read_text())
-    expected = python_reference(structure, dtype, kernel)
+    expected = python_reference(artifacts["checkpoint"], structure, dtype, kernel)
     assert got["atoms"] == len(structure.numbers) and got["dtype"] == dtype and got["seconds_median"] > 0
     assert_close(got["energy"], expected["energy"], TOLERANCE[dtype], "energy")
     assert_close(torch.tensor(got["forces"], dtype=torch.float64).view(-1, 3), expected["forces"], TOLERANCE[dtype], "forces")

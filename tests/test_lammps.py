@@ -36,9 +36,10 @@ NVE_DRIFT_BOUND_MEV_PER_ATOM = 0.5
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
+def artifact(tmp_path_factory, repulsive_checkpoint):
+    """The engines run a model with the repulsion, so that every engine path carries it."""
     path = tmp_path_factory.mktemp("lammps") / "model.pt"
-    export_checkpoint(SHIPPED_MODEL, path)
+    export_checkpoint(repulsive_checkpoint, path)
     return path
 
 
@@ -525,3 +526,41 @@ def test_element_errors_with_a_model_beyond_xenon(bismuth_artifact, tmp_path, el
     out = run_lammps(tmp_path, deck(bismuth_artifact, boundary="f f f", species=elements.split()), expect_failure=True)
     lines = [line.split(" (src/")[0] for line in out.splitlines() if line.startswith("ERROR")]
     assert any(re.search(message, line) for line in lines), out[-2000:]
+
+
+def test_repulsion_equals_lammps_own_zbl(tmp_path):
+    """The model's repulsion term (unswitched) against LAMMPS's `pair_style zbl`, an independent implementation
+    of the same formula: forces on pairs of every kind of contact, far enough apart not to see each other. Below
+    its inner cutoff, pair zbl is pure ZBL (only its energy is shifted by a constant)."""
+    from transip.repulsion import repulsion_tables, zbl_pair_energy, zbl_screening_function
+
+    species, numbers = ["H", "C", "O", "S", "Cl"], [1, 6, 8, 16, 17]
+    pairs = [(1, 6, 0.3), (1, 1, 0.5), (8, 8, 0.6), (6, 8, 1.0), (16, 17, 0.9), (1, 17, 1.4)]
+    positions, atom_numbers = [], []
+    for k, (zi, zj, r) in enumerate(pairs):
+        positions += [[0.0, 12.0 * k, 0.0], [r, 12.0 * k, 0.0]]
+        atom_numbers += [zi, zj]
+    s = Structure(atom_numbers, np.array(positions) + 5.0, cell=np.diag([20.0, 12.0 * len(pairs) + 10.0, 20.0]),
+                  pbc=[False] * 3)
+    write_data(s, tmp_path / "system.data", species)
+    coefficients = "\n".join(f"pair_coeff {t + 1} {t + 1} {z} {z}" for t, z in enumerate(numbers))
+    run_lammps(tmp_path, f"""units metal
+atom_style atomic
+boundary f f f
+read_data system.data
+pair_style zbl 4.0 4.5
+{coefficients}
+dump d all custom 1 out.dump id fx fy fz
+dump_modify d sort id format float %.17g
+run 0
+""")
+    forces = last_dump(tmp_path / "out.dump")[:, 1:]
+    charge_product, inverse_screening, _ = repulsion_tables(numbers, 1.0)
+    for k, (zi, zj, r) in enumerate(pairs):
+        i, j = numbers.index(zi), numbers.index(zj)
+        length = torch.tensor([r], dtype=torch.float64, requires_grad=True)
+        energy = zbl_pair_energy(length, charge_product[i, j], inverse_screening[i, j], *zbl_screening_function())
+        (slope,) = torch.autograd.grad(energy.sum(), [length])
+        # the second atom sits at +r: the repulsive force on it is -dE/dr along +x, and the opposite on the first
+        assert forces[2 * k + 1, 0] == pytest.approx(-float(slope), rel=1e-9), (zi, zj, r)
+        assert forces[2 * k, 0] == pytest.approx(float(slope), rel=1e-9), (zi, zj, r)

@@ -178,3 +178,92 @@ def test_scripted_model_matches_eager(model):
     b = evaluate_batch(scripted, batch)
     torch.testing.assert_close(a["energy"], b["energy"], rtol=0, atol=1e-12)
     torch.testing.assert_close(a["forces"], b["forces"], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- short-range repulsion (docs/model.md)
+def pair_scan(model, zi: int, zj: int, distances) -> tuple:
+    """Energy and the force on the second atom along the axis (positive = pushed apart) of an isolated pair,
+    neutral, lowest multiplicity its electron count allows."""
+    spin = 1 if (zi + zj) % 2 == 0 else 2
+    out = predict(model, [Structure([zi, zj], np.array([[0.0, 0.0, 0.0], [r, 0.0, 0.0]]), spin=spin)
+                          for r in distances])
+    return np.array(out["energy"]), np.array([f[1, 0] for f in out["forces"]])
+
+
+def test_energy_rises_steeply_as_atoms_approach(repulsive_checkpoint):
+    """Every element pair of the model, scanned from 1.5 A down to 0.3 A in empty space: the force pushes the
+    atoms apart at every distance below 0.6 A, and C-H at 0.3 A lies at least 50 eV above the scan's minimum
+    (GFN2-xTB: +111 eV; the model without repulsion: +3.7 eV, with a force pulling H into C)."""
+    from transip.checkpoint import model_from_checkpoint
+
+    model = model_from_checkpoint(repulsive_checkpoint).set_kernel("reference")
+    distances = np.round(np.arange(1.5, 0.2999, -0.01), 3)
+    short = distances <= 0.6
+    elements = model.config.elements
+    for a, zi in enumerate(elements):
+        for zj in elements[a:]:
+            energies, forces = pair_scan(model, zi, zj, distances)
+            assert (forces[short] > 0).all(), (zi, zj, distances[short][forces[short] <= 0])
+            assert (np.diff(energies[distances <= 0.61]) > 0).all(), (zi, zj)
+    energies, _ = pair_scan(model, 6, 1, distances)
+    assert energies[-1] - energies.min() >= 50.0
+
+
+def zbl_by_hand(zi: int, zj: int, r: float) -> float:
+    """The ZBL universal screened Coulomb energy, written out from Ziegler, Biersack and Littmark (1985)."""
+    a = 0.46850 / (zi ** 0.23 + zj ** 0.23)
+    x = r / a
+    phi = (0.18175 * np.exp(-3.19980 * x) + 0.50986 * np.exp(-0.94229 * x) + 0.28022 * np.exp(-0.40290 * x)
+           + 0.02817 * np.exp(-0.20162 * x))
+    return 14.399645 * zi * zj / r * phi
+
+
+def test_repulsion_is_zbl_switched_off_at_the_covalent_range(model):
+    """The repulsion term alone: ZBL times the smooth step of r / (covalent radius sum), zero beyond, and
+    each directed edge gives half to its receiver, so the pair's total is counted once."""
+    from ase.data import covalent_radii
+
+    for zi, zj, r in ((6, 1, 0.3), (8, 8, 0.9), (1, 1, 0.5), (6, 8, 1.3), (6, 8, 1.6)):
+        vectors = torch.tensor([[r, 0.0, 0.0], [-r, 0.0, 0.0]], dtype=torch.float64)
+        species = model.species(torch.tensor([zi, zj]))
+        energies = model.repulsion_energies(vectors, torch.tensor([0, 1]), torch.tensor([1, 0]), species, 2)
+        x = r / (covalent_radii[zi] + covalent_radii[zj])
+        step = 1 - 10 * x ** 3 + 15 * x ** 4 - 6 * x ** 5 if x < 1 else 0.0
+        expected = zbl_by_hand(zi, zj, r) * step
+        assert torch.allclose(energies, torch.tensor([expected / 2] * 2, dtype=torch.float64), rtol=1e-12, atol=0)
+    assert 1.3 < covalent_radii[6] + covalent_radii[8] < 1.6  # C-O: once inside, once beyond the switch
+
+
+def test_energy_and_forces_continuous_through_the_repulsion_switch(model):
+    """Scan an O-H distance through the repulsion's switch-off distance: energy and forces change smoothly."""
+    from ase.data import covalent_radii
+
+    switch_off = covalent_radii[8] + covalent_radii[1]
+    distances = np.linspace(switch_off - 0.02, switch_off + 0.02, 401)
+    out = predict(model, [Structure([8, 1], np.array([[0.0, 0.0, 0.0], [d, 0.05, 0.0]]), spin=2)
+                          for d in distances])
+    energies, forces = np.array(out["energy"]), np.array([f[1] for f in out["forces"]])
+    # Along a smooth curve the third differences are f''' * step^3 (energy: ~5e-10 here). A jump in the energy,
+    # the force or the curvature at the switch would show up in the energy's as J, J * step or J * step^2. The
+    # forces' third differences carry the jump of the energy's third derivative that the quintic step allows
+    # (~2e-6 here); a jump in a force would show up as itself.
+    assert np.abs(np.diff(energies, 3)).max() < 1e-8
+    assert np.abs(np.diff(forces, 3, axis=0)).max() < 1e-5
+    species = model.species(torch.tensor([8, 1]))
+    edge = lambda d: torch.tensor([[d, 0.0, 0.0]], dtype=torch.float64)  # noqa: E731
+    inside = model.repulsion_energies(edge(switch_off - 0.02), torch.tensor([0]), torch.tensor([1]), species, 2)
+    beyond = model.repulsion_energies(edge(switch_off + 1e-9), torch.tensor([0]), torch.tensor([1]), species, 2)
+    assert float(inside[0]) > 0 and float(beyond[0]) == 0.0  # the scan really crosses the switch
+
+
+def test_repulsion_settings_are_checked_and_old_checkpoints_keep_none():
+    with pytest.raises(ValueError, match="repulsion must be one of \\('zbl', 'none'\\), got 'lj'"):
+        ModelConfig(elements=[1, 6], repulsion="lj")
+    with pytest.raises(ValueError, match="repulsion_range=5.0 switches the repulsion off at 7.60 A \\(C-C\\), "
+                                         "which must lie within the cutoff 6.0 A"):
+        ModelConfig(elements=[1, 6], repulsion_range=5.0)
+    from conftest import SHIPPED_MODEL
+    from transip.checkpoint import model_from_checkpoint
+
+    assert ModelConfig(elements=[1]).repulsion == "zbl"  # new models have it
+    assert model_from_checkpoint(SHIPPED_MODEL).config.repulsion == "none"  # trained before it existed

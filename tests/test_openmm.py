@@ -25,9 +25,10 @@ NVE_DRIFT_BOUND_MEV_PER_ATOM = 0.5  # stated in the README
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
+def artifact(tmp_path_factory, repulsive_checkpoint):
+    """The engines run a model with the repulsion, so that every engine path carries it."""
     path = tmp_path_factory.mktemp("openmm") / "model.pt"
-    export_checkpoint(SHIPPED_MODEL, path)
+    export_checkpoint(repulsive_checkpoint, path)
     return path
 
 

@@ -21,10 +21,15 @@ import torch.nn.functional as F
 from .attention import neighbor_attention_reference
 
 
+def smooth_step_down(x: torch.Tensor) -> torch.Tensor:
+    """1 - 10x^3 + 15x^4 - 6x^5 for x < 1, 0 beyond: value, slope and curvature vanish at x = 1."""
+    c = x.clamp(max=1.0)
+    return torch.where(x < 1.0, 1.0 + c * c * c * (-10.0 + c * (15.0 - 6.0 * c)), torch.zeros_like(x))
+
+
 def envelope(r: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """1 - 10x^3 + 15x^4 - 6x^5 with x = r / cutoff: value, slope and curvature vanish at the cutoff."""
-    x = (r / cutoff).clamp(max=1.0)
-    return torch.where(r < cutoff, 1.0 + x * x * x * (-10.0 + x * (15.0 - 6.0 * x)), torch.zeros_like(r))
+    """The cutoff envelope of every edge: `smooth_step_down(r / cutoff)`."""
+    return smooth_step_down(r / cutoff)
 
 
 class EdgeWeights(NamedTuple):

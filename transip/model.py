@@ -21,7 +21,8 @@ from torch import nn
 
 from . import native
 from .elements import ELEMENT_SYMBOLS  # the one element table (transip/elements.py); others import it from here
-from .kernels import EdgeWeights, attention_module, edge_encoder_module, reference_edge_embedding
+from .kernels import EdgeWeights, attention_module, edge_encoder_module, reference_edge_embedding, smooth_step_down
+from .repulsion import REPULSIONS, repulsion_tables, zbl_pair_energy, zbl_screening_function
 
 
 @dataclasses.dataclass
@@ -39,6 +40,10 @@ class ModelConfig:
     max_abs_charge: int = 4
     max_multiplicity: int = 6
     avg_num_neighbors: float = 12.0  # normalises the neighbour sum in the initial tokens
+    # Screened nuclear repulsion added to the energy ("zbl" or "none"; see transip/repulsion.py), switched off
+    # smoothly at repulsion_range x the sum of the two atoms' covalent radii.
+    repulsion: str = "zbl"
+    repulsion_range: float = 1.0
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -50,6 +55,16 @@ class ModelConfig:
         for z in self.elements:
             if not 1 <= int(z) < len(ELEMENT_SYMBOLS):
                 raise ValueError(f"unknown atomic number {z} in model elements")
+        if self.repulsion not in REPULSIONS:
+            raise ValueError(f"repulsion must be one of {REPULSIONS}, got {self.repulsion!r}")
+        if self.repulsion != "none":
+            table = repulsion_tables(self.elements, self.repulsion_range)[2]
+            widest = int(table.argmax()) // len(self.elements)  # the element of the widest (diagonal) pair
+            symbol = ELEMENT_SYMBOLS[int(self.elements[widest])]
+            if not 0 < float(table.max()) <= self.cutoff:
+                raise ValueError(f"repulsion_range={self.repulsion_range} switches the repulsion off at "
+                                 f"{float(table.max()):.2f} A ({symbol}-{symbol}), which must lie within the cutoff "
+                                 f"{self.cutoff} A")
 
     @property
     def receptive_field(self) -> float:
@@ -145,6 +160,15 @@ class TransIP(nn.Module):
         self.register_buffer("charge_reference", torch.zeros(2 * c.max_abs_charge + 1))
         self.register_buffer("spin_reference", torch.zeros(c.max_multiplicity))
         self.register_buffer("energy_scale", torch.ones(()))
+        # Pair tables of the repulsion (species x species), rebuilt from the config, so not saved in state dicts.
+        self.repulsion = c.repulsion != "none"
+        charge_product, inverse_screening, switch_off = repulsion_tables(c.elements, c.repulsion_range)
+        self.register_buffer("repulsion_charge_product", charge_product, persistent=False)
+        self.register_buffer("repulsion_inverse_screening", inverse_screening, persistent=False)
+        self.register_buffer("repulsion_switch_off", switch_off, persistent=False)
+        coefficients, exponents = zbl_screening_function()
+        self.register_buffer("repulsion_coefficients", coefficients, persistent=False)
+        self.register_buffer("repulsion_exponents", exponents, persistent=False)
 
     @torch.jit.unused
     def set_kernel(self, kernel: str) -> "TransIP":
@@ -228,6 +252,22 @@ class TransIP(nn.Module):
                 h = block(h, bias, env, self_bias[layer], receivers, senders, row_ptr, num_updated)
         return h
 
+    def repulsion_energies(self, edge_vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
+                           species: torch.Tensor, num_atoms: int) -> torch.Tensor:
+        """Per-atom share (num_atoms,) of the screened nuclear repulsion: each directed edge gives half of its
+        pair's energy to its receiver, so that a pair seen from both ends (every neighbour list here, and
+        LAMMPS ranks that each own one end) counts once. Zeros when the model has no repulsion."""
+        energies = torch.zeros(num_atoms, dtype=edge_vectors.dtype, device=edge_vectors.device)
+        if not self.repulsion or edge_vectors.shape[0] == 0:
+            return energies
+        s_i, s_j = species.index_select(0, receivers), species.index_select(0, senders)
+        lengths = torch.linalg.norm(edge_vectors, dim=1)
+        pair_energy = zbl_pair_energy(lengths, self.repulsion_charge_product[s_i, s_j],
+                                      self.repulsion_inverse_screening[s_i, s_j], self.repulsion_coefficients,
+                                      self.repulsion_exponents)
+        switch = smooth_step_down(lengths / self.repulsion_switch_off[s_i, s_j])
+        return energies.index_add(0, receivers, 0.5 * pair_energy * switch)
+
     def atom_energies(self, h: torch.Tensor, species: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per-atom energies and latent vectors from the last block's tokens."""
         latent = self.final_norm(h)
@@ -249,6 +289,7 @@ class TransIP(nn.Module):
         for layer in range(len(self.blocks)):
             h = self.apply_block(layer, h, edge_bias[layer], env, receivers, senders, row_ptr, n)
         atom_energy, latent = self.atom_energies(h, species)
+        atom_energy = atom_energy + self.repulsion_energies(edge_vectors, receivers, senders, species, n)
         energy = torch.zeros(num_structures, dtype=atom_energy.dtype,
                              device=atom_energy.device).index_add(0, batch, atom_energy)
         energy = energy + self.charge_reference[charge + self.max_abs_charge] + self.spin_reference[spin - 1]

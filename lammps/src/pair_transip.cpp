@@ -364,7 +364,8 @@ PairTransIP::Result PairTransIP::evaluate_by_blocks(const torch::Tensor &vectors
   const int64_t nlocal = atom->nlocal;
   const auto tokens = model_.get_method("halo_tokens")({vectors, numbers, receivers, senders, nlocal, charge_, spin_})
                           .toTuple()->elements();
-  const torch::Tensor h0 = tokens[0].toTensor(), bias = tokens[1].toTensor(), env = tokens[2].toTensor();
+  const torch::Tensor h0 = tokens[0].toTensor(), bias = tokens[1].toTensor(), env = tokens[2].toTensor(),
+                      repulsion = tokens[3].toTensor();
   const torch::Tensor bias_leaf = bias.detach().requires_grad_(true), env_leaf = env.detach().requires_grad_(true);
   std::vector<torch::Tensor> local_in, ghost_in, out;
   torch::Tensor h = h0;
@@ -378,8 +379,9 @@ PairTransIP::Result PairTransIP::evaluate_by_blocks(const torch::Tensor &vectors
   }
   const torch::Tensor last = h.detach().requires_grad_(true);
   Result result;
-  result.atom_energies = model_.get_method("halo_energies")({last, numbers.slice(0, 0, nlocal)}).toTensor();
-  torch::Tensor grad = torch::autograd::grad({result.atom_energies.sum()}, {last})[0];
+  const torch::Tensor learned = model_.get_method("halo_energies")({last, numbers.slice(0, 0, nlocal)}).toTensor();
+  torch::Tensor grad = torch::autograd::grad({learned.sum()}, {last})[0];
+  result.atom_energies = (learned + repulsion).detach();
   torch::Tensor grad_bias = torch::zeros_like(bias), grad_env = torch::zeros_like(env);
   for (int64_t layer = num_layers_ - 1; layer >= 0; --layer) {
     const auto grads = torch::autograd::grad({out[layer]}, {local_in[layer], ghost_in[layer], bias_leaf, env_leaf},
@@ -388,8 +390,12 @@ PairTransIP::Result PairTransIP::evaluate_by_blocks(const torch::Tensor &vectors
     if (grads[2].defined()) grad_bias += grads[2];
     if (grads[3].defined()) grad_env += grads[3];
   }
-  const auto edge_grads = torch::autograd::grad({h0, bias, env}, {vectors}, {grad, grad_bias, grad_env}, false, false,
-                                                true);
+  std::vector<torch::Tensor> outputs{h0, bias, env}, seeds{grad, grad_bias, grad_env};
+  if (repulsion.requires_grad()) {  // not for a model without repulsion
+    outputs.push_back(repulsion);
+    seeds.push_back(torch::ones_like(repulsion));
+  }
+  const auto edge_grads = torch::autograd::grad(outputs, {vectors}, seeds, false, false, true);
   result.edge_grads = edge_grads[0].defined() ? edge_grads[0] : torch::zeros_like(vectors);
   result.energy = result.atom_energies.sum().item<double>();
   return result;
