@@ -1,11 +1,19 @@
-"""The trainer: learning happens, the contrastive term is real, runs are deterministic and resumable."""
+"""The trainer: learning happens, the contrastive term is real, runs are deterministic and resumable, and the
+recipe (weight EMA, plateau schedule, wall-clock budget) does what its fields say."""
+
+import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from transip.checkpoint import load_checkpoint, save_checkpoint
 from transip.data import collate
 from transip.metrics import accuracy
-from transip.train import TrainConfig, Trainer, train
+from transip.train import LearningRate, TrainConfig, Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_MODEL = {"cutoff": 4.0, "d_model": 32, "num_heads": 4, "num_layers": 2, "edge_hidden": 16, "num_rbf": 8}
 
@@ -16,6 +24,23 @@ def config(small_dataset, tmp_path, **overrides):
                   equivariance_rotations=2, progress=False, model=TINY_MODEL, test_molecule_fraction=0.15)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are tiny: a second thread gains nothing, and on a busy machine (a data job on the other
+    core) oversubscribed threads made each step ~100x slower. Restored afterwards: torch's count is global."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(small_dataset, tmp_path, **overrides):
+    """Two steps per epoch and a small validation: for tests of the recipe's bookkeeping, not of learning."""
+    values = dict(max_train_structures=16, batch_size=8, warmup_steps=1, val_structures=8,
+                  equivariance_structures=2, equivariance_rotations=1)
+    return config(small_dataset, tmp_path, **{**values, **overrides})
 
 
 @pytest.mark.slow
@@ -107,3 +132,152 @@ def test_reference_energies_fit_the_composition(small_dataset, tmp_path):
         ref = float(m.reference_energy[species[torch.from_numpy(s.numbers)]].sum()
                     + m.charge_reference[s.charge + m.max_abs_charge] + m.spin_reference[s.spin - 1])
         assert abs(ref - s.energy) < 0.02 * abs(s.energy)
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def _parameters(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_ema_is_the_hand_computed_average_and_is_what_is_validated_and_saved(small_dataset, tmp_path):
+    # decay 0.2 with the (1 + n) / (10 + n) ramp: 0.1, 0.18, then capped at 0.2, so both regimes are checked.
+    trainer = Trainer(config(small_dataset, tmp_path, dtype="float64", ema_decay=0.2, contrastive_weight=1.0))
+    expected = _parameters(trainer.networks)
+    for n in range(4):
+        trainer.train_step(collate(trainer.train_set[8 * n:8 * n + 8], trainer.model.cutoff, trainer.dtype),
+                           torch.Generator().manual_seed(n))
+        decay = min(0.2, (1 + n) / (10 + n))
+        expected = [decay * e + (1 - decay) * p for e, p in zip(expected, _parameters(trainer.networks))]
+    averaged = _parameters(trainer.ema.module)
+    for e, a in zip(expected, averaged):
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-12)
+    assert max((a - p).abs().max() for a, p in zip(averaged, trainer.networks.parameters())) > 1e-4
+    transform = list(trainer.transform.parameters())[0]
+    assert not torch.equal(list(trainer.ema.module["transform"].parameters())[0], transform)
+    for a, b in zip(trainer.ema.module.buffers(), trainer.networks.buffers()):  # fitted, not averaged
+        assert torch.equal(a, b)
+
+    trainer.val_set = trainer.val_set[:6]
+    val = trainer.validate()["val_force_mae"]
+    assert val == accuracy(trainer.ema.module["model"], trainer.val_set)["force_mae"]
+    assert val != accuracy(trainer.model, trainer.val_set)["force_mae"]
+    payload = trainer.payload()  # model_state, what model_from_checkpoint and export read, is the EMA
+    for name, value in trainer.ema.module["model"].state_dict().items():
+        assert torch.equal(payload["model_state"][name], value), name
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(payload["raw_model_state"][name], value), name
+    assert payload["ema_updates"] == 4
+
+
+def test_plateau_schedule_cuts_lr_exactly_when_validation_stalls_and_ends_at_the_floor(tmp_path):
+    c = TrainConfig(data="unused", output=str(tmp_path), lr=1e-3, warmup_steps=10, lr_schedule="plateau",
+                    plateau_patience=2, plateau_factor=0.5, plateau_threshold=0.1, lr_final_fraction=0.2)
+    schedule = LearningRate(c, total_steps=1000)
+    assert schedule.at(0) == pytest.approx(1e-4) and schedule.at(9) == schedule.at(10) == schedule.at(999) == 1e-3
+    schedule.observe(1.0, step=5)
+    schedule.observe(1.0, step=8)  # a stall during warmup does not count
+    assert schedule.stalled == 0
+    # (metric, lr scale after it): improvements must be a 10 % relative drop from the best so far.
+    sequence = [(0.95, 1.0), (0.85, 1.0), (0.80, 1.0), (0.79, 0.5), (0.70, 0.5), (0.70, 0.5), (0.70, 0.25),
+                (0.60, 0.25), (0.60, 0.25), (0.60, 0.125)]
+    for epoch, (metric, scale) in enumerate(sequence):
+        assert not schedule.exhausted
+        schedule.observe(metric, step=20 + 10 * epoch)
+        assert schedule.scale == scale, (epoch, metric)
+        assert schedule.at(500) == pytest.approx(1e-3 * scale)
+    assert schedule.exhausted  # 0.125 < lr_final_fraction 0.2
+    restored = LearningRate(c, total_steps=1000)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.state_dict() == schedule.state_dict() and restored.exhausted
+
+
+def test_cosine_schedule_is_the_lambda_lr_it_replaced(tmp_path):
+    from transip.train import _lr_factor
+
+    c = TrainConfig(data="unused", output=str(tmp_path), lr=3e-3, warmup_steps=7, lr_final_fraction=0.05)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=c.lr)
+    lambda_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, 7, 60, 0.05))
+    schedule = LearningRate(c, total_steps=60)
+    for step in range(70):
+        assert schedule.at(step) == lambda_lr.get_last_lr()[0], step  # bit for bit: old runs train the same
+        optimizer.step()
+        lambda_lr.step()
+    schedule.observe(10.0, 60)
+    assert not schedule.exhausted and schedule.scale == 1.0  # cosine ignores validation
+
+
+def test_plateau_training_stops_at_the_lr_floor_before_epochs(small_dataset, tmp_path):
+    # threshold 0.99: only the first epoch counts as an improvement, so every later one cuts lr by half.
+    c = tiny(small_dataset, tmp_path, epochs=10, lr_schedule="plateau", plateau_patience=1, plateau_factor=0.5,
+             plateau_threshold=0.99, lr_final_fraction=0.3)
+    train(c)
+    payload = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert [r["lr"] for r in payload["history"]] == pytest.approx([c.lr, c.lr, c.lr / 2])
+    assert payload["scheduler_state"]["scale"] == 0.25 and payload["epoch"] == 3
+    assert "stopped after epoch 3 of at most 10: the plateau schedule" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_max_hours_stops_training_and_the_budget_carries_across_resumes(small_dataset, tmp_path):
+    c = tiny(small_dataset, tmp_path, epochs=3, max_hours=1e-9)
+    train(c)
+    first = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert first["epoch"] == 1 and first["train_seconds"] > 0
+    assert "h budget is spent" in (tmp_path / "run" / "train.log").read_text()
+    train(c, resume=True)  # the spent budget is in the checkpoint: nothing more to do
+    assert load_checkpoint(tmp_path / "run" / "last.ckpt")["epoch"] == 1
+    train(dataclasses.replace(c, max_hours=1.0), resume=True)  # a larger budget continues where it stopped
+    second = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert second["epoch"] == 3 and second["train_seconds"] > first["train_seconds"]
+    assert second["history"][-1]["hours"] == pytest.approx(second["train_seconds"] / 3600)
+
+
+def test_resume_with_ema_and_plateau_continues_exactly(small_dataset, tmp_path):
+    recipe = dict(epochs=4, ema_decay=0.5, lr_schedule="plateau", plateau_patience=1, plateau_factor=0.5,
+                  plateau_threshold=0.99, lr_final_fraction=0.01, contrastive_weight=1.0)
+    train(tiny(small_dataset, tmp_path / "a", **recipe))
+    interrupted = tiny(small_dataset, tmp_path / "b", **recipe)
+    train(interrupted, stop_after_epoch=2)
+    assert load_checkpoint(tmp_path / "b" / "run" / "last.ckpt")["scheduler_state"]["scale"] == 0.5  # cut before
+    train(interrupted, resume=True)
+    a = load_checkpoint(tmp_path / "a" / "run" / "last.ckpt")
+    b = load_checkpoint(tmp_path / "b" / "run" / "last.ckpt")
+    assert a["step"] == b["step"] == 8 and a["ema_updates"] == b["ema_updates"] == 8
+    assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]] == pytest.approx(
+        [interrupted.lr * f for f in (1, 1, 0.5, 0.25)])
+    assert a["scheduler_state"] == b["scheduler_state"]
+    for key in ("model_state", "transform_state", "raw_model_state", "raw_transform_state"):
+        for name, value in a[key].items():
+            assert torch.equal(b[key][name], value), f"{key} {name}"
+    assert not all(torch.equal(a["model_state"][k], v) for k, v in a["raw_model_state"].items())
+    assert a["history"][-1]["val_force_mae"] == b["history"][-1]["val_force_mae"]
+
+
+def test_old_configs_and_checkpoints_load_with_the_defaults_that_reproduce_them(small_dataset, tmp_path):
+    shipped = json.loads((ROOT / "configs" / "shipped_model.json").read_text())
+    old_payload = load_checkpoint(ROOT / "models" / "transip-xtb-small" / "best.ckpt")
+    for values in (shipped | {"output": "unused"}, old_payload["train_config"]):
+        c = TrainConfig(**values)
+        assert (c.lr_schedule, c.ema_decay, c.max_hours) == ("cosine", 0.0, None)
+
+    # A checkpoint written before the recipe: no EMA or budget keys, LambdaLR scheduler state.
+    c = tiny(small_dataset, tmp_path)
+    trainer = Trainer(c)
+    trainer.step = 3
+    payload = {k: v for k, v in trainer.payload().items() if k != "train_seconds"}
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    payload["scheduler_state"] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0).state_dict()
+    new_fields = {"lr_schedule", "plateau_patience", "plateau_factor", "plateau_threshold", "ema_decay", "max_hours"}
+    payload["train_config"] = {k: v for k, v in payload["train_config"].items() if k not in new_fields}
+    save_checkpoint(tmp_path / "old.ckpt", payload)
+    resumed = Trainer(c)
+    resumed.resume(tmp_path / "old.ckpt")
+    assert resumed.step == 3 and resumed.train_seconds == 0.0 and resumed.schedule.at(3) == trainer.schedule.at(3)
+    with pytest.raises(ValueError, match="ema_decay"):  # its weights are raw: an EMA run cannot continue it
+        Trainer(tiny(small_dataset, tmp_path, ema_decay=0.9)).resume(tmp_path / "old.ckpt")
+
+
+@pytest.mark.parametrize("field, value", [("lr_schedule", "step"), ("ema_decay", 1.0), ("plateau_factor", 1.0),
+                                          ("plateau_threshold", 1.0), ("plateau_patience", 0), ("max_hours", 0.0)])
+def test_recipe_fields_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(data="unused", output="unused", **{field: value})

@@ -44,7 +44,8 @@ def load_checkpoint(path) -> Dict[str, Any]:
 def model_from_checkpoint(payload_or_path, dtype: torch.dtype = torch.float64) -> TransIP:
     payload = payload_or_path if isinstance(payload_or_path, dict) else load_checkpoint(payload_or_path)
     # Checkpoints written before the repulsion existed have none; a new config defaults to one.
-    model = TransIP(ModelConfig(**{"repulsion": "none", **payload["model_config"]}))
+    # Converted before loading, so that float64 weights are not rounded through float32 on the way.
+    model = TransIP(ModelConfig(**{"repulsion": "none", **payload["model_config"]})).to(dtype)
     try:
         model.load_state_dict(payload["model_state"])
     except RuntimeError as exc:

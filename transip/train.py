@@ -5,10 +5,15 @@ objective = "transip": per batch draw a uniform rotation R, run the model on x a
 objective = "augment": the same two views and losses, without the contrastive term (compute-matched
     random-rotation augmentation).
 objective = "none": the unrotated view only.
+
+The recipe around it (every choice a TrainConfig field, documented in docs/training.md): an exponential moving
+average of the weights for validation and the saved model (`ema_decay`), the cosine or the validation-driven
+plateau learning-rate schedule (`lr_schedule`), and a wall-clock budget (`max_hours`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,6 +32,11 @@ from .metrics import accuracy, equivariance_error, spread_subset
 from .model import ModelConfig, TransformationNetwork, TransIP, count_parameters, random_rotation
 
 OBJECTIVES = ("transip", "augment", "none")
+LR_SCHEDULES = ("cosine", "plateau")
+# Fields a resumed run must share with its checkpoint: they fix the data order, the networks, the saved state's
+# layout (EMA or not) or the meaning of the schedule's state.
+RESUME_MUST_MATCH = ("objective", "seed", "data", "batch_size", "max_train_structures", "model", "ema_decay",
+                     "lr_schedule")
 
 
 @dataclasses.dataclass
@@ -38,8 +48,14 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 16
     lr: float = 2e-3
-    lr_final_fraction: float = 0.05  # cosine decay to lr * this
+    lr_final_fraction: float = 0.05  # cosine: decay to lr * this; plateau: stop once lr falls below lr * this
     warmup_steps: int = 200
+    lr_schedule: str = "cosine"  # "cosine" over `epochs`, or "plateau": cut when validation stalls
+    plateau_patience: int = 3  # plateau: epochs without improvement before lr is cut
+    plateau_factor: float = 0.5  # plateau: lr multiplier at each cut
+    plateau_threshold: float = 0.01  # plateau: an improvement is a relative drop of val force MAE by this much
+    ema_decay: float = 0.0  # weight EMA for validation and the saved model; 0 keeps the raw weights
+    max_hours: Optional[float] = None  # wall-clock budget: stop after the epoch that exceeds it (across resumes)
     weight_decay: float = 0.0
     energy_weight: float = 1.0  # on (energy error / atoms)^2, eV^2
     force_weight: float = 1.0  # on force component error^2, (eV/A)^2
@@ -66,6 +82,15 @@ class TrainConfig:
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be at least 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 disables it), got {self.ema_decay}")
+        if self.plateau_patience < 1 or not 0.0 < self.plateau_factor < 1.0 or not 0.0 <= self.plateau_threshold < 1.0:
+            raise ValueError("plateau_patience must be at least 1, plateau_factor in (0, 1) and plateau_threshold "
+                             "in [0, 1)")
+        if self.max_hours is not None and self.max_hours <= 0:
+            raise ValueError(f"max_hours must be positive (or None for no budget), got {self.max_hours}")
 
 
 def training_subset(train: Sequence[int], size: Optional[int], seed: int) -> List[int]:
@@ -127,6 +152,80 @@ def supervised_loss(out: Dict[str, torch.Tensor], batch: Batch, config: TrainCon
     return config.energy_weight * energy + config.force_weight * forces, energy, forces
 
 
+class LearningRate:
+    """The learning rate of every step. Both schedules warm up linearly over `warmup_steps`; then "cosine"
+    decays to lr * lr_final_fraction at the end of `epochs`, and "plateau" holds lr and multiplies it by
+    `plateau_factor` whenever the validation force MAE has not improved for `plateau_patience` epochs, so a run
+    keeps a high rate for as long as validation still falls and `epochs` is only a ceiling."""
+
+    def __init__(self, config: TrainConfig, total_steps: int):
+        self.config, self.total_steps = config, total_steps
+        self.scale = 1.0  # product of the plateau cuts so far
+        self.best = float("inf")  # best validation force MAE seen
+        self.stalled = 0  # epochs since the last improvement (or the last cut)
+
+    def at(self, step: int) -> float:
+        c = self.config
+        if c.lr_schedule == "cosine":
+            return c.lr * _lr_factor(step, c.warmup_steps, self.total_steps, c.lr_final_fraction)
+        warmup = (step + 1) / c.warmup_steps if step < c.warmup_steps else 1.0
+        return c.lr * warmup * self.scale
+
+    def observe(self, val_force_mae: float, step: int) -> None:
+        """Once per epoch, after validation; `step` is the number of steps taken so far."""
+        c = self.config
+        if c.lr_schedule != "plateau":
+            return
+        if val_force_mae < self.best * (1.0 - c.plateau_threshold):  # NaN never improves
+            self.best, self.stalled = val_force_mae, 0
+            return
+        if step < c.warmup_steps:  # the rate is still rising: a stall here says nothing about the held rate
+            return
+        self.stalled += 1
+        if self.stalled >= c.plateau_patience:
+            self.scale *= c.plateau_factor
+            self.stalled = 0  # give the lower rate a full patience before judging it
+
+    @property
+    def exhausted(self) -> bool:
+        """The plateau schedule has cut lr below lr * lr_final_fraction: further epochs would barely move."""
+        return self.config.lr_schedule == "plateau" and self.scale < self.config.lr_final_fraction
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"lr_schedule": self.config.lr_schedule, "scale": self.scale, "best": self.best,
+                "stalled": self.stalled}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        # Checkpoints before this class hold a LambdaLR state: cosine, whose rate depends on the step alone.
+        if "lr_schedule" not in state:
+            return
+        self.scale, self.best, self.stalled = state["scale"], state["best"], state["stalled"]
+
+
+class WeightAverage:
+    """Exponential moving average of a module's parameters, updated after every optimiser step. Buffers (the
+    fitted reference energies, constant tables) are not trained, so they are copied rather than averaged."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        # A fixed decay would keep the random initial weights in the average for ~1/(1-decay) steps, which is
+        # most of a short run; ramping it as (1 + n) / (10 + n) (TensorFlow's num_updates) forgets them early.
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, source: torch.nn.Module) -> None:
+        decay = self.current_decay()
+        for average, value in zip(self.module.parameters(), source.parameters()):
+            average.mul_(decay).add_(value, alpha=1.0 - decay)
+        for average, value in zip(self.module.buffers(), source.buffers()):
+            average.copy_(value)
+        self.updates += 1
+
+
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
@@ -155,26 +254,35 @@ class Trainer:
         self.transform = TransformationNetwork(self.model.config.d_model).to(self.dtype)
         fit_reference_energies(self.model, self.train_set)
         self.model.to(self.dtype)
-        params = list(self.model.parameters()) + list(self.transform.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        # One module over both networks: one optimiser parameter order, one EMA over the pair.
+        self.networks = torch.nn.ModuleDict({"model": self.model, "transform": self.transform})
+        self.optimizer = torch.optim.AdamW(self.networks.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        self.ema = WeightAverage(self.networks, config.ema_decay) if config.ema_decay > 0 else None
         self.steps_per_epoch = math.ceil(len(self.train_set) / config.batch_size)
-        total = self.steps_per_epoch * config.epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: _lr_factor(
-            step, config.warmup_steps, total, config.lr_final_fraction))
+        self.schedule = LearningRate(config, self.steps_per_epoch * config.epochs)
         self.epoch, self.step, self.history = 0, 0, []
         self.best_force_mae = float("inf")
+        self.train_seconds = 0.0  # wall clock spent in epochs, summed over resumes (the max_hours budget)
+
+    @property
+    def evaluated(self) -> torch.nn.ModuleDict:
+        """The networks validated and saved as `model_state` / `transform_state`: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.networks
 
     # ------------------------------------------------------------------ state
     def payload(self) -> Dict[str, Any]:
         return {
             "model_config": dataclasses.asdict(self.model.config),
-            "model_state": self.model.state_dict(),
-            "transform_state": self.transform.state_dict(),
+            # The weights to use (what model_from_checkpoint and export read): the EMA when there is one.
+            "model_state": self.evaluated["model"].state_dict(),
+            "transform_state": self.evaluated["transform"].state_dict(),
+            **self._raw_state(),
             "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(),
+            "scheduler_state": self.schedule.state_dict(),
             "train_config": dataclasses.asdict(self.config),
             "epoch": self.epoch, "step": self.step, "history": self.history,
-            "best_force_mae": self.best_force_mae,
+            "best_force_mae": self.best_force_mae, "train_seconds": self.train_seconds,
             "trained_domain": self.trained_domain,
             "splits": {k: v for k, v in self.splits.items()},
             "provenance": {"dataset": str(self.config.data), "dataset_sha256": self.dataset_sha256,
@@ -182,19 +290,33 @@ class Trainer:
                            "train_structures": len(self.train_set)},
         }
 
+    def _raw_state(self) -> Dict[str, Any]:
+        """With an EMA, the training weights it averages: resume needs them to continue exactly."""
+        if self.ema is None:
+            return {}
+        return {"raw_model_state": self.model.state_dict(), "raw_transform_state": self.transform.state_dict(),
+                "ema_updates": self.ema.updates}
+
     def resume(self, path) -> None:
         payload = load_checkpoint(path)
         saved = payload.get("train_config", {})
-        for key in ("objective", "seed", "data", "batch_size", "max_train_structures", "model"):
-            if saved.get(key) != getattr(self.config, key):
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        for key in RESUME_MUST_MATCH:
+            # A checkpoint older than a field was trained with that field's default.
+            if saved.get(key, defaults[key]) != getattr(self.config, key):
                 raise ValueError(f"cannot resume from {path}: it was trained with {key}={saved.get(key)!r}, "
                                  f"this run asks for {getattr(self.config, key)!r}")
-        self.model.load_state_dict(payload["model_state"])
-        self.transform.load_state_dict(payload["transform_state"])
+        if self.ema is not None:
+            self.ema.module["model"].load_state_dict(payload["model_state"])
+            self.ema.module["transform"].load_state_dict(payload["transform_state"])
+            self.ema.updates = payload["ema_updates"]
+        self.model.load_state_dict(payload.get("raw_model_state", payload["model_state"]))
+        self.transform.load_state_dict(payload.get("raw_transform_state", payload["transform_state"]))
         self.optimizer.load_state_dict(payload["optimizer_state"])
-        self.scheduler.load_state_dict(payload["scheduler_state"])
+        self.schedule.load_state_dict(payload["scheduler_state"])
         self.epoch, self.step, self.history = payload["epoch"], payload["step"], payload["history"]
         self.best_force_mae = payload["best_force_mae"]
+        self.train_seconds = payload.get("train_seconds", 0.0)
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch: Batch, rotation_generator: torch.Generator) -> Dict[str, float]:
@@ -215,8 +337,11 @@ class Trainer:
                                             rotation_generator)
                 loss = loss + config.contrastive_weight * contrast
         loss.backward()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.at(self.step)
         self.optimizer.step()
-        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.networks)
         self.step += 1
         return {"loss": loss.item(), "energy_loss": e_loss.item(), "force_loss": f_loss.item(),
                 "contrastive_loss": contrast.item()}
@@ -245,9 +370,9 @@ class Trainer:
         return result
 
     def validate(self) -> Dict[str, float]:
-        self.model.eval()
-        val = {f"val_{k}": v for k, v in accuracy(self.model, self.val_set).items()}
-        eq = equivariance_error(self.model, spread_subset(self.val_set, self.config.equivariance_structures),
+        model = self.evaluated["model"].eval()
+        val = {f"val_{k}": v for k, v in accuracy(model, self.val_set).items()}
+        eq = equivariance_error(model, spread_subset(self.val_set, self.config.equivariance_structures),
                                 self.config.equivariance_rotations, seed=self.config.seed)
         val.update({f"equivariance_{k}": v for k, v in eq.items()})
         return val
@@ -260,20 +385,36 @@ class Trainer:
             log(f"objective={config.objective} train={len(self.train_set)} val={len(self.val_set)} "
                 f"parameters={count_parameters(self.model)} steps/epoch={self.steps_per_epoch}")
         last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
-        while self.epoch < last_epoch:
-            record = {"epoch": self.epoch + 1, "step": None, "lr": self.scheduler.get_last_lr()[0]}
+        while self.epoch < last_epoch and self.stop_reason() is None:
+            start = time.perf_counter()
+            record = {"epoch": self.epoch + 1, "step": None, "lr": self.schedule.at(self.step)}
             record.update(self.run_epoch())
             record.update(self.validate())
-            record["step"] = self.step
+            self.train_seconds += time.perf_counter() - start
+            record["step"], record["hours"] = self.step, self.train_seconds / 3600
             self.epoch += 1
             self.history.append(record)
+            self.schedule.observe(record["val_force_mae"], self.step)  # before saving: resume needs it
             log(format_record(record))
             if record["val_force_mae"] < self.best_force_mae:
                 self.best_force_mae = record["val_force_mae"]
                 save_checkpoint(self.output / "best.ckpt", self.payload())
             save_checkpoint(self.output / "last.ckpt", self.payload())
             plot_learning_curves(self.history, self.output / "learning_curves.png", config.objective)
+        reason = self.stop_reason()
+        if reason is not None and self.epoch < config.epochs:
+            log(f"stopped after epoch {self.epoch} of at most {config.epochs}: {reason}")
         return self.history[-1] if self.history else {}
+
+    def stop_reason(self) -> Optional[str]:
+        """Why training ends before `epochs`, or None to go on."""
+        config = self.config
+        if self.schedule.exhausted:
+            return (f"the plateau schedule cut lr to {self.schedule.at(self.step):.2e}, below lr * "
+                    f"lr_final_fraction = {config.lr * config.lr_final_fraction:.2e}")
+        if config.max_hours is not None and self.train_seconds >= 3600 * config.max_hours:
+            return f"the {config.max_hours} h budget is spent ({self.train_seconds / 3600:.3f} h)"
+        return None
 
 
 def _lr_factor(step: int, warmup: int, total: int, final: float) -> float:
