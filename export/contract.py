@@ -9,7 +9,8 @@ and float constants cross to C++.
 
 FORMAT = "transip-artifact"
 # Version 2: `compute_with_neighbors` is gone and each method is named for the engine path that calls it.
-# Version 3: `halo_tokens` also returns the local atoms' short-range repulsion energies. Readers refuse other
+# Version 3: `halo_tokens` also returns the edge values every block reads and the local atoms' short-range
+# repulsion energies; `halo_block` takes the edge values. Readers refuse other
 # versions (an older file lacks, misnames or returns other outputs from methods): the message says to export it
 # again.
 FORMAT_VERSION = 3

@@ -36,14 +36,23 @@ def small_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def repulsive_checkpoint(tmp_path_factory) -> Path:
-    """The shipped model's weights with the ZBL repulsion switched on (it has no weights of its own, and the
-    shipped checkpoint predates it): the model the engine tests run, so that every engine path carries the
-    repulsion."""
-    from transip.checkpoint import load_checkpoint, save_checkpoint
+def engine_checkpoint(tmp_path_factory) -> Path:
+    """The shipped model's weights with what the model gained after it was trained switched on: the ZBL repulsion
+    (no weights of its own) and geometry in every block (its projections drawn small, seeded, so the model stays
+    close to the shipped one). The engine tests run this model, so that every engine path carries both."""
+    from transip.checkpoint import config_of, load_checkpoint, save_checkpoint
+    from transip.model import ModelConfig, TransIP
 
     payload = load_checkpoint(SHIPPED_MODEL)
-    payload["model_config"] = {**payload["model_config"], "repulsion": "zbl"}
-    path = tmp_path_factory.mktemp("repulsive") / "repulsive.ckpt"
+    config = {**config_of(payload), "repulsion": "zbl", "block_geometry": True}
+    torch.manual_seed(1234)
+    model = TransIP(ModelConfig(**config))
+    missing, unexpected = model.load_state_dict(payload["model_state"], strict=False)
+    assert not unexpected and all(name.endswith(".geometry") for name in missing), missing
+    with torch.no_grad():
+        for block in model.blocks:
+            block.geometry.mul_(0.2)
+    payload["model_config"], payload["model_state"] = config, model.state_dict()
+    path = tmp_path_factory.mktemp("engine") / "engine.ckpt"
     save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("format", "version")})
     return path

@@ -51,13 +51,14 @@ def inputs_of(structure: Structure):
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, repulsive_checkpoint):
-    """Artifacts of every dtype and kernel of one model with the repulsion (and "checkpoint": its checkpoint)."""
+def artifacts(tmp_path_factory, engine_checkpoint):
+    """Artifacts of every dtype and kernel of one model with repulsion and block geometry (and "checkpoint": its
+    checkpoint)."""
     folder = tmp_path_factory.mktemp("artifacts")
-    paths = {"checkpoint": repulsive_checkpoint}
+    paths = {"checkpoint": engine_checkpoint}
     for dtype, kernel in KINDS:
         paths[dtype, kernel] = folder / f"model-{dtype}-{kernel}.pt"
-        export_checkpoint(repulsive_checkpoint, paths[dtype, kernel], dtype=dtype, kernel=kernel)
+        export_checkpoint(engine_checkpoint, paths[dtype, kernel], dtype=dtype, kernel=kernel)
     return paths
 
 
@@ -172,10 +173,11 @@ def test_every_method_handles_zero_atoms(artifacts, dtype, kernel):
     # The halo methods on a rank without atoms, as pair_style transip calls them, with the gradient back to the
     # (empty) edge vectors.
     vectors = none3.clone().requires_grad_(True)
-    h0, bias, env, repulsion = module.halo_tokens(vectors, torch.tensor([8, 1]), none, none, 0, 0, 1)
+    h0, bias, env, values, repulsion = module.halo_tokens(vectors, torch.tensor([8, 1]), none, none, 0, 0, 1)
     assert h0.shape == (0, width) and bias.shape == (layers, 0, heads) and env.shape == (0,)
-    assert repulsion.shape == (0,)
-    h = module.halo_block(0, torch.cat([h0, torch.zeros(2, width, dtype=float_type)]), bias[0], env, none, none, 0)
+    assert values.shape == (0, 3 + metadata["model_config"]["num_rbf"]) and repulsion.shape == (0,)
+    h = module.halo_block(0, torch.cat([h0, torch.zeros(2, width, dtype=float_type)]), bias[0], env, values, none,
+                          none, 0)
     assert h.shape == (0, width)
     energies = module.halo_energies(h, none)
     assert energies.shape == (0,)
@@ -221,10 +223,11 @@ def test_metadata_says_what_an_engine_needs(artifacts, tmp_path):
     assert reference["native_ops"] is None and reference["dtype"] == "float32"
     assert fused["provenance"]["objective"] == "transip" and fused["provenance"]["dataset_sha256"]
     assert fused["model_config"]["repulsion"] == "zbl" and fused["model_config"]["repulsion_range"] == 1.0
+    assert fused["model_config"]["block_geometry"] is True
     # the test metrics written beside a checkpoint travel with it; the shipped model predates the repulsion
     shipped = export_checkpoint(SHIPPED_MODEL, tmp_path / "shipped.pt")
     assert abs(shipped["metrics"]["test"]["test_frames"]["force_mae"] - 0.0824) < 1e-3
-    assert shipped["model_config"]["repulsion"] == "none"
+    assert shipped["model_config"]["repulsion"] == "none" and shipped["model_config"]["block_geometry"] is False
     assert fused["created"].endswith("+00:00")
 
 

@@ -36,10 +36,10 @@ NVE_DRIFT_BOUND_MEV_PER_ATOM = 0.5
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, repulsive_checkpoint):
-    """The engines run a model with the repulsion, so that every engine path carries it."""
+def artifact(tmp_path_factory, engine_checkpoint):
+    """The engines run a model with repulsion and block geometry (conftest.engine_checkpoint)."""
     path = tmp_path_factory.mktemp("lammps") / "model.pt"
-    export_checkpoint(repulsive_checkpoint, path)
+    export_checkpoint(engine_checkpoint, path)
     return path
 
 

@@ -77,6 +77,15 @@ def test_stress_matches_strain_derivative(model):
     np.testing.assert_allclose(virial, -numeric, rtol=1e-6, atol=1e-6 * np.abs(virial).max())
 
 
+def assert_smooth(energies: np.ndarray, forces: np.ndarray) -> None:
+    """A scan with a step of 1e-4 A is smooth. Along a smooth curve the third differences are (third derivative)
+    x step^3 (energies: ~1e-9 here). A jump J in the energy, the force or the curvature would show up in the
+    energy's as J, J x step or J x step^2. The forces' third differences carry the jump of the energy's third
+    derivative that the quintic envelope and switch allow (~2e-6); a jump in a force would show up as itself."""
+    assert np.abs(np.diff(energies, 3)).max() < 1e-8
+    assert np.abs(np.diff(forces, 3, axis=0)).max() < 1e-5
+
+
 def test_energy_and_forces_continuous_through_cutoff(model):
     """Scan one atom's distance from another through r_c: energy and forces change smoothly."""
     base = np.array([[0.0, 0.0, 0.0], [1.1, 0.0, 0.0], [-0.4, 1.0, 0.0]])
@@ -92,10 +101,7 @@ def test_energy_and_forces_continuous_through_cutoff(model):
     first = collate([Structure([6, 8, 1, 1], np.vstack([base, [[distances[0], 0.1, 0.0]]]))], CUTOFF)
     last = collate([Structure([6, 8, 1, 1], np.vstack([base, [[distances[-1], 0.1, 0.0]]]))], CUTOFF)
     assert first.edge_index.shape[1] == last.edge_index.shape[1] + 2
-    # Smooth curves have second differences of order f'' * step^2 (~1e-8 here); a jump of size J at the
-    # crossing would show up as a second difference of size J.
-    assert np.abs(np.diff(energies, 2)).max() < 1e-7
-    assert np.abs(np.diff(forces, 2, axis=0)).max() < 1e-6
+    assert_smooth(energies, forces)
     assert np.abs(np.diff(energies)).max() > 1e-6  # the energy does depend on this distance
 
 
@@ -190,13 +196,13 @@ def pair_scan(model, zi: int, zj: int, distances) -> tuple:
     return np.array(out["energy"]), np.array([f[1, 0] for f in out["forces"]])
 
 
-def test_energy_rises_steeply_as_atoms_approach(repulsive_checkpoint):
+def test_energy_rises_steeply_as_atoms_approach(engine_checkpoint):
     """Every element pair of the model, scanned from 1.5 A down to 0.3 A in empty space: the force pushes the
     atoms apart at every distance below 0.6 A, and C-H at 0.3 A lies at least 50 eV above the scan's minimum
     (GFN2-xTB: +111 eV; the model without repulsion: +3.7 eV, with a force pulling H into C)."""
     from transip.checkpoint import model_from_checkpoint
 
-    model = model_from_checkpoint(repulsive_checkpoint).set_kernel("reference")
+    model = model_from_checkpoint(engine_checkpoint).set_kernel("reference")
     distances = np.round(np.arange(1.5, 0.2999, -0.01), 3)
     short = distances <= 0.6
     elements = model.config.elements
@@ -243,12 +249,7 @@ def test_energy_and_forces_continuous_through_the_repulsion_switch(model):
     out = predict(model, [Structure([8, 1], np.array([[0.0, 0.0, 0.0], [d, 0.05, 0.0]]), spin=2)
                           for d in distances])
     energies, forces = np.array(out["energy"]), np.array([f[1] for f in out["forces"]])
-    # Along a smooth curve the third differences are f''' * step^3 (energy: ~5e-10 here). A jump in the energy,
-    # the force or the curvature at the switch would show up in the energy's as J, J * step or J * step^2. The
-    # forces' third differences carry the jump of the energy's third derivative that the quintic step allows
-    # (~2e-6 here); a jump in a force would show up as itself.
-    assert np.abs(np.diff(energies, 3)).max() < 1e-8
-    assert np.abs(np.diff(forces, 3, axis=0)).max() < 1e-5
+    assert_smooth(energies, forces)
     species = model.species(torch.tensor([8, 1]))
     edge = lambda d: torch.tensor([[d, 0.0, 0.0]], dtype=torch.float64)  # noqa: E731
     inside = model.repulsion_energies(edge(switch_off - 0.02), torch.tensor([0]), torch.tensor([1]), species, 2)

@@ -41,41 +41,54 @@ def random_graph(num_atoms, num_edges, heads=4, head_dim=16, dtype=torch.float64
     return dict(q=q, k=k, v=v, bias=bias, envelope=envelope, row_ptr=row_ptr, senders=senders, receivers=receivers)
 
 
-def fused_and_reference(graph, with_self=False):
+def fused_and_reference(graph, with_self=False, value_width=0):
     """Output and the gradients of every floating input, through the op and through the reference function.
-    with_self: the op's implicit self edges (self_bias, envelope 1) against explicit ones in the reference."""
-    names = ["q", "k", "v", "bias", "envelope"] + (["self_bias"] if with_self else [])
+    with_self: the op's implicit self edges (self_bias, self_values, envelope 1) against explicit ones in the
+    reference. value_width: F edge values appended to the values (0: none)."""
+    dtype, heads = graph["q"].dtype, graph["q"].shape[1]
+    g = torch.Generator().manual_seed(7)
     if with_self and "self_bias" not in graph:
-        graph["self_bias"] = torch.randn(graph["q"].shape[1], dtype=graph["q"].dtype)
-    inputs = [graph[name].clone().requires_grad_(True) for name in names]
-    fused = attention(*inputs[:5], graph["row_ptr"], graph["senders"], inputs[5] if with_self else None)
-    ref_inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
-    q, k, v, bias, envelope = ref_inputs[:5]
+        graph["self_bias"] = torch.randn(heads, generator=g, dtype=dtype)
+    if value_width:
+        graph["edge_values"] = torch.randn(graph["senders"].numel(), value_width, generator=g, dtype=dtype)
+        graph["self_values"] = torch.randn(value_width, generator=g, dtype=dtype)
+    names = (["q", "k", "v", "bias", "envelope"] + (["self_bias"] if with_self else [])
+             + (["edge_values"] if value_width else []) + (["self_values"] if value_width and with_self else []))
+    inputs = {name: graph[name].clone().requires_grad_(True) for name in names}
+    fused = attention(*(inputs[name] for name in ("q", "k", "v", "bias", "envelope")), graph["row_ptr"],
+                      graph["senders"], inputs.get("self_bias"), inputs.get("edge_values"), inputs.get("self_values"))
+    ref = {name: x.detach().clone().requires_grad_(True) for name, x in inputs.items()}
+    bias, envelope, values = ref["bias"], ref["envelope"], ref.get("edge_values")
     receivers, senders = graph["receivers"], graph["senders"]
     if with_self:
-        n = q.shape[0]
+        n = ref["q"].shape[0]
         atoms = torch.arange(n)
-        bias = torch.cat([ref_inputs[5].expand(n, -1), bias])
+        bias = torch.cat([ref["self_bias"].expand(n, -1), bias])
         envelope = torch.cat([torch.ones(n, dtype=envelope.dtype), envelope])
         receivers, senders = torch.cat([atoms, receivers]), torch.cat([atoms, senders])
-    reference = neighbor_attention_reference(q, k, v, bias, envelope, receivers, senders)
+        if values is not None:
+            values = torch.cat([ref["self_values"].expand(n, -1), values])
+    reference = neighbor_attention_reference(ref["q"], ref["k"], ref["v"], bias, envelope, receivers, senders, values)
     grad_out = torch.randn_like(fused)
-    fused_grads = torch.autograd.grad(fused, inputs, grad_out)
-    reference_grads = torch.autograd.grad(reference, ref_inputs, grad_out)
+    fused_grads = torch.autograd.grad(fused, list(inputs.values()), grad_out)
+    reference_grads = torch.autograd.grad(reference, list(ref.values()), grad_out)
     return (fused, *fused_grads), (reference, *reference_grads)
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("head_dim", [16, 5])
 @pytest.mark.parametrize("with_self", [False, True])
-def test_fused_attention_matches_reference(dtype, rtol, head_dim, with_self):
+@pytest.mark.parametrize("value_width", [0, 19])
+def test_fused_attention_matches_reference(dtype, rtol, head_dim, with_self, value_width):
     graph = random_graph(60, 900, head_dim=head_dim, dtype=dtype, empty_rows=(3, 17), zero_envelope_rows=(5,))
-    names = ("out", "grad_q", "grad_k", "grad_v", "grad_bias", "grad_envelope", "grad_self_bias")
-    for name, a, b in zip(names, *fused_and_reference(graph, with_self)):
+    fused, reference = fused_and_reference(graph, with_self, value_width)
+    assert fused[0].shape == (60, 4, head_dim + value_width)
+    assert len(fused) == 6 + with_self + (value_width > 0) * (1 + with_self)  # output and every input's gradient
+    for index, (a, b) in enumerate(zip(fused, reference)):
         scale = float(b.detach().abs().max())
-        assert float((a - b).detach().abs().max()) <= rtol * scale, name
+        assert float((a - b).detach().abs().max()) <= rtol * scale, index
     if not with_self:  # empty and enveloped-out rows give zeros
-        out = fused_and_reference(graph)[0][0]
+        out = fused_and_reference(graph, value_width=value_width)[0][0]
         assert float(out[3].detach().abs().max()) == 0.0 and float(out[5].detach().abs().max()) == 0.0
 
 
@@ -90,6 +103,11 @@ def test_fused_attention_gradcheck():
     self_bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *x: attention(*x[:5], graph["row_ptr"], graph["senders"], x[5]),
                                     inputs + (self_bias,), eps=1e-6, atol=1e-8)
+    edge_values = torch.randn(graph["senders"].numel(), 3, dtype=torch.float64, requires_grad=True)
+    self_values = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *x: attention(*x[:5], graph["row_ptr"], graph["senders"], x[5], x[6], x[7]),
+        inputs + (self_bias, edge_values, self_values), eps=1e-6, atol=1e-8)
 
 
 def test_fused_attention_without_edges():
@@ -132,6 +150,13 @@ def test_double_backward_through_fused_kernel_is_refused():
     (dict(bias=torch.zeros(3, 2, dtype=torch.float64)), "bias must have shape \\(edges, heads\\) = \\(3, 4\\)"),
     (dict(k=torch.zeros(3, 4, 7, dtype=torch.float64)), "must have the same shape"),
     (dict(envelope=torch.zeros(3, dtype=torch.float32)), "must share q's dtype"),
+    (dict(edge_values=torch.zeros(2, 5, dtype=torch.float64)),
+     "edge_values must be a CPU tensor of shape \\(edges, F\\) with edges = 3"),
+    (dict(edge_values=torch.zeros(3, 5, dtype=torch.float64), self_bias=torch.zeros(4, dtype=torch.float64)),
+     "give self_values exactly when self_bias is given"),
+    (dict(edge_values=torch.zeros(3, 5, dtype=torch.float64), self_bias=torch.zeros(4, dtype=torch.float64),
+          self_values=torch.zeros(4, dtype=torch.float64)), "self_values must be a CPU tensor of shape \\(F,\\) = \\(5\\)"),
+    (dict(self_values=torch.zeros(5, dtype=torch.float64)), "self_values needs edge_values"),
 ])
 def test_fused_attention_rejects_bad_input(change, message):
     args = dict(q=torch.zeros(3, 4, 8, dtype=torch.float64), k=torch.zeros(3, 4, 8, dtype=torch.float64),

@@ -41,11 +41,18 @@ def load_checkpoint(path) -> Dict[str, Any]:
     return payload
 
 
+# What a checkpoint written before a ModelConfig field existed was trained with (new configs default otherwise).
+FIELDS_BEFORE_THEY_EXISTED = {"repulsion": "none", "block_geometry": False}
+
+
+def config_of(payload: Dict[str, Any]) -> Dict[str, Any]:
+    """The checkpoint's ModelConfig fields, completed with what older checkpoints were trained with."""
+    return {**FIELDS_BEFORE_THEY_EXISTED, **payload["model_config"]}
+
+
 def model_from_checkpoint(payload_or_path, dtype: torch.dtype = torch.float64) -> TransIP:
     payload = payload_or_path if isinstance(payload_or_path, dict) else load_checkpoint(payload_or_path)
-    # Checkpoints written before the repulsion existed have none; a new config defaults to one.
-    # Converted before loading, so that float64 weights are not rounded through float32 on the way.
-    model = TransIP(ModelConfig(**{"repulsion": "none", **payload["model_config"]})).to(dtype)
+    model = TransIP(ModelConfig(**config_of(payload))).to(dtype)  # before loading: float64 stays float64
     try:
         model.load_state_dict(payload["model_state"])
     except RuntimeError as exc:

@@ -13,7 +13,7 @@ Each implementation is its own module, so a scripted model only references the n
 
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,16 @@ class EdgeWeights(NamedTuple):
     neighbor_embedding: torch.Tensor  # (species, d_model)
 
 
+def edge_features(vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
+                  cutoff: float) -> torch.Tensor:
+    """Edge features (E, 3 + num_rbf): [r / cutoff, Gaussian radial basis of |r|] (not rotation invariant)."""
+    rbf = torch.exp(-0.5 * ((lengths[:, None] - centers) / width) ** 2)
+    return torch.cat([vectors / cutoff, rbf], dim=1)
+
+
 def reference_edge_embedding(vectors: torch.Tensor, lengths: torch.Tensor, w: EdgeWeights) -> torch.Tensor:
-    """Edge features [r / cutoff, Gaussian radial basis of |r|] (not rotation invariant) through
-    Linear(w1, b1) -> SiLU -> Linear(w2, b2)."""
-    rbf = torch.exp(-0.5 * ((lengths[:, None] - w.centers) / w.width) ** 2)
-    features = torch.cat([vectors / w.cutoff, rbf], dim=1)
+    """Edge features through Linear(w1, b1) -> SiLU -> Linear(w2, b2)."""
+    features = edge_features(vectors, lengths, w.centers, w.width, w.cutoff)
     return F.linear(F.silu(F.linear(features, w.w1, w.b1)), w.w2, w.b2)
 
 
@@ -104,31 +109,39 @@ class FusedEdgeEncoder(torch.nn.Module):
 
 
 class ReferenceNeighborAttention(torch.nn.Module):
-    """Self edges made explicit (prepended), then the reference function."""
+    """Self edges made explicit (prepended), then the reference function. `edge_values` (E, F) and
+    `self_values` (F,) are the edges' own values (transip/attention.py); F = 0 means none."""
 
     kernel = "reference"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,
-                self_bias: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
-                row_ptr: torch.Tensor) -> torch.Tensor:
+                self_bias: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor,
+                edge_values: torch.Tensor, self_values: torch.Tensor) -> torch.Tensor:
         n = q.shape[0]
         atoms = torch.arange(n, device=receivers.device)
+        values: Optional[torch.Tensor] = None
+        if edge_values.shape[1] > 0:
+            values = torch.cat([self_values.expand(n, -1), edge_values])
         return neighbor_attention_reference(
             q, k, v, torch.cat([self_bias.expand(n, -1), bias]),
             torch.cat([torch.ones(n, dtype=envelope.dtype, device=envelope.device), envelope]),
-            torch.cat([atoms, receivers]), torch.cat([atoms, senders]))
+            torch.cat([atoms, receivers]), torch.cat([atoms, senders]), values)
 
 
 class FusedNeighborAttention(torch.nn.Module):
     """`torch.ops.transip.neighbor_attention` on edges grouped by receiver (CSR `row_ptr`); each row's own atom
-    is included by the op (`self_bias`, envelope 1), so no self-edge arrays are built."""
+    is included by the op (`self_bias`, `self_values`, envelope 1), so no self-edge arrays are built."""
 
     kernel = "fused"
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,
-                self_bias: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
-                row_ptr: torch.Tensor) -> torch.Tensor:
-        return torch.ops.transip.neighbor_attention(q, k, v, bias, envelope, row_ptr, senders, self_bias)
+                self_bias: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor,
+                edge_values: torch.Tensor, self_values: torch.Tensor) -> torch.Tensor:
+        if edge_values.shape[1] == 0:
+            return torch.ops.transip.neighbor_attention(q, k, v, bias, envelope, row_ptr, senders, self_bias, None,
+                                                        None)
+        return torch.ops.transip.neighbor_attention(q, k, v, bias, envelope, row_ptr, senders, self_bias,
+                                                    edge_values, self_values)
 
 
 def attention_module(kernel: str) -> torch.nn.Module:

@@ -21,7 +21,8 @@ from torch import nn
 
 from . import native
 from .elements import ELEMENT_SYMBOLS  # the one element table (transip/elements.py); others import it from here
-from .kernels import EdgeWeights, attention_module, edge_encoder_module, reference_edge_embedding, smooth_step_down
+from .kernels import (EdgeWeights, attention_module, edge_encoder_module, edge_features, reference_edge_embedding,
+                      smooth_step_down)
 from .repulsion import REPULSIONS, repulsion_tables, zbl_pair_energy, zbl_screening_function
 
 
@@ -44,6 +45,9 @@ class ModelConfig:
     # smoothly at repulsion_range x the sum of the two atoms' covalent radii.
     repulsion: str = "zbl"
     repulsion_range: float = 1.0
+    # Every block's attention also averages its edges' features [r / cutoff, radial basis] with the attention
+    # weights and projects them into each head's values, so messages keep direction after the first block.
+    block_geometry: bool = True
 
     def __post_init__(self):
         if self.d_model % self.num_heads:
@@ -88,10 +92,18 @@ class MLP(nn.Module):
 class AttentionBlock(nn.Module):
     """Pre-norm Transformer block: neighbour multi-head attention, then a feed-forward layer."""
 
-    def __init__(self, d_model: int, num_heads: int, edge_hidden: int, ffn_multiplier: int, kernel: str):
+    def __init__(self, d_model: int, num_heads: int, edge_hidden: int, ffn_multiplier: int, kernel: str,
+                 geometry_width: int = 0):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
+        # Per head, the projection (head_dim, F) of the attention-weighted mean of the edge features into the
+        # head's output: sum_j a_ij P e_ij = P (sum_j a_ij e_ij), so the attention only averages e_ij per row.
+        if geometry_width > 0:
+            bound = 1.0 / geometry_width ** 0.5
+            self.geometry = nn.Parameter(torch.empty(num_heads, self.head_dim, geometry_width).uniform_(-bound, bound))
+        else:
+            self.register_parameter("geometry", None)
         self.norm_attn = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.edge_bias = nn.Linear(edge_hidden, num_heads)
@@ -101,18 +113,25 @@ class AttentionBlock(nn.Module):
         self.attention = attention_module(kernel)
 
     def forward(self, h: torch.Tensor, bias: torch.Tensor, edge_envelope: torch.Tensor, self_bias: torch.Tensor,
-                receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor,
-                num_updated: int) -> torch.Tensor:
+                receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor, num_updated: int,
+                edge_values: torch.Tensor, self_values: torch.Tensor) -> torch.Tensor:
         """`bias` (edges, heads) and `self_bias` (heads,) are this block's `edge_bias` of the neighbour edges
-        and of the self edge (computed for all blocks at once by the model). Edges are grouped by receiver and
-        `row_ptr` has a row for every atom of `h`; only the first `num_updated` atoms are updated and returned
-        (the rest only send; their rows may be empty)."""
+        and of the self edge (computed for all blocks at once by the model); `edge_values` (edges, F) and
+        `self_values` (F,) the edge features the block averages (F = 0 without block geometry). Edges are
+        grouped by receiver and `row_ptr` has a row for every atom of `h`; only the first `num_updated` atoms are
+        updated and returned (the rest only send; their rows may be empty)."""
         n = h.shape[0]
         qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
+        geometry = self.geometry
+        if geometry is None:  # this block does not read the edge values: do not average them
+            edge_values, self_values = edge_values[:, :0], self_values[:0]
         attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, self_bias, receivers,
-                                  senders, row_ptr)
+                                  senders, row_ptr, edge_values, self_values)[:num_updated]
+        heads = attended[:, :, :self.head_dim]
+        if geometry is not None:
+            heads = heads + torch.einsum("nhf,hdf->nhd", attended[:, :, self.head_dim:], geometry)
         # Explicit width, not -1: reshape cannot infer it when no atom is updated (zero atoms).
-        h = h[:num_updated] + self.out(attended[:num_updated].reshape(num_updated, self.num_heads * self.head_dim))
+        h = h[:num_updated] + self.out(heads.reshape(num_updated, self.num_heads * self.head_dim))
         return h + self.ffn(self.norm_ffn(h))
 
 
@@ -148,8 +167,9 @@ class TransIP(nn.Module):
         self.edge_message = nn.Linear(c.edge_hidden, c.d_model)
         kernel = native.default_kernel() if kernel is None else native.resolve_kernel(kernel)
         self.edge_encoder = edge_encoder_module(kernel)
-        self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier, kernel)
-                                     for _ in range(c.num_layers)])
+        self.geometry_width = 3 + c.num_rbf if c.block_geometry else 0
+        self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier, kernel,
+                                                    self.geometry_width) for _ in range(c.num_layers)])
         self.final_norm = nn.LayerNorm(c.d_model)
         self.readout = MLP([c.d_model, c.d_model, 1])
         # Per-element reference energies and the scale of the learned residual, fitted on training data.
@@ -206,6 +226,13 @@ class TransIP(nn.Module):
         embedding = reference_edge_embedding(zero, zero[:, 0], weights)
         return torch.nn.functional.linear(embedding, weights.w_bias, weights.b_bias)
 
+    def edge_values(self, edge_vectors: torch.Tensor) -> torch.Tensor:
+        """The edge features every block averages (E, 3 + num_rbf), or (E, 0) without block geometry."""
+        if self.geometry_width == 0:
+            return edge_vectors[:, :0]
+        lengths = torch.linalg.norm(edge_vectors, dim=1)
+        return edge_features(edge_vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff)
+
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         if bool((numbers < 1).any()) or bool((numbers >= self.species_of_z.shape[0]).any()):
             raise ValueError("atomic numbers must lie in 1.." + str(self.species_of_z.shape[0] - 1))
@@ -237,19 +264,21 @@ class TransIP(nn.Module):
              + self.spin_embedding(spin - 1)[token_batch] + messages / self.avg_num_neighbors)
         return h, edge_bias, env
 
-    def apply_block(self, layer: int, h: torch.Tensor, bias: torch.Tensor, env: torch.Tensor,
+    def apply_block(self, layer: int, h: torch.Tensor, bias: torch.Tensor, env: torch.Tensor, values: torch.Tensor,
                     receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor,
                     num_updated: int) -> torch.Tensor:
-        """Block number `layer` (see AttentionBlock.forward); every atom also attends to itself (zero
-        displacement, envelope 1)."""
+        """Block number `layer` (see AttentionBlock.forward) with the edge values `values` (`edge_values`);
+        every atom also attends to itself (zero displacement, envelope 1)."""
         # TorchScript workarounds, both cheap: a ModuleList cannot be indexed with a run-time integer
         # (`self.blocks[layer]` does not compile; enumerating does), so the loop picks the block; and every
         # block's self-edge bias is recomputed here, on each call, so that this method stands alone for callers
         # that call it block by block (a one-row product next to a block over all atoms).
         self_bias = self.self_edge_bias(h.dtype, h.device).view(len(self.blocks), -1)
+        self_values = self.edge_values(torch.zeros(1, 3, dtype=h.dtype, device=h.device))[0]
         for index, block in enumerate(self.blocks):
             if index == layer:
-                h = block(h, bias, env, self_bias[layer], receivers, senders, row_ptr, num_updated)
+                h = block(h, bias, env, self_bias[layer], receivers, senders, row_ptr, num_updated, values,
+                          self_values)
         return h
 
     def repulsion_energies(self, edge_vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
@@ -286,8 +315,9 @@ class TransIP(nn.Module):
             edge_vectors, receivers, senders = edge_vectors[order], receivers[order], senders[order]
         row_ptr = csr_row_ptr(receivers, n)
         h, edge_bias, env = self.initial_tokens(edge_vectors, receivers, senders, species, charge, spin, batch, n)
+        values = self.edge_values(edge_vectors)
         for layer in range(len(self.blocks)):
-            h = self.apply_block(layer, h, edge_bias[layer], env, receivers, senders, row_ptr, n)
+            h = self.apply_block(layer, h, edge_bias[layer], env, values, receivers, senders, row_ptr, n)
         atom_energy, latent = self.atom_energies(h, species)
         atom_energy = atom_energy + self.repulsion_energies(edge_vectors, receivers, senders, species, n)
         energy = torch.zeros(num_structures, dtype=atom_energy.dtype,

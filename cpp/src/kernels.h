@@ -5,7 +5,9 @@
 // in CSR form: row i owns edges row_ptr[i] .. row_ptr[i+1]-1 and senders[e] is the atom j that edge e reads.
 // Function (per atom i, head h):
 //   s_e = q_i . k_j / sqrt(D) + bias_e,   w_e = envelope_e * exp(s_e - m_i),   Z_i = sum_e w_e,
-//   out_i = sum_e w_e v_j / Z_i  (out_i = 0 when Z_i = 0, as in the reference path).
+//   out_i = sum_e w_e [v_j, u_e] / Z_i  (out_i = 0 when Z_i = 0, as in the reference path),
+// where u_e (F values of the edge itself, the same for every head; F may be 0) is appended to each head's v_j, so
+// out is (N, H, D + F).
 #pragma once
 
 #include <cstdint>
@@ -17,6 +19,7 @@ struct AttentionShape {
   int64_t edges;     // E
   int64_t heads;     // H
   int64_t head_dim;  // D
+  int64_t value_width;  // F: edge values appended to each head's values (0: none)
 };
 
 template <typename T>
@@ -29,9 +32,11 @@ struct AttentionInputs {
   const int64_t* row_ptr;
   const int64_t* senders;
   const T* self_bias;  // (H,) or null: every row also holds the edge (i, i) with this bias and envelope 1
+  const T* edge_values;  // (E, F) or null (F = 0)
+  const T* self_values;  // (F,): the self edge's values (when there is a self edge and F > 0)
 };
 
-// Forward: writes out (N, H, D) and the per-row softmax state m (the row's maximum score) and Z (normaliser),
+// Forward: writes out (N, H, D + F) and the per-row softmax state m (the row's maximum score) and Z (normaliser),
 // (N, H) each, which the backward reuses instead of storing per-edge weights.
 template <typename T>
 struct AttentionForwardOutputs {
@@ -60,6 +65,8 @@ struct AttentionBackwardArgs {
   const int64_t* sender_perm;  // edges in sender order
   T* self_grad;                // (N, H): dL/ds of each atom's self edge (summed into grad_self_bias)
   T* self_weight;              // (N, H): its w / Z
+  T* grad_edge_values;         // (E, F) when F > 0
+  T* self_values_grad;         // (N, F) when F > 0 and there is a self edge (summed into grad_self_values)
 };
 
 // Edge encoder: everything the model computes per neighbour edge besides attention, in one pass, with no

@@ -82,6 +82,7 @@ template <typename T>
 void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in,
                        const AttentionForwardOutputs<T>& result) {
   const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
+  const int64_t F = shape.value_width, W = D + F, HW = H * W;  // out holds W = D + F per head
   const T scale = T(1) / std::sqrt(T(D));
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
     // Two passes over each row instead of an online softmax: all scores first, then the row maximum, then
@@ -97,27 +98,31 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
       for (int64_t x = 0; x < count; ++x)
         for (int64_t h = 0; h < H; ++h) p[x * H + h] -= m[h];
       exp_array(p.data(), p.data(), count * H);
-      T* acc = result.out + i * HD;
-      std::fill(acc, acc + HD, T(0));
+      T* acc = result.out + i * HW;
+      std::fill(acc, acc + HW, T(0));
       std::fill(z, z + H, T(0));
       for (int64_t x = 0; x < count; ++x) {
         const bool is_self = x < self;
         const T* vj = in.v + (is_self ? i : in.senders[e0 + x - self]) * HD;
+        const T* u = F == 0 ? nullptr : is_self ? in.self_values : in.edge_values + (e0 + x - self) * F;
         const T env = is_self ? T(1) : in.envelope[e0 + x - self];
         for (int64_t h = 0; h < H; ++h) {
           const T wh = env * p[x * H + h];
           z[h] += wh;
-          T* a = acc + h * D;
+          T* a = acc + h * W;
           const T* vh = vj + h * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) a[d] += wh * vh[d];
+          T* au = a + D;
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f) au[f] += wh * u[f];
         }
       }
       for (int64_t h = 0; h < H; ++h) {
         const T inv = z[h] > T(0) ? T(1) / z[h] : T(0);
-        T* a = acc + h * D;
+        T* a = acc + h * W;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] *= inv;
+        for (int64_t d = 0; d < W; ++d) a[d] *= inv;
         result.row_max[i * H + h] = std::isfinite(m[h]) ? m[h] : T(0);  // empty row: no maximum
         result.row_sum[i * H + h] = z[h];
       }
@@ -129,33 +134,37 @@ template <typename T>
 void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& in,
                         const AttentionBackwardArgs<T>& args) {
   const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
+  const int64_t F = shape.value_width, W = D + F, HW = H * W;  // out and grad_out hold W = D + F per head
   const T scale = T(1) / std::sqrt(T(D));
 
-  // Pass 1, over receivers. With t_e = dL/dw_e = g_i . (v_j - out_i) / Z_i (or g_i . v_j when Z_i = 0,
-  // where the reference path divides by 1):
-  //   dL/d envelope_e = sum_h t_e exp(s_e - m_i),   dL/ds_e = t_e w_e,   dL/dq_i = sum_e dL/ds_e k_j / sqrt(D).
+  // Pass 1, over receivers. With t_e = dL/dw_e = g_i . ([v_j, u_e] - out_i) / Z_i (or g_i . [v_j, u_e] when
+  // Z_i = 0, where the reference path divides by 1):
+  //   dL/d envelope_e = sum_h t_e exp(s_e - m_i),   dL/ds_e = t_e w_e,   dL/dq_i = sum_e dL/ds_e k_j / sqrt(D),
+  //   dL/du_e = sum_h (w_e / Z_i) g_i[D:]  (each edge belongs to one row: no two threads write it).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
     std::vector<T> p, t, state(2 * H);  // per row: exp(s - m) and t, (self edge first) x heads
     T* g_dot_out = state.data();
     T* inv_z = g_dot_out + H;
     for (int64_t i = begin; i < end; ++i) {
-      const T* gi = args.grad_out + i * HD;
-      const T* oi = args.out + i * HD;
+      const T* gi = args.grad_out + i * HW;
+      const T* oi = args.out + i * HW;
       const T* mi = args.row_max + i * H;
       T* gqi = args.grad_q + i * HD;
       std::fill(gqi, gqi + HD, T(0));
       for (int64_t h = 0; h < H; ++h) {
         const T zh = args.row_sum[i * H + h];
         inv_z[h] = zh > T(0) ? T(1) / zh : T(1);
-        g_dot_out[h] = zh > T(0) ? dot(gi + h * D, oi + h * D, D) : T(0);
+        g_dot_out[h] = zh > T(0) ? dot(gi + h * W, oi + h * W, W) : T(0);
       }
       const int64_t count = row_scores(in, i, H, D, scale, p), e0 = in.row_ptr[i];
       if (static_cast<int64_t>(t.size()) < count * H) t.resize(count * H);
       for (int64_t x = 0; x < count; ++x) {
         const T* vj = in.v + (x < self ? i : in.senders[e0 + x - self]) * HD;
+        const T* u = F == 0 ? nullptr : x < self ? in.self_values : in.edge_values + (e0 + x - self) * F;
         for (int64_t h = 0; h < H; ++h) {
           p[x * H + h] -= mi[h];
-          t[x * H + h] = (dot(gi + h * D, vj + h * D, D) - g_dot_out[h]) * inv_z[h];
+          const T g_dot_u = F == 0 ? T(0) : dot(gi + h * W + D, u, F);
+          t[x * H + h] = (dot(gi + h * W, vj + h * D, D) + g_dot_u - g_dot_out[h]) * inv_z[h];
         }
       }
       exp_array(p.data(), p.data(), count * H);
@@ -165,6 +174,8 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
         const T* kj = in.k + (is_self ? i : in.senders[e]) * HD;
         const T env = is_self ? T(1) : in.envelope[e];
         T grad_env = 0;
+        T* gu = F == 0 ? nullptr : is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F;
+        if (F > 0) std::fill(gu, gu + F, T(0));
         for (int64_t h = 0; h < H; ++h) {
           const T ph = p[x * H + h], th = t[x * H + h], ds = th * env * ph;
           if (is_self) {  // the self edge: its k_i, v_i gradients are added in pass 2
@@ -180,6 +191,10 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
           const T ch = ds * scale;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) g[d] += ch * kh[d];
+          const T weight = env * ph * inv_z[h];  // w_e / Z_i (0 where Z_i = 0: then ph is 0 too)
+          const T* gh = gi + h * W + D;
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f) gu[f] += weight * gh[f];
         }
         if (!is_self) args.grad_envelope[e] = grad_env;
       }
@@ -195,14 +210,14 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
       std::fill(gvj, gvj + HD, T(0));
       if (in.self_bias != nullptr) {
         const T* qj = in.q + j * HD;
-        const T* gj = args.grad_out + j * HD;
+        const T* gj = args.grad_out + j * HW;
         for (int64_t h = 0; h < H; ++h) {
           const T cs = args.self_grad[j * H + h] * scale;
           const T cw = args.self_weight[j * H + h];
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             gkj[h * D + d] += cs * qj[h * D + d];
-            gvj[h * D + d] += cw * gj[h * D + d];
+            gvj[h * D + d] += cw * gj[h * W + d];
           }
         }
       }
@@ -210,14 +225,14 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
         const int64_t e = args.sender_perm[idx];
         const int64_t i = args.receivers[e];
         const T* qi = in.q + i * HD;
-        const T* gi = args.grad_out + i * HD;
+        const T* gi = args.grad_out + i * HW;
         for (int64_t h = 0; h < H; ++h) {
           const T cs = args.grad_bias[e * H + h] * scale;
           const T cw = args.edge_weight[e * H + h];
           T* gk = gkj + h * D;
           T* gv = gvj + h * D;
           const T* qh = qi + h * D;
-          const T* gh = gi + h * D;
+          const T* gh = gi + h * W;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             gk[d] += cs * qh[d];

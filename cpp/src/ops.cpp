@@ -1,10 +1,13 @@
 // The TORCH_LIBRARY registration of TransIP's native ops, with argument checks and autograd.
 //
-//   transip::neighbor_attention(q, k, v, bias, envelope, row_ptr, senders, self_bias?) -> out
-//       (differentiable once; with self_bias every row also holds its own atom, bias self_bias, envelope 1)
+//   transip::neighbor_attention(q, k, v, bias, envelope, row_ptr, senders, self_bias?, edge_values?,
+//       self_values?) -> out (atoms, heads, head_dim + F)
+//       (differentiable once; with self_bias every row also holds its own atom, bias self_bias, envelope 1 and
+//       edge values self_values; edge_values (E, F) are appended to every head's values)
 //   transip::neighbor_attention_forward(...)  -> (out, row_max, row_sum)
-//   transip::neighbor_attention_backward(grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias?, out,
-//       row_max, row_sum) -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias)
+//   transip::neighbor_attention_backward(grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias?,
+//       edge_values?, self_values?, out, row_max, row_sum)
+//       -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias, grad_edge_values, grad_self_values)
 //   transip::edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups)
 //       -> (bias (groups, E, heads), pooled, pooled_weight, envelope)  (differentiable once, in `vectors` only)
 //   transip::edge_encoder_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot,
@@ -74,7 +77,8 @@ std::string isa() { return use_avx512() ? "avx512" : "generic"; }
 
 void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
                             const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
-                            const std::optional<Tensor>& self_bias) {
+                            const std::optional<Tensor>& self_bias, const std::optional<Tensor>& edge_values,
+                            const std::optional<Tensor>& self_values) {
   const char* op = "transip::neighbor_attention: ";
   TORCH_CHECK(q.dim() == 3, op, "q must have shape (atoms, heads, head_dim), got ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), op, "q, k and v must have the same shape, got ",
@@ -103,6 +107,22 @@ void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, c
                 op, "self_bias must be a CPU tensor of shape (heads,) = (", heads, ") and dtype ", q.scalar_type(),
                 ", got ", self_bias->scalar_type(), " ", self_bias->sizes());
   }
+  if (edge_values.has_value()) {
+    TORCH_CHECK(edge_values->dim() == 2 && edge_values->size(0) == edges && edge_values->scalar_type() == q.scalar_type() &&
+                    edge_values->device().is_cpu(),
+                op, "edge_values must be a CPU tensor of shape (edges, F) with edges = ", edges, " and dtype ",
+                q.scalar_type(), ", got ", edge_values->scalar_type(), " ", edge_values->sizes());
+    const int64_t width = edge_values->size(1);
+    TORCH_CHECK(self_values.has_value() == self_bias.has_value(), op,
+                "with edge_values, give self_values exactly when self_bias is given (the self edge's values)");
+    if (self_values.has_value())
+      TORCH_CHECK(self_values->dim() == 1 && self_values->numel() == width &&
+                      self_values->scalar_type() == q.scalar_type() && self_values->device().is_cpu(),
+                  op, "self_values must be a CPU tensor of shape (F,) = (", width, ") and dtype ", q.scalar_type(),
+                  ", got ", self_values->scalar_type(), " ", self_values->sizes());
+  } else {
+    TORCH_CHECK(!self_values.has_value(), op, "self_values needs edge_values");
+  }
   const Tensor rp = row_ptr.contiguous();
   const int64_t* p = rp.data_ptr<int64_t>();
   TORCH_CHECK(p[0] == 0 && p[atoms] == edges, op, "row_ptr must start at 0 and end at the number of edges ", edges,
@@ -117,30 +137,56 @@ void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, c
   }
 }
 
+// The optional inputs, contiguous; undefined tensors where absent.
+struct OptionalInputs {
+  Tensor self_bias, edge_values, self_values;
+  OptionalInputs(const std::optional<Tensor>& self_bias_in, const std::optional<Tensor>& edge_values_in,
+                 const std::optional<Tensor>& self_values_in)
+      : self_bias(self_bias_in.has_value() ? self_bias_in->contiguous() : Tensor()),
+        edge_values(edge_values_in.has_value() ? edge_values_in->contiguous() : Tensor()),
+        self_values(self_values_in.has_value() ? self_values_in->contiguous() : Tensor()) {}
+  int64_t value_width() const { return edge_values.defined() ? edge_values.size(1) : 0; }
+};
+
+template <typename T>
+const T* pointer_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
 template <typename T>
 AttentionInputs<T> attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
                                     const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
-                                    const Tensor& self_bias) {
-  return {q.data_ptr<T>(),          k.data_ptr<T>(),           v.data_ptr<T>(),
-          bias.data_ptr<T>(),       envelope.data_ptr<T>(),    row_ptr.data_ptr<int64_t>(),
-          senders.data_ptr<int64_t>(), self_bias.defined() ? self_bias.data_ptr<T>() : nullptr};
+                                    const OptionalInputs& optional) {
+  return {q.data_ptr<T>(),
+          k.data_ptr<T>(),
+          v.data_ptr<T>(),
+          bias.data_ptr<T>(),
+          envelope.data_ptr<T>(),
+          row_ptr.data_ptr<int64_t>(),
+          senders.data_ptr<int64_t>(),
+          pointer_or_null<T>(optional.self_bias),
+          pointer_or_null<T>(optional.edge_values),
+          pointer_or_null<T>(optional.self_values)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                          const Tensor& bias_in, const Tensor& envelope_in,
                                                          const Tensor& row_ptr_in, const Tensor& senders_in,
-                                                         const std::optional<Tensor>& self_bias_in) {
-  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in);
-  const Tensor self_bias = self_bias_in.has_value() ? self_bias_in->contiguous() : Tensor();
+                                                         const std::optional<Tensor>& self_bias_in,
+                                                         const std::optional<Tensor>& edge_values_in,
+                                                         const std::optional<Tensor>& self_values_in) {
+  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in,
+                         edge_values_in, self_values_in);
+  const OptionalInputs optional(self_bias_in, edge_values_in, self_values_in);
   const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous(),
                envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(),
                senders = senders_in.contiguous();
-  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2)};
-  Tensor out = at::empty_like(q);
+  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2), optional.value_width()};
+  Tensor out = at::empty({shape.atoms, shape.heads, shape.head_dim + shape.value_width}, q.options());
   Tensor row_max = at::empty({shape.atoms, shape.heads}, q.options());
   Tensor row_sum = at::empty({shape.atoms, shape.heads}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_forward", [&] {
-    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, self_bias);
+    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, optional);
     const AttentionForwardOutputs<scalar_t> result{out.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>(),
                                                    row_sum.data_ptr<scalar_t>()};
     if (use_avx512())
@@ -151,15 +197,23 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, con
   return {out, row_max, row_sum};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cpu(
-    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& bias_in,
-    const Tensor& envelope_in, const Tensor& row_ptr_in, const Tensor& senders_in,
-    const std::optional<Tensor>& self_bias_in, const Tensor& out_in, const Tensor& row_max_in,
-    const Tensor& row_sum_in) {
-  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in);
-  const Tensor self_bias = self_bias_in.has_value() ? self_bias_in->contiguous() : Tensor();
-  TORCH_CHECK(grad_out_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "transip::neighbor_attention_backward: grad_out and out must have q's shape ", q_in.sizes());
+using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BackwardOutputs attention_backward_cpu(const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in,
+                                       const Tensor& v_in, const Tensor& bias_in, const Tensor& envelope_in,
+                                       const Tensor& row_ptr_in, const Tensor& senders_in,
+                                       const std::optional<Tensor>& self_bias_in,
+                                       const std::optional<Tensor>& edge_values_in,
+                                       const std::optional<Tensor>& self_values_in, const Tensor& out_in,
+                                       const Tensor& row_max_in, const Tensor& row_sum_in) {
+  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in,
+                         edge_values_in, self_values_in);
+  const OptionalInputs optional(self_bias_in, edge_values_in, self_values_in);
+  const int64_t width = optional.value_width();
+  const std::vector<int64_t> out_shape{q_in.size(0), q_in.size(1), q_in.size(2) + width};
+  TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape,
+              "transip::neighbor_attention_backward: grad_out and out must have shape (atoms, heads, head_dim + F) "
+              "= ", c10::IntArrayRef(out_shape), ", got ", grad_out_in.sizes(), " and ", out_in.sizes());
   TORCH_CHECK(row_max_in.sizes() == row_sum_in.sizes() && row_max_in.dim() == 2 && row_max_in.size(0) == q_in.size(0) &&
                   row_max_in.size(1) == q_in.size(1),
               "transip::neighbor_attention_backward: row_max and row_sum must have shape (atoms, heads)");
@@ -168,8 +222,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cp
                senders = senders_in.contiguous();
   const Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous(), out = out_in.contiguous(),
                row_max = row_max_in.contiguous(), row_sum = row_sum_in.contiguous();
-  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2)};
+  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2), width};
   Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  Tensor grad_edge_values = width > 0 ? at::empty({shape.edges, width}, q.options()) : Tensor();
+  Tensor self_values_grad = width > 0 && optional.self_bias.defined() ? at::empty({shape.atoms, width}, q.options())
+                                                                      : Tensor();
   Tensor grad_bias = at::empty_like(bias), grad_envelope = at::empty_like(envelope);
   Tensor edge_weight = at::empty_like(bias);
   Tensor self_grad = at::zeros({shape.atoms, shape.heads}, q.options());
@@ -179,20 +236,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> attention_backward_cp
                                                /*output_size=*/shape.edges);
   auto [sender_perm, sender_ptr] = csr_order(senders, shape.atoms);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_backward", [&] {
-    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, self_bias);
+    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, optional);
     const AttentionBackwardArgs<scalar_t> args{
         grad_out.data_ptr<scalar_t>(),      out.data_ptr<scalar_t>(),        row_max.data_ptr<scalar_t>(),
         row_sum.data_ptr<scalar_t>(),       grad_q.data_ptr<scalar_t>(),     grad_k.data_ptr<scalar_t>(),
         grad_v.data_ptr<scalar_t>(),        grad_bias.data_ptr<scalar_t>(),  grad_envelope.data_ptr<scalar_t>(),
         edge_weight.data_ptr<scalar_t>(),   receivers.data_ptr<int64_t>(),   sender_ptr.data_ptr<int64_t>(),
-        sender_perm.data_ptr<int64_t>(),   self_grad.data_ptr<scalar_t>(),  self_weight.data_ptr<scalar_t>()};
+        sender_perm.data_ptr<int64_t>(),   self_grad.data_ptr<scalar_t>(),  self_weight.data_ptr<scalar_t>(),
+        grad_edge_values.defined() ? grad_edge_values.data_ptr<scalar_t>() : nullptr,
+        self_values_grad.defined() ? self_values_grad.data_ptr<scalar_t>() : nullptr};
     if (use_avx512())
       avx512::attention_backward<scalar_t>(shape, in, args);
     else
       generic::attention_backward<scalar_t>(shape, in, args);
   });
-  Tensor grad_self_bias = self_bias.defined() ? self_grad.sum(0) : Tensor();
-  return {grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias};
+  Tensor grad_self_bias = optional.self_bias.defined() ? self_grad.sum(0) : Tensor();
+  Tensor grad_self_values = self_values_grad.defined() ? self_values_grad.sum(0) : Tensor();
+  return {grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias, grad_edge_values, grad_self_values};
 }
 
 // Autograd: forward and backward both go through the dispatcher so that profilers and TorchScript see them.
@@ -202,16 +262,20 @@ class NeighborAttention : public torch::autograd::Function<NeighborAttention> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& bias, const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
-                        const std::optional<Tensor>& self_bias) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("transip::neighbor_attention_forward", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                   const Tensor&, const Tensor&, const Tensor&,
-                                                                   const Tensor&, const std::optional<Tensor>&)>();
+                        const std::optional<Tensor>& self_bias, const std::optional<Tensor>& edge_values,
+                        const std::optional<Tensor>& self_values) {
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("transip::neighbor_attention_forward", "")
+            .typed<std::tuple<Tensor, Tensor, Tensor>(
+                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                const std::optional<Tensor>&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, row_max, row_sum] = op.call(q, k, v, bias, envelope, row_ptr, senders, self_bias);
-    ctx->save_for_backward({q, k, v, bias, envelope, row_ptr, senders, self_bias.value_or(Tensor()), out, row_max,
-                            row_sum});
+    auto [out, row_max, row_sum] =
+        op.call(q, k, v, bias, envelope, row_ptr, senders, self_bias, edge_values, self_values);
+    ctx->save_for_backward({q, k, v, bias, envelope, row_ptr, senders, self_bias.value_or(Tensor()),
+                            edge_values.value_or(Tensor()), self_values.value_or(Tensor()), out, row_max, row_sum});
     return out;
   }
 
@@ -223,29 +287,35 @@ class NeighborAttention : public torch::autograd::Function<NeighborAttention> {
                 "model.set_kernel('reference') or set TRANSIP_KERNEL=reference");
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("transip::neighbor_attention_backward", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                             const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                             const Tensor&)>();
+                         .typed<BackwardOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                                const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                                                const Tensor&)>();
     const auto saved = ctx->get_saved_variables();
-    const std::optional<Tensor> self_bias = saved[7].defined() ? std::optional<Tensor>(saved[7]) : std::nullopt;
-    auto [gq, gk, gv, gbias, genv, gself] = op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
-                                                    saved[4], saved[5], saved[6], self_bias, saved[8], saved[9],
-                                                    saved[10]);
-    return {gq, gk, gv, gbias, genv, Tensor(), Tensor(), gself};
+    const auto optional = [&](int index) {
+      return saved[index].defined() ? std::optional<Tensor>(saved[index]) : std::nullopt;
+    };
+    auto [gq, gk, gv, gbias, genv, gself, gvalues, gself_values] =
+        op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], optional(7),
+                optional(8), optional(9), saved[10], saved[11], saved[12]);
+    return {gq, gk, gv, gbias, genv, Tensor(), Tensor(), gself, gvalues, gself_values};
   }
 };
 
 Tensor neighbor_attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
                                    const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
-                                   const std::optional<Tensor>& self_bias) {
-  return NeighborAttention::apply(q, k, v, bias, envelope, row_ptr, senders, self_bias);
+                                   const std::optional<Tensor>& self_bias, const std::optional<Tensor>& edge_values,
+                                   const std::optional<Tensor>& self_values) {
+  return NeighborAttention::apply(q, k, v, bias, envelope, row_ptr, senders, self_bias, edge_values, self_values);
 }
 
 Tensor neighbor_attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
                               const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
-                              const std::optional<Tensor>& self_bias) {
-  return std::get<0>(attention_forward_cpu(q, k, v, bias, envelope, row_ptr, senders, self_bias));
+                              const std::optional<Tensor>& self_bias, const std::optional<Tensor>& edge_values,
+                              const std::optional<Tensor>& self_values) {
+  return std::get<0>(
+      attention_forward_cpu(q, k, v, bias, envelope, row_ptr, senders, self_bias, edge_values, self_values));
 }
 
 // ------------------------------------------------------------------------------------------ edge encoder
@@ -459,12 +529,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> edge_encoder_autograd(const Tensor& v
 
 TORCH_LIBRARY(transip, m) {
   m.def("neighbor_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, Tensor row_ptr, "
-        "Tensor senders, Tensor? self_bias=None) -> Tensor");
+        "Tensor senders, Tensor? self_bias=None, Tensor? edge_values=None, Tensor? self_values=None) -> Tensor");
   m.def("neighbor_attention_forward(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, Tensor row_ptr, "
-        "Tensor senders, Tensor? self_bias=None) -> (Tensor, Tensor, Tensor)");
+        "Tensor senders, Tensor? self_bias=None, Tensor? edge_values=None, Tensor? self_values=None) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("neighbor_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, "
-        "Tensor row_ptr, Tensor senders, Tensor? self_bias, Tensor out, Tensor row_max, Tensor row_sum) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor row_ptr, Tensor senders, Tensor? self_bias, Tensor? edge_values, Tensor? self_values, Tensor out, "
+        "Tensor row_max, Tensor row_sum) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("edge_encoder(Tensor vectors, Tensor slot, int num_slots, Tensor centers, float width, float cutoff, "
         "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1) "
         "-> (Tensor, Tensor, Tensor, Tensor)");

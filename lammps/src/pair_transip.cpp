@@ -365,15 +365,17 @@ PairTransIP::Result PairTransIP::evaluate_by_blocks(const torch::Tensor &vectors
   const auto tokens = model_.get_method("halo_tokens")({vectors, numbers, receivers, senders, nlocal, charge_, spin_})
                           .toTuple()->elements();
   const torch::Tensor h0 = tokens[0].toTensor(), bias = tokens[1].toTensor(), env = tokens[2].toTensor(),
-                      repulsion = tokens[3].toTensor();
-  const torch::Tensor bias_leaf = bias.detach().requires_grad_(true), env_leaf = env.detach().requires_grad_(true);
+                      values = tokens[3].toTensor(), repulsion = tokens[4].toTensor();
+  const torch::Tensor bias_leaf = bias.detach().requires_grad_(true), env_leaf = env.detach().requires_grad_(true),
+                      values_leaf = values.detach().requires_grad_(true);
   std::vector<torch::Tensor> local_in, ghost_in, out;
   torch::Tensor h = h0;
   for (int64_t layer = 0; layer < num_layers_; ++layer) {
     local_in.push_back(h.detach().requires_grad_(true));
     ghost_in.push_back(ghost_tokens(local_in.back()).requires_grad_(true));
     const torch::Tensor all = torch::cat({local_in.back(), ghost_in.back()});
-    h = model_.get_method("halo_block")({layer, all, bias_leaf[layer], env_leaf, receivers, senders, nlocal})
+    h = model_.get_method("halo_block")({layer, all, bias_leaf[layer], env_leaf, values_leaf, receivers, senders,
+                                         nlocal})
             .toTensor();
     out.push_back(h);
   }
@@ -382,15 +384,21 @@ PairTransIP::Result PairTransIP::evaluate_by_blocks(const torch::Tensor &vectors
   const torch::Tensor learned = model_.get_method("halo_energies")({last, numbers.slice(0, 0, nlocal)}).toTensor();
   torch::Tensor grad = torch::autograd::grad({learned.sum()}, {last})[0];
   result.atom_energies = (learned + repulsion).detach();
-  torch::Tensor grad_bias = torch::zeros_like(bias), grad_env = torch::zeros_like(env);
+  torch::Tensor grad_bias = torch::zeros_like(bias), grad_env = torch::zeros_like(env),
+                grad_values = torch::zeros_like(values);
   for (int64_t layer = num_layers_ - 1; layer >= 0; --layer) {
-    const auto grads = torch::autograd::grad({out[layer]}, {local_in[layer], ghost_in[layer], bias_leaf, env_leaf},
-                                             {grad}, false, false, true);
+    const auto grads = torch::autograd::grad(
+        {out[layer]}, {local_in[layer], ghost_in[layer], bias_leaf, env_leaf, values_leaf}, {grad}, false, false, true);
     grad = sum_onto_owners(grads[0].defined() ? grads[0] : torch::zeros_like(local_in[layer]), grads[1]);
     if (grads[2].defined()) grad_bias += grads[2];
     if (grads[3].defined()) grad_env += grads[3];
+    if (grads[4].defined()) grad_values += grads[4];
   }
   std::vector<torch::Tensor> outputs{h0, bias, env}, seeds{grad, grad_bias, grad_env};
+  if (values.requires_grad()) {  // not for a model without block geometry
+    outputs.push_back(values);
+    seeds.push_back(grad_values);
+  }
   if (repulsion.requires_grad()) {  // not for a model without repulsion
     outputs.push_back(repulsion);
     seeds.push_back(torch::ones_like(repulsion));
