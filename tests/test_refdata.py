@@ -124,6 +124,8 @@ def test_shards_resume_and_half_written_shards_are_never_read(tiny_dataset, tmp_
         assert a.energy == b.energy
     manifest = json.loads((copy / refdata.MANIFEST).read_text())
     assert [r["shards_written"] for r in manifest["runs"]] == [summary_shards(summary), 1]
+    assert all(r["seconds"] > 0 for r in manifest["runs"])
+    assert "core-hours in the tasks themselves, over every shard" in (copy / "README.md").read_text()
     with pytest.raises(ValueError, match="another recipe"):
         refdata.generate(copy, refdata.Recipe(**{**TINY, "seed": 9}), workers=1, progress=False)
 

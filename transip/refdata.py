@@ -551,6 +551,11 @@ def generate(folder, recipe: Recipe = Recipe(), workers: int = 2, command: str =
     shard_of = {i: s for s, members in enumerate(shards) for i in members}
     buffered: dict[int, list] = {}
     start, written = time.time(), 0
+    # The run is recorded now and its time after every shard, so a run stopped from outside keeps its time.
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)), "seconds": 0.0, "workers": workers,
+           "shards_written": 0}
+    manifest["runs"].append(run)
+    _write_json(manifest_path, manifest)
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by workers: one core each
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="xTB reference data", unit="task",
                disable=not progress, smoothing=0.05)
@@ -574,13 +579,14 @@ def generate(folder, recipe: Recipe = Recipe(), workers: int = 2, command: str =
                          "task_seconds": sum(r[3] for r in results),
                          "seconds_by_task": {tasks[r[0]].key: round(r[3], 2) for r in results}})
             written += 1
+            run.update(seconds=round(time.time() - start, 1), shards_written=written)
+            _write_json(manifest_path, manifest)
             if max_seconds is not None and time.time() - start > max_seconds:
                 pool.terminate()
                 break
     bar.close()
     manifest["sources"] = sources  # the same plan; a later version of this code may record more about it
-    manifest["runs"].append({"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)),
-                             "seconds": round(time.time() - start, 1), "workers": workers, "shards_written": written})
+    run.update(seconds=round(time.time() - start, 1), shards_written=written)
     summary = summarize(folder, tasks, shards, manifest)
     manifest["summary"] = summary
     _write_json(manifest_path, manifest)
@@ -684,7 +690,8 @@ def write_data_card(folder: Path, manifest: dict) -> None:
         "## Counts", "", "```json", json.dumps({k: v for k, v in summary.items()
                                                  if k not in ("complete", "shards", "tasks")}, indent=1), "```", "",
         "## Generation time", "",
-        f"{summary.get('generation_seconds', 0) / 3600:.2f} h wall time in {len(runs)} run(s) "
-        f"({', '.join(str(r['workers']) for r in runs)} worker(s)), "
-        f"{summary.get('task_core_seconds', 0) / 3600:.2f} core-hours in the tasks themselves.", ""]
+        f"{summary.get('task_core_seconds', 0) / 3600:.2f} core-hours in the tasks themselves, over every shard. "
+        f"Wall time recorded in the manifest: {summary.get('generation_seconds', 0) / 3600:.2f} h in {len(runs)} "
+        f"run(s) ({', '.join(str(r['workers']) for r in runs)} worker(s)); runs stopped from outside before the "
+        "manifest recorded each run's time after every shard are not in it.", ""]
     write_atomically(folder / "README.md", lambda p: p.write_text("\n".join(lines)))
