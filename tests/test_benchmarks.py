@@ -106,3 +106,26 @@ def test_accuracy_study_smoke(tmp_path):
     assert len(stamps) == 8
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps
+
+
+def test_ablation_smoke(tmp_path):
+    """The ablation pipeline at toy size on the chemistry data: every row trains (today's model and one with
+    repulsion, block geometry and the weight EMA), is evaluated on every held-out split and timed in OpenMM;
+    the report names every row; a rerun finds every cell done and retrains nothing."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--config",
+               str(ROOT / "configs" / "ablation_smoke.json"), "--cost", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [r["row"] for r in rows] == ["today's model", "+ repulsion and geometry"]
+    for r in rows:
+        for split in ("test_scaffolds", "test_clusters", "test_frames", "condensed"):
+            assert 0 < r[f"{split}/force_mae"] < 10
+        assert r["openmm_ms_per_step"] > 0 and r["parameters"] > 1000
+    assert rows[1]["parameters"] > rows[0]["parameters"]  # the block geometry projections
+    table = (tmp_path / "ablation.md").read_text()
+    assert "| today's model |" in table and "| + repulsion and geometry |" in table
+    stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*/seed*/result.json")}
+    assert len(stamps) == 2
+    rerun = subprocess.run(command[:-3] + ["--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps

@@ -218,10 +218,17 @@ def split_indices(structures: Sequence[Structure], seed: int = 0, test_molecule_
 
 
 def file_digest(path) -> str:
+    """SHA-256 of a dataset: a file's bytes, or for a folder of shards (transip.refdata) the names and bytes of
+    the shard files, in name order (the manifest and card describe them and may be rewritten)."""
+    path = Path(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    files = sorted(p for p in (path / "shards").iterdir() if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
