@@ -6,7 +6,8 @@
 Runs, in this order and one at a time (so that none disturbs another's timing): native_ops (whole model,
 fused vs reference, to 100 000 atoms), attention_kernels (one layer: fused, reference, dense SDPA),
 cpp_vs_python (the C++ inference program against Python, float32/float64), openmm_overhead and
-lammps_overhead (the examples), engines (OpenMM, LAMMPS 1 and 2 ranks, MACE, TIP3P to 100 000 atoms). Then it
+lammps_overhead (the examples), engines (OpenMM, LAMMPS 1 and 2 ranks, MACE, TIP3P to 100 000 atoms),
+training_speed (training steps on the fused kernel against the reference path). Then it
 reads their JSON, checks the targets of the benchmark issue against the measured numbers, and writes
 BENCHMARKS.md: machine, command, verdicts, and every table and plot. If the accuracy study's report exists
 (docs/accuracy_study/study.json, benchmarks/accuracy_study.py), its force errors stand beside the speeds.
@@ -26,7 +27,8 @@ import numpy as np
 
 from common import ROOT, machine
 
-SCRIPTS = ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead", "engines")
+SCRIPTS = ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead", "engines",
+           "training_speed")
 STUDY = ROOT / "docs" / "accuracy_study" / "study.json"  # configs/accuracy_study.json writes it
 
 
@@ -93,6 +95,16 @@ def verdicts(results: Path) -> list:
         if overheads:
             rows.append((f"{label} overhead < 10 % of the model call (>= 1 000 atoms)",
                          ", ".join(f"{n}: {100 * o:+.0f} %" for n, o in overheads), all(o < 0.10 for _, o in overheads)))
+    cpp = json.loads((results / "cpp_vs_python.json").read_text())["rows"]
+    boxes32 = [(find(cpp, structure=r["structure"], dtype="float64", kernel="fused"), r) for r in cpp
+               if r["dtype"] == "float32" and r["kernel"] == "fused" and "box" in r["structure"]]
+    if boxes32:
+        rows.append(("fused float32 >= 1.7x faster than float64 (boxes >= 1 000 atoms, C++ program)",
+                     ", ".join(f"{r['structure']}: {d['cpp_ms'] / r['cpp_ms']:.2f}x" for d, r in boxes32),
+                     all(d["cpp_ms"] / r["cpp_ms"] >= 1.7 for d, r in boxes32)))
+    training = json.loads((results / "training_speed.json").read_text())
+    rows.append(("training: fused path >= 3x the reference path's steps per second (same model and batch)",
+                 f"{training['speedup']:.2f}x", training["speedup"] >= 3))
     peer = [(m["atoms_actual"], find(engines, system=m["system"], atoms=m["atoms"], engine="mace"), m)
             for m in engines if m["engine"] == "model" and ok(m)]
     peer = [(n, p["seconds"] / m["seconds"]) for n, p, m in peer if ok(p)]
@@ -149,7 +161,8 @@ def write_benchmarks(results: Path, target: Path, smoke: bool) -> None:
                 ("One attention layer: fused, reference and dense masked SDPA", "attention_kernels"),
                 ("The model from C++ and from Python", "cpp_vs_python"),
                 ("OpenMM examples", "openmm_overhead"), ("LAMMPS examples", "lammps_overhead"),
-                ("Engines, the MACE peer and a classical floor, to 100 000 atoms", "engines")]
+                ("Engines, the MACE peer and a classical floor, to 100 000 atoms", "engines"),
+                ("Training on the fused kernel", "training_speed")]
     for title, name in sections:
         lines += ["", f"## {title}", "", f"`python benchmarks/{name}.py`", "",
                   (results / f"{name}.md").read_text().strip()]

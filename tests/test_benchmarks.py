@@ -76,9 +76,18 @@ def test_benchmarks_md_is_written_from_the_results(suite):
     text = (suite / "BENCHMARKS.md").read_text()
     assert text.startswith("# Benchmarks") and "python benchmarks/suite.py --smoke" in text
     for script in ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead",
-                   "engines"):
+                   "engines", "training_speed"):
         assert (suite / f"{script}.md").read_text().strip() in text
     assert "| TransIP faster than MACE at equal or better force accuracy" in text  # computed from the engines run
+    assert "| fused float32 >= 1.7x faster than float64" in text and "| training: fused path >= 3x" in text
+
+
+def test_training_speed_benchmark_smoke(suite):
+    """Both training paths timed in one run on the same batches; the fused path's losses equal the reference's."""
+    result = json.loads((suite / "training_speed.json").read_text())
+    assert [r["kernel"] for r in result["rows"]] == ["reference", "fused"]
+    assert all(r["ms_per_step"] > 0 and len(r["losses"]) == 3 for r in result["rows"])
+    assert result["loss_relative_difference"] < 1e-5 and result["speedup"] > 0
 
 
 @pytest.mark.slow

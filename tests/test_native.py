@@ -135,12 +135,95 @@ def test_portable_kernel_build_gives_the_same_numbers():
     assert out.stdout.split() == ["generic", "ok"]
 
 
-def test_double_backward_through_fused_kernel_is_refused():
+def attention_inputs(graph, with_self: bool, value_width: int, seed: int = 3):
+    """The floating inputs of one attention call (leaves), and a function of them that calls the op."""
+    g = torch.Generator().manual_seed(seed)
+    dtype, heads = graph["q"].dtype, graph["q"].shape[1]
+    leaves = [graph[n].clone().requires_grad_(True) for n in ("q", "k", "v", "bias", "envelope")]
+    self_bias = torch.randn(heads, generator=g, dtype=dtype).requires_grad_(True) if with_self else None
+    values = (torch.randn(graph["senders"].numel(), value_width, generator=g, dtype=dtype).requires_grad_(True)
+              if value_width else None)
+    self_values = (torch.randn(value_width, generator=g, dtype=dtype).requires_grad_(True)
+                   if value_width and with_self else None)
+    optional = [t for t in (self_bias, values, self_values) if t is not None]
+
+    def call(*x):
+        rest = list(x[5:])
+        picked = [rest.pop(0) if t is not None else None for t in (self_bias, values, self_values)]
+        return attention(*x[:5], graph["row_ptr"], graph["senders"], *picked)
+
+    return tuple(leaves + optional), call
+
+
+@pytest.mark.parametrize("with_self", [False, True])
+@pytest.mark.parametrize("value_width", [0, 4])
+def test_fused_attention_double_backward_gradgradcheck(with_self, value_width):
+    """Training with a force loss differentiates the backward: the fused op's double backward against finite
+    differences of its backward, for every input and the incoming gradient."""
+    graph = random_graph(9, 40, heads=2, head_dim=3, empty_rows=(2,))
+    graph["envelope"] = graph["envelope"] * 0.8 + 0.1  # no row with Z = 0: finite differences jump there
+    inputs, call = attention_inputs(graph, with_self, value_width)
+    assert torch.autograd.gradgradcheck(call, inputs, eps=1e-6, atol=1e-7)
+
+
+def reference_call(graph, with_self: bool, value_width: int):
+    """The reference function with the op's argument list (implicit self edges made explicit)."""
+    receivers, senders = graph["receivers"], graph["senders"]
+
+    def call(*x):
+        q, k, v, bias, envelope = x[:5]
+        rest = list(x[5:])
+        self_bias = rest.pop(0) if with_self else None
+        values = rest.pop(0) if value_width else None
+        self_values = rest.pop(0) if value_width and with_self else None
+        r, s = receivers, senders
+        if with_self:
+            n = q.shape[0]
+            atoms = torch.arange(n)
+            bias = torch.cat([self_bias.expand(n, -1), bias])
+            envelope = torch.cat([torch.ones(n, dtype=envelope.dtype), envelope])
+            r, s = torch.cat([atoms, receivers]), torch.cat([atoms, senders])
+            if values is not None:
+                values = torch.cat([self_values.expand(n, -1), values])
+        return neighbor_attention_reference(q, k, v, bias, envelope, r, s, values)
+
+    return call
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("with_self", [False, True])
+@pytest.mark.parametrize("value_width", [0, 19])
+def test_fused_attention_double_backward_matches_reference(dtype, rtol, with_self, value_width):
+    """The second derivative a force loss takes, through the op and through the reference function, on a graph
+    with empty rows and a fully enveloped-out row (Z = 0)."""
+    graph = random_graph(50, 700, head_dim=16, dtype=dtype, empty_rows=(3, 17), zero_envelope_rows=(5,))
+    inputs, fused_call = attention_inputs(graph, with_self, value_width)
+    reference_inputs = tuple(x.detach().clone().requires_grad_(True) for x in inputs)
+    g = torch.Generator().manual_seed(11)
+    results = []
+    for call, leaves in ((fused_call, inputs), (reference_call(graph, with_self, value_width), reference_inputs)):
+        out = call(*leaves)
+        grad_out = torch.randn(out.shape, generator=g, dtype=dtype).requires_grad_(True)
+        first = torch.autograd.grad(out, leaves, grad_out, create_graph=True)
+        g2 = torch.Generator().manual_seed(12)
+        cotangents = [torch.randn(f.shape, generator=g2, dtype=dtype) for f in first]
+        loss = sum((f * c).sum() for f, c in zip(first, cotangents))
+        results.append(torch.autograd.grad(loss, list(leaves) + [grad_out]))
+        g = torch.Generator().manual_seed(11)
+    for index, (a, b) in enumerate(zip(*results)):
+        scale = float(b.abs().max())
+        assert float((a - b).abs().max()) <= rtol * scale, index
+
+
+def test_third_derivative_through_fused_kernel_is_refused():
     graph = random_graph(10, 40)
     q = graph["q"].clone().requires_grad_(True)
     out = attention(q, graph["k"], graph["v"], graph["bias"], graph["envelope"], graph["row_ptr"], graph["senders"])
-    with pytest.raises(RuntimeError, match="differentiable once.*reference kernel"):
-        torch.autograd.grad(out.sum(), q, create_graph=True)
+    (first,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    (second,) = torch.autograd.grad((first ** 2).sum(), q, retain_graph=True)  # a force loss's gradient: fine
+    assert torch.isfinite(second).all()
+    with pytest.raises(RuntimeError, match="differentiable twice.*reference kernel"):
+        torch.autograd.grad((first ** 2).sum(), q, create_graph=True)  # would lead to a third derivative
 
 
 @pytest.mark.parametrize("change,message", [

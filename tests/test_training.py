@@ -5,6 +5,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -281,3 +282,24 @@ def test_old_configs_and_checkpoints_load_with_the_defaults_that_reproduce_them(
 def test_recipe_fields_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(data="unused", output="unused", **{field: value})
+
+
+@pytest.mark.skipif(not __import__("transip").native.available(), reason="native ops not built")
+def test_training_on_the_fused_kernel_follows_the_reference_path(small_dataset, tmp_path):
+    """The fused attention is differentiable twice, so the force loss trains through it: in float64 the first
+    steps' losses and the weights after them equal the reference path's to round-off."""
+    runs = {}
+    for kernel in ("reference", "fused"):
+        trainer = Trainer(tiny(small_dataset, tmp_path / kernel, kernel=kernel, dtype="float64",
+                               model={**TINY_MODEL, "repulsion": "zbl", "block_geometry": True}))
+        assert trainer.model.blocks[0].attention.kernel == kernel
+        assert trainer.model.edge_encoder.kernel == "reference"  # the fused one is differentiable once
+        generator = torch.Generator().manual_seed(5)
+        losses = [trainer.train_step(collate(trainer.train_set[8 * i:8 * i + 8], trainer.model.cutoff,
+                                             trainer.dtype), generator)["loss"] for i in range(2)]
+        runs[kernel] = losses, {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    (reference_losses, reference_state), (fused_losses, fused_state) = runs["reference"], runs["fused"]
+    np.testing.assert_allclose(fused_losses, reference_losses, rtol=1e-10)
+    for key, value in reference_state.items():
+        torch.testing.assert_close(fused_state[key], value, rtol=1e-8, atol=1e-10, msg=key)
+    assert any(not torch.equal(fused_state[k], v) for k, v in reference_state.items())  # round-off differs

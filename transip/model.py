@@ -191,13 +191,15 @@ class TransIP(nn.Module):
         self.register_buffer("repulsion_exponents", exponents, persistent=False)
 
     @torch.jit.unused
-    def set_kernel(self, kernel: str) -> "TransIP":
+    def set_kernel(self, kernel: str, twice_differentiable: bool = False) -> "TransIP":
         """Switch the edge encoder and every attention layer to 'fused', 'reference' or 'auto' (fused when the
-        native library is loaded); returns the model."""
+        native library is loaded); returns the model. `twice_differentiable` (training with a force loss, which
+        differentiates the forces): parts whose fused op is differentiable only once keep the reference kernel.
+        The fused attention is differentiable twice; the fused edge encoder once."""
         resolved = native.resolve_kernel(kernel)
         for block in self.blocks:
             block.attention = attention_module(resolved)
-        self.edge_encoder = edge_encoder_module(resolved)
+        self.edge_encoder = edge_encoder_module("reference" if twice_differentiable else resolved)
         return self
 
     @property

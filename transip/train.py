@@ -71,6 +71,10 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_frame_fraction: float = 0.1
     dtype: str = "float32"
+    # The per-edge work's implementation (transip.native): "fused" runs the attention on the native op, which is
+    # differentiable twice as the force loss needs (the edge encoder stays on the reference path: its fused op is
+    # differentiable once); "reference" is plain PyTorch throughout. The same function either way.
+    kernel: str = "reference"
     threads: int = 0  # torch threads; 0 leaves the default
     progress: bool = True
     model: Dict[str, Any] = dataclasses.field(default_factory=dict)  # ModelConfig fields except elements
@@ -80,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.kernel not in ("reference", "fused", "auto"):
+            raise ValueError(f"kernel must be reference, fused or auto, got {self.kernel!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be at least 1")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -249,8 +255,9 @@ class Trainer:
         elements = sorted({int(z) for s in structures for z in s.numbers})
 
         torch.manual_seed(config.seed)
-        # The force loss differentiates the forces again (create_graph), which the fused kernel does not do.
+        # The force loss differentiates the forces again (create_graph): only twice-differentiable ops may run.
         self.model = TransIP(ModelConfig(elements=elements, **config.model), kernel="reference").to(self.dtype)
+        self.model.set_kernel(config.kernel, twice_differentiable=True)
         self.transform = TransformationNetwork(self.model.config.d_model).to(self.dtype)
         fit_reference_energies(self.model, self.train_set)
         self.model.to(self.dtype)

@@ -69,6 +69,44 @@ struct AttentionBackwardArgs {
   T* self_values_grad;         // (N, F) when F > 0 and there is a self edge (summed into grad_self_values)
 };
 
+// Double backward (the backward of the backward, which training with a force loss needs). With phi = g . out(x)
+// the backward returns grad_x phi; given cotangents c for those outputs (shaped like the inputs x), it returns
+//   dL/dg = J_out(x) c              (the forward's directional derivative along c: shaped like out)
+//   dL/dx = Hessian_x(phi) c        (the backward's directional derivative along c, g held fixed)
+// both in one pass over receivers (everything per row and per edge) and one over senders (k and v), as the
+// backward does. `t*` are the cotangents, named after the inputs they are shaped like.
+template <typename T>
+struct AttentionDoubleBackwardArgs {
+  const T* grad_out;  // g (N, H, D + F)
+  const T* out;
+  const T* row_max;
+  const T* row_sum;
+  const T* tq;  // (N, H, D)
+  const T* tk;
+  const T* tv;
+  const T* tbias;         // (E, H)
+  const T* tenvelope;     // (E,)
+  const T* tself_bias;    // (H,) when there is a self edge
+  const T* tedge_values;  // (E, F) when F > 0
+  const T* tself_values;  // (F,) when F > 0 and there is a self edge
+  T* grad_grad_out;       // (N, H, D + F)
+  T* grad_q;              // (N, H, D)
+  T* grad_k;
+  T* grad_v;
+  T* grad_bias;           // (E, H)
+  T* grad_envelope;       // (E,)
+  T* grad_edge_values;    // (E, F) when F > 0
+  T* edge_ds;             // scratch (E, H): dL/ds of the backward (its grad_bias)
+  T* edge_dw;             // scratch (E, H): the tangent of each edge's normalised weight
+  T* self_ds;             // (N, H) the self edge's dL/ds, its tangent and its weight's tangent
+  T* self_dds;
+  T* self_dw;
+  T* self_values_grad;    // (N, F): summed into the self values' gradient
+  const int64_t* receivers;
+  const int64_t* sender_ptr;
+  const int64_t* sender_perm;
+};
+
 // Edge encoder: everything the model computes per neighbour edge besides attention, in one pass, with no
 // per-edge hidden-sized tensor in memory. For edge e with displacement r_e (receiver i, slot = (i, species of
 // the sender)):
@@ -132,6 +170,9 @@ struct EdgeEncoderBackward {
   template <typename T>                                                                              \
   void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& in,                 \
                           const AttentionBackwardArgs<T>& args);                                     \
+  template <typename T>                                                                              \
+  void attention_double_backward(const AttentionShape& shape, const AttentionInputs<T>& in,          \
+                                 const AttentionDoubleBackwardArgs<T>& args);                        \
   template <typename T>                                                                              \
   void edge_encoder_forward(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T>& io);          \
   template <typename T>                                                                              \

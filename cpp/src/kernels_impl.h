@@ -272,6 +272,166 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
   });
 }
 
+// Double backward (kernels.h): the forward's and the backward's directional derivatives along the cotangents,
+// per row i and head h, with V_e = [v_j, u_e]:
+//   a_e = exp(s_e - m), p_e = env_e a_e, Z = sum p, w = p / Z, o = sum w V             (the forward)
+//   delta_e = g . V_e - g . o,  ds_e = w_e delta_e                                    (the backward)
+//   ts_e = (tq_i . k_j + q_i . tk_j) / sqrt(D) + tbias_e,  tp_e = tenv_e a_e + p_e ts_e,  tZ = sum tp,
+//   tw_e = (tp_e - w_e tZ) / Z,  to = sum (tw_e V_e + w_e tV_e)                        [= dL/dg]
+//   tdelta_e = g . tV_e - g . to,  tds_e = tw_e delta_e + w_e tdelta_e                 [= dL/dbias_e]
+//   dL/dq_i = sum (tds_e k_j + ds_e tk_j) / sqrt(D),  dL/denv_e = a_e / Z ((ts_e - tZ / Z) delta_e + tdelta_e),
+//   dL/du_e = sum_h tw_e g[D:]; over senders: dL/dk_j = sum (tds_e q_i + ds_e tq_i) / sqrt(D),
+//   dL/dv_j = sum tw_e g_i[:D].
+// A row with Z = 0 (every envelope 0, no self edge) is linear in the envelopes, as in the reference path (which
+// divides by 1 there): Z -> 1, tZ -> 0 and no o terms.
+template <typename T>
+void attention_double_backward(const AttentionShape& shape, const AttentionInputs<T>& in,
+                               const AttentionDoubleBackwardArgs<T>& args) {
+  const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
+  const int64_t F = shape.value_width, W = D + F, HW = H * W;
+  const T scale = T(1) / std::sqrt(T(D));
+
+  at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    std::vector<T> a, ts, tw, state(5 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
+    T* inv_z = state.data();
+    T* live = inv_z + H;  // 1 where Z > 0
+    T* g_dot_o = live + H;
+    T* tz = g_dot_o + H;
+    T* g_dot_to = tz + H;
+    for (int64_t i = begin; i < end; ++i) {
+      const T* gi = args.grad_out + i * HW;
+      const T* qi = in.q + i * HD;
+      const T* tqi = args.tq + i * HD;
+      const int64_t count = row_scores(in, i, H, D, scale, a), e0 = in.row_ptr[i];
+      if (static_cast<int64_t>(ts.size()) < count * H) {
+        ts.resize(count * H);
+        tw.resize(count * H);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const T zh = args.row_sum[i * H + h];
+        live[h] = zh > T(0) ? T(1) : T(0);
+        inv_z[h] = zh > T(0) ? T(1) / zh : T(1);
+        g_dot_o[h] = zh > T(0) ? dot(gi + h * W, args.out + i * HW + h * W, W) : T(0);
+        tz[h] = T(0);
+      }
+      for (int64_t x = 0; x < count; ++x)
+        for (int64_t h = 0; h < H; ++h) a[x * H + h] -= args.row_max[i * H + h];
+      exp_array(a.data(), a.data(), count * H);
+      // Edge x of the row: sender, values, tangents.
+      const auto sender = [&](int64_t x) { return x < self ? i : in.senders[e0 + x - self]; };
+      const auto values = [&](int64_t x) {
+        return F == 0 ? nullptr : x < self ? in.self_values : in.edge_values + (e0 + x - self) * F;
+      };
+      const auto tvalues = [&](int64_t x) {
+        return F == 0 ? nullptr : x < self ? args.tself_values : args.tedge_values + (e0 + x - self) * F;
+      };
+      for (int64_t x = 0; x < count; ++x) {
+        const bool is_self = x < self;
+        const int64_t j = sender(x), e = e0 + x - self;
+        const T env = is_self ? T(1) : in.envelope[e], tenv = is_self ? T(0) : args.tenvelope[e];
+        for (int64_t h = 0; h < H; ++h) {
+          const T tb = is_self ? args.tself_bias[h] : args.tbias[e * H + h];
+          const T t = (dot(tqi + h * D, in.k + j * HD + h * D, D) + dot(qi + h * D, args.tk + j * HD + h * D, D)) *
+                          scale + tb;
+          ts[x * H + h] = t;
+          tz[h] += (tenv + env * t) * a[x * H + h];
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) tz[h] *= live[h];
+      T* to = args.grad_grad_out + i * HW;
+      std::fill(to, to + HW, T(0));
+      for (int64_t x = 0; x < count; ++x) {
+        const bool is_self = x < self;
+        const int64_t j = sender(x), e = e0 + x - self;
+        const T env = is_self ? T(1) : in.envelope[e], tenv = is_self ? T(0) : args.tenvelope[e];
+        const T* u = values(x);
+        const T* tu = tvalues(x);
+        for (int64_t h = 0; h < H; ++h) {
+          const T ax = a[x * H + h], p = env * ax, w = p * inv_z[h];
+          const T twh = ((tenv + env * ts[x * H + h]) * ax - w * tz[h]) * inv_z[h];
+          tw[x * H + h] = twh;
+          T* toh = to + h * W;
+          const T* vh = in.v + j * HD + h * D;
+          const T* tvh = args.tv + j * HD + h * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) toh[d] += twh * vh[d] + w * tvh[d];
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f) toh[D + f] += twh * u[f] + w * tu[f];
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) g_dot_to[h] = live[h] * dot(gi + h * W, to + h * W, W);
+      T* gqi = args.grad_q + i * HD;
+      std::fill(gqi, gqi + HD, T(0));
+      for (int64_t x = 0; x < count; ++x) {
+        const bool is_self = x < self;
+        const int64_t j = sender(x), e = e0 + x - self;
+        const T env = is_self ? T(1) : in.envelope[e];
+        const T* u = values(x);
+        const T* tu = tvalues(x);
+        T* gu = F == 0 ? nullptr : is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F;
+        if (F > 0) std::fill(gu, gu + F, T(0));
+        T grad_env = 0;
+        for (int64_t h = 0; h < H; ++h) {
+          const T* gh = gi + h * W;
+          const T ax = a[x * H + h], w = env * ax * inv_z[h], twh = tw[x * H + h];
+          const T delta = dot(gh, in.v + j * HD + h * D, D) + (F > 0 ? dot(gh + D, u, F) : T(0)) - g_dot_o[h];
+          const T tdelta =
+              dot(gh, args.tv + j * HD + h * D, D) + (F > 0 ? dot(gh + D, tu, F) : T(0)) - g_dot_to[h];
+          const T ds = w * delta, tds = twh * delta + w * tdelta;
+          T* g = gqi + h * D;
+          const T* kh = in.k + j * HD + h * D;
+          const T* tkh = args.tk + j * HD + h * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) g[d] += scale * (tds * kh[d] + ds * tkh[d]);
+          grad_env += ax * inv_z[h] * ((ts[x * H + h] - tz[h] * inv_z[h]) * delta + tdelta);
+#pragma omp simd
+          for (int64_t f = 0; f < F; ++f) gu[f] += twh * gh[D + f];
+          if (is_self) {
+            args.self_ds[i * H + h] = ds;
+            args.self_dds[i * H + h] = tds;
+            args.self_dw[i * H + h] = twh;
+          } else {
+            args.edge_ds[e * H + h] = ds;
+            args.grad_bias[e * H + h] = tds;
+            args.edge_dw[e * H + h] = twh;
+          }
+        }
+        if (!is_self) args.grad_envelope[e] = grad_env;
+      }
+    }
+  });
+
+  // Pass 2, over senders (edges regrouped by sender, as in the backward).
+  at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      T* gkj = args.grad_k + j * HD;
+      T* gvj = args.grad_v + j * HD;
+      std::fill(gkj, gkj + HD, T(0));
+      std::fill(gvj, gvj + HD, T(0));
+      const auto add = [&](int64_t i, T ds, T tds, T twh, int64_t h) {
+        const T* qh = in.q + i * HD + h * D;
+        const T* tqh = args.tq + i * HD + h * D;
+        const T* gh = args.grad_out + i * HW + h * W;
+        T* gk = gkj + h * D;
+        T* gv = gvj + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          gk[d] += scale * (tds * qh[d] + ds * tqh[d]);
+          gv[d] += twh * gh[d];
+        }
+      };
+      if (self)
+        for (int64_t h = 0; h < H; ++h)
+          add(j, args.self_ds[j * H + h], args.self_dds[j * H + h], args.self_dw[j * H + h], h);
+      for (int64_t idx = args.sender_ptr[j]; idx < args.sender_ptr[j + 1]; ++idx) {
+        const int64_t e = args.sender_perm[idx];
+        for (int64_t h = 0; h < H; ++h)
+          add(args.receivers[e], args.edge_ds[e * H + h], args.grad_bias[e * H + h], args.edge_dw[e * H + h], h);
+      }
+    }
+  });
+}
+
 namespace {
 
 constexpr int64_t kGrainEdges = 256;
@@ -473,6 +633,10 @@ template void attention_backward<float>(const AttentionShape&, const AttentionIn
                                         const AttentionBackwardArgs<float>&);
 template void attention_backward<double>(const AttentionShape&, const AttentionInputs<double>&,
                                          const AttentionBackwardArgs<double>&);
+template void attention_double_backward<float>(const AttentionShape&, const AttentionInputs<float>&,
+                                               const AttentionDoubleBackwardArgs<float>&);
+template void attention_double_backward<double>(const AttentionShape&, const AttentionInputs<double>&,
+                                                const AttentionDoubleBackwardArgs<double>&);
 template void edge_encoder_forward<float>(const EdgeEncoderParams<float>&, const EdgeEncoderForward<float>&);
 template void edge_encoder_forward<double>(const EdgeEncoderParams<double>&, const EdgeEncoderForward<double>&);
 template void edge_encoder_backward<float>(const EdgeEncoderParams<float>&, const EdgeEncoderBackward<float>&);

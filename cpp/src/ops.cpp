@@ -255,6 +255,137 @@ BackwardOutputs attention_backward_cpu(const Tensor& grad_out_in, const Tensor& 
   return {grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias, grad_edge_values, grad_self_values};
 }
 
+using DoubleBackwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The cotangent of an output autograd left undefined (nothing used it) is zero.
+Tensor or_zeros(const std::optional<Tensor>& t, const Tensor& like) {
+  return t.has_value() && t->defined() ? t->to(like.scalar_type()).contiguous() : at::zeros_like(like);
+}
+
+DoubleBackwardOutputs attention_double_backward_cpu(
+    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& bias_in,
+    const Tensor& envelope_in, const Tensor& row_ptr_in, const Tensor& senders_in,
+    const std::optional<Tensor>& self_bias_in, const std::optional<Tensor>& edge_values_in,
+    const std::optional<Tensor>& self_values_in, const Tensor& out_in, const Tensor& row_max_in,
+    const Tensor& row_sum_in, const std::optional<Tensor>& tq_in, const std::optional<Tensor>& tk_in,
+    const std::optional<Tensor>& tv_in, const std::optional<Tensor>& tbias_in,
+    const std::optional<Tensor>& tenvelope_in, const std::optional<Tensor>& tself_bias_in,
+    const std::optional<Tensor>& tedge_values_in, const std::optional<Tensor>& tself_values_in) {
+  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in,
+                         edge_values_in, self_values_in);
+  const OptionalInputs optional(self_bias_in, edge_values_in, self_values_in);
+  const int64_t width = optional.value_width();
+  const std::vector<int64_t> out_shape{q_in.size(0), q_in.size(1), q_in.size(2) + width};
+  TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape,
+              "transip::neighbor_attention_double_backward: grad_out and out must have shape (atoms, heads, "
+              "head_dim + F) = ", c10::IntArrayRef(out_shape));
+  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous(),
+               envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(),
+               senders = senders_in.contiguous();
+  const Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous(), out = out_in.contiguous(),
+               row_max = row_max_in.contiguous(), row_sum = row_sum_in.contiguous();
+  const Tensor tq = or_zeros(tq_in, q), tk = or_zeros(tk_in, k), tv = or_zeros(tv_in, v),
+               tbias = or_zeros(tbias_in, bias), tenvelope = or_zeros(tenvelope_in, envelope);
+  const Tensor tself_bias = optional.self_bias.defined() ? or_zeros(tself_bias_in, optional.self_bias) : Tensor();
+  const Tensor tedge_values = width > 0 ? or_zeros(tedge_values_in, optional.edge_values) : Tensor();
+  const Tensor tself_values =
+      width > 0 && optional.self_values.defined() ? or_zeros(tself_values_in, optional.self_values) : Tensor();
+  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2), width};
+  Tensor grad_grad_out = at::empty(out_shape, q.options());
+  Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  Tensor grad_bias = at::empty_like(bias), grad_envelope = at::empty_like(envelope);
+  Tensor edge_ds = at::empty_like(bias), edge_dw = at::empty_like(bias);
+  Tensor self_ds = at::zeros({shape.atoms, shape.heads}, q.options()), self_dds = at::zeros_like(self_ds),
+         self_dw = at::zeros_like(self_ds);
+  Tensor grad_edge_values = width > 0 ? at::empty({shape.edges, width}, q.options()) : Tensor();
+  Tensor self_values_grad = tself_values.defined() ? at::empty({shape.atoms, width}, q.options()) : Tensor();
+  Tensor receivers = at::repeat_interleave(at::arange(shape.atoms, row_ptr.options()), row_ptr.diff(), /*dim=*/0,
+                                           /*output_size=*/shape.edges);
+  auto [sender_perm, sender_ptr] = csr_order(senders, shape.atoms);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_double_backward", [&] {
+    const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, optional);
+    const AttentionDoubleBackwardArgs<scalar_t> args{
+        grad_out.data_ptr<scalar_t>(),       out.data_ptr<scalar_t>(),
+        row_max.data_ptr<scalar_t>(),        row_sum.data_ptr<scalar_t>(),
+        tq.data_ptr<scalar_t>(),             tk.data_ptr<scalar_t>(),
+        tv.data_ptr<scalar_t>(),             tbias.data_ptr<scalar_t>(),
+        tenvelope.data_ptr<scalar_t>(),      pointer_or_null<scalar_t>(tself_bias),
+        pointer_or_null<scalar_t>(tedge_values), pointer_or_null<scalar_t>(tself_values),
+        grad_grad_out.data_ptr<scalar_t>(),  grad_q.data_ptr<scalar_t>(),
+        grad_k.data_ptr<scalar_t>(),         grad_v.data_ptr<scalar_t>(),
+        grad_bias.data_ptr<scalar_t>(),      grad_envelope.data_ptr<scalar_t>(),
+        grad_edge_values.defined() ? grad_edge_values.data_ptr<scalar_t>() : nullptr,
+        edge_ds.data_ptr<scalar_t>(),        edge_dw.data_ptr<scalar_t>(),
+        self_ds.data_ptr<scalar_t>(),        self_dds.data_ptr<scalar_t>(),
+        self_dw.data_ptr<scalar_t>(),
+        self_values_grad.defined() ? self_values_grad.data_ptr<scalar_t>() : nullptr,
+        receivers.data_ptr<int64_t>(),       sender_ptr.data_ptr<int64_t>(),
+        sender_perm.data_ptr<int64_t>()};
+    if (use_avx512())
+      avx512::attention_double_backward<scalar_t>(shape, in, args);
+    else
+      generic::attention_double_backward<scalar_t>(shape, in, args);
+  });
+  Tensor grad_self_bias = optional.self_bias.defined() ? self_dds.sum(0) : Tensor();
+  Tensor grad_self_values = self_values_grad.defined() ? self_values_grad.sum(0) : Tensor();
+  return {grad_grad_out, grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias, grad_edge_values,
+          grad_self_values};
+}
+
+// The backward as a differentiable function: its own backward is the double backward above, so training with a
+// force loss (create_graph) runs on the fused kernel. The double backward itself is differentiable no further.
+class NeighborAttentionBackward : public torch::autograd::Function<NeighborAttentionBackward> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const Tensor& grad_out, const Tensor& q, const Tensor& k,
+      const Tensor& v, const Tensor& bias, const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
+      const std::optional<Tensor>& self_bias, const std::optional<Tensor>& edge_values,
+      const std::optional<Tensor>& self_values, const Tensor& out, const Tensor& row_max, const Tensor& row_sum) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("transip::neighbor_attention_backward", "")
+                         .typed<BackwardOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                                const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                                                const Tensor&)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [gq, gk, gv, gbias, genv, gself, gvalues, gself_values] = op.call(
+        grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias, edge_values, self_values, out, row_max,
+        row_sum);
+    ctx->save_for_backward({grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias.value_or(Tensor()),
+                            edge_values.value_or(Tensor()), self_values.value_or(Tensor()), out, row_max, row_sum});
+    // A function's outputs must be defined: the gradients of absent inputs are empty (the caller drops them).
+    const auto or_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, q.options()); };
+    return {gq, gk, gv, gbias, genv, or_empty(gself), or_empty(gvalues), or_empty(gself_values)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list cotangents) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "transip::neighbor_attention: the fused kernel is differentiable twice (training with a force "
+                "loss); a third derivative needs the reference kernel: call model.set_kernel('reference')");
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("transip::neighbor_attention_double_backward", "")
+            .typed<DoubleBackwardOutputs(
+                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                const Tensor&, const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+                const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                const std::optional<Tensor>&, const std::optional<Tensor>&)>();
+    const auto saved = ctx->get_saved_variables();
+    const auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+    auto [ggo, gq, gk, gv, gbias, genv, gself, gvalues, gself_values] = op.call(
+        saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6], saved[7], optional(saved[8]),
+        optional(saved[9]), optional(saved[10]), saved[11], saved[12], saved[13], optional(cotangents[0]),
+        optional(cotangents[1]), optional(cotangents[2]), optional(cotangents[3]), optional(cotangents[4]),
+        optional(cotangents[5]), optional(cotangents[6]), optional(cotangents[7]));
+    return {ggo, gq, gk, gv, gbias, genv, Tensor(), Tensor(), gself, gvalues, gself_values,
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
 // Autograd: forward and backward both go through the dispatcher so that profilers and TorchScript see them.
 // The backward itself is not differentiable (training with a force loss needs second derivatives and uses
 // the reference path); asking for it fails with a message instead of silently wrong gradients.
@@ -281,10 +412,17 @@ class NeighborAttention : public torch::autograd::Function<NeighborAttention> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "transip::neighbor_attention: the fused kernel is differentiable once (energy -> forces); a second "
-                "derivative (create_graph=True, e.g. training with a force loss) needs the reference kernel: call "
-                "model.set_kernel('reference') or set TRANSIP_KERNEL=reference");
+    if (at::GradMode::is_enabled()) {  // create_graph: the backward itself must be differentiable
+      const auto saved = ctx->get_saved_variables();
+      const auto optional = [](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+      auto grads = NeighborAttentionBackward::apply(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
+                                                    saved[4], saved[5], saved[6], optional(saved[7]),
+                                                    optional(saved[8]), optional(saved[9]), saved[10].detach(),
+                                                    saved[11], saved[12]);
+      const auto if_given = [](const Tensor& input, const Tensor& grad) { return input.defined() ? grad : Tensor(); };
+      return {grads[0], grads[1], grads[2], grads[3], grads[4], Tensor(), Tensor(), if_given(saved[7], grads[5]),
+              if_given(saved[8], grads[6]), if_given(saved[9], grads[7])};
+    }
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("transip::neighbor_attention_backward", "")
                          .typed<BackwardOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -536,6 +674,11 @@ TORCH_LIBRARY(transip, m) {
   m.def("neighbor_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, "
         "Tensor row_ptr, Tensor senders, Tensor? self_bias, Tensor? edge_values, Tensor? self_values, Tensor out, "
         "Tensor row_max, Tensor row_sum) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("neighbor_attention_double_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias, "
+        "Tensor envelope, Tensor row_ptr, Tensor senders, Tensor? self_bias, Tensor? edge_values, "
+        "Tensor? self_values, Tensor out, Tensor row_max, Tensor row_sum, Tensor? tq, Tensor? tk, Tensor? tv, "
+        "Tensor? tbias, Tensor? tenvelope, Tensor? tself_bias, Tensor? tedge_values, Tensor? tself_values) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("edge_encoder(Tensor vectors, Tensor slot, int num_slots, Tensor centers, float width, float cutoff, "
         "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
@@ -554,6 +697,7 @@ TORCH_LIBRARY_IMPL(transip, CPU, m) {
   m.impl("neighbor_attention", &neighbor_attention_cpu);
   m.impl("neighbor_attention_forward", &attention_forward_cpu);
   m.impl("neighbor_attention_backward", &attention_backward_cpu);
+  m.impl("neighbor_attention_double_backward", &attention_double_backward_cpu);
   m.impl("edge_encoder", &edge_encoder_cpu);
   m.impl("edge_encoder_backward", &edge_encoder_backward_cpu);
 }

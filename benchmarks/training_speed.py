@@ -1,0 +1,85 @@
+"""Training steps per second on the fused kernel against the reference path, same model, same batches, one run.
+
+    python benchmarks/training_speed.py            # writes benchmarks/results/training_speed.{json,md}
+    python benchmarks/training_speed.py --smoke    # a few steps of a toy model, for CI
+
+A training step is what `transip train` does per batch (transip.train.Trainer.train_step): the learned-
+equivariance objective's two views (the batch and a rotated copy), energy and force losses (the force loss
+differentiates the forces: a double backward), the contrastive term, the optimiser step. Batches of the
+chemistry data's training split (16 structures, the default batch), the model at the shipped size with the
+repulsion and block geometry, float32. For each kernel setting (TrainConfig.kernel) the script times the
+same batches after warm-up and reports the median time per step; the fused path's losses must equal the
+reference path's (it prints their largest relative difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, machine, write_results
+
+KERNELS = ("reference", "fused")
+
+
+def time_steps(kernel: str, args, folder: Path) -> dict:
+    import torch
+
+    from transip.data import collate
+    from transip.train import TrainConfig, Trainer
+
+    model = {"d_model": 16, "num_heads": 2, "num_layers": 1, "num_rbf": 8, "edge_hidden": 8} if args.smoke else {}
+    config = TrainConfig(data=str(ROOT / "data" / "xtb_chemistry"), output=str(folder / kernel), kernel=kernel,
+                         batch_size=args.batch_size, max_train_structures=args.batch_size * args.batches,
+                         val_structures=4, progress=False, threads=args.threads, seed=0,
+                         model={**model, "repulsion": "zbl", "block_geometry": True})
+    trainer = Trainer(config)
+    batches = [collate(trainer.train_set[i * args.batch_size:(i + 1) * args.batch_size], trainer.model.cutoff,
+                       trainer.dtype) for i in range(args.batches)]
+    generator = torch.Generator().manual_seed(0)
+    losses, seconds = [], []
+    for step in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        losses.append(trainer.train_step(batches[step % len(batches)], generator)["loss"])
+        if step >= args.warmup:
+            seconds.append(time.perf_counter() - start)
+    return {"kernel": kernel, "ms_per_step": 1000 * statistics.median(seconds), "losses": losses,
+            "atoms_per_batch": statistics.mean(int(b.positions.shape[0]) for b in batches),
+            "edges_per_batch": statistics.mean(int(b.edge_index.shape[1]) for b in batches)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "training_speed")
+    args = parser.parse_args(argv)
+    args.batches, args.warmup, args.steps = (2, 1, 2) if args.smoke else (4, 3, 12)
+    from tqdm import tqdm
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [time_steps(kernel, args, Path(tmp)) for kernel in tqdm(KERNELS, desc="training speed")]
+    reference, fused = rows
+    speedup = reference["ms_per_step"] / fused["ms_per_step"]
+    loss_difference = max(abs(a - b) / abs(b) for a, b in zip(fused["losses"], reference["losses"]))
+    lines = [f"Training step (objective transip: two views, force loss, contrastive term), batch {args.batch_size} "
+             f"of the chemistry training split ({reference['atoms_per_batch']:.0f} atoms, "
+             f"{reference['edges_per_batch']:.0f} edges on average), float32, {args.threads} threads, median of "
+             f"{args.steps} steps after {args.warmup} warm-up.", "",
+             "| kernel | ms per step | steps per second |", "| --- | --- | --- |"]
+    lines += [f"| {r['kernel']} | {r['ms_per_step']:.1f} | {1000 / r['ms_per_step']:.2f} |" for r in rows]
+    lines += ["", f"Fused path: {speedup:.2f}x the reference path's steps per second; largest relative difference "
+                  f"of the losses: {loss_difference:.1e}."]
+    write_results(args.out, {"threads": args.threads, "rows": rows, "speedup": speedup,
+                             "loss_relative_difference": loss_difference, "machine": machine()}, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
