@@ -65,12 +65,33 @@ def reference_edge_embedding(vectors: torch.Tensor, lengths: torch.Tensor, w: Ed
     return F.linear(F.silu(F.linear(features, w.w1, w.b1)), w.w2, w.b2)
 
 
+def message_slots(receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
+                  w: EdgeWeights) -> torch.Tensor:
+    """Each edge's slot, (receiver, species of the sender): the neighbour embedding u takes one value per species,
+    so the message sum is regrouped per slot (`pooled_messages`)."""
+    return receivers * w.neighbor_embedding.shape[0] + species.index_select(0, senders)
+
+
+def pooled_messages(pooled: torch.Tensor, pooled_weight: torch.Tensor, num_atoms: int,
+                    w: EdgeWeights) -> torch.Tensor:
+    """The initial tokens' neighbour sum m_i = sum_j f_c(r_ij) (W_msg a_ij + b_msg) * u[species j] (N, d_model),
+    regrouped as sum_s u_s (W_msg (sum_{j of species s} f_c a_ij) + b_msg sum f_c) from the per-slot sums
+    `pooled` (N * species, hidden) and `pooled_weight` (N * species,): the projection runs per slot, not per
+    edge. Both edge encoders end with it."""
+    num_species = w.neighbor_embedding.shape[0]
+    projected = F.linear(pooled, w.w_msg) + pooled_weight[:, None] * w.b_msg
+    # Explicit width, not -1: with no atoms -1 would be ambiguous and view would fail.
+    return (projected.view(num_atoms, num_species, w.w_msg.shape[0]) * w.neighbor_embedding).sum(1)
+
+
 class ReferenceEdgeEncoder(torch.nn.Module):
     """Everything per neighbour edge except attention, in plain PyTorch. Returns (attention biases of every
     layer (layers, E, heads), the neighbour sum of the initial tokens (N, d_model), envelope (E,)):
 
         a_ij = edge MLP(e_ij),   bias_ij = W_bias a_ij,   m_i = sum_j f_c(r_ij) (W_msg a_ij + b_msg) * u[species j]
-    """
+
+    The message sum is pooled per slot (`pooled_messages`), as the fused op does: nothing d_model-wide per edge,
+    which matters most in training, where every per-edge tensor is differentiated twice."""
 
     kernel = "reference"
 
@@ -79,33 +100,30 @@ class ReferenceEdgeEncoder(torch.nn.Module):
         lengths = torch.linalg.norm(vectors, dim=1)
         env = envelope(lengths, w.cutoff)
         embedding = reference_edge_embedding(vectors, lengths, w)
-        messages = (env[:, None] * F.linear(embedding, w.w_msg, w.b_msg)
-                    * w.neighbor_embedding[species.index_select(0, senders)])
-        summed = torch.zeros(num_atoms, messages.shape[1], dtype=messages.dtype,
-                             device=messages.device).index_add(0, receivers, messages)
+        slot = message_slots(receivers, senders, species, w)
+        num_slots = num_atoms * w.neighbor_embedding.shape[0]
+        pooled = torch.zeros(num_slots, embedding.shape[1], dtype=embedding.dtype,
+                             device=embedding.device).index_add(0, slot, env[:, None] * embedding)
+        weight = torch.zeros(num_slots, dtype=env.dtype, device=env.device).index_add(0, slot, env)
         heads = w.w_bias.shape[0] // w.bias_groups
         bias = F.linear(embedding, w.w_bias, w.b_bias).view(vectors.shape[0], w.bias_groups, heads).transpose(0, 1)
-        return bias, summed, env
+        return bias, pooled_messages(pooled, weight, num_atoms, w), env
 
 
 class FusedEdgeEncoder(torch.nn.Module):
     """The same outputs through `torch.ops.transip.edge_encoder`: one pass per edge, nothing hidden-sized per
-    edge in memory. The neighbour embedding u takes one value per species, so the message sum is regrouped as
-    sum_s u_s * (W_msg (sum_{j of species s} f_c a_ij) + b_msg sum f_c): the op pools edges per (atom, species)
-    and the projection runs on the pooled sums. Same function, other round-off."""
+    edge in memory. The op pools the edges per slot (`message_slots`) and the projection runs on the pooled sums
+    (`pooled_messages`). Same function, other round-off."""
 
     kernel = "fused"
 
     def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
                 num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        num_species = w.neighbor_embedding.shape[0]
-        slot = receivers * num_species + species.index_select(0, senders)
-        bias, pooled, weight, env = torch.ops.transip.edge_encoder(vectors, slot, num_atoms * num_species, w.centers,
-                                                                   w.width, w.cutoff, w.w1, w.b1, w.w2, w.b2,
-                                                                   w.w_bias, w.b_bias, w.bias_groups)
-        projected = F.linear(pooled, w.w_msg) + weight[:, None] * w.b_msg
-        # Explicit width, not -1: with no atoms -1 would be ambiguous and view would fail.
-        return bias, (projected.view(num_atoms, num_species, w.w_msg.shape[0]) * w.neighbor_embedding).sum(1), env
+        slot = message_slots(receivers, senders, species, w)
+        bias, pooled, weight, env = torch.ops.transip.edge_encoder(
+            vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, w.w1, w.b1, w.w2,
+            w.b2, w.w_bias, w.b_bias, w.bias_groups)
+        return bias, pooled_messages(pooled, weight, num_atoms, w), env
 
 
 class ReferenceNeighborAttention(torch.nn.Module):
