@@ -303,3 +303,20 @@ def test_training_on_the_fused_kernel_follows_the_reference_path(small_dataset, 
     for key, value in reference_state.items():
         torch.testing.assert_close(fused_state[key], value, rtol=1e-8, atol=1e-10, msg=key)
     assert any(not torch.equal(fused_state[k], v) for k, v in reference_state.items())  # round-off differs
+
+
+def test_huber_force_loss_is_squared_below_delta_and_linear_above():
+    from transip.train import supervised_loss
+
+    class Fake:
+        energy = torch.tensor([0.0])
+        num_atoms = torch.tensor([1])
+        forces = torch.zeros(1, 3, dtype=torch.float64)
+
+    out = {"energy": torch.tensor([0.0]), "forces": torch.tensor([[0.3, -2.0, 5.0]], dtype=torch.float64)}
+    mse = supervised_loss(out, Fake, TrainConfig(data="-", output="-"))[2]
+    huber = supervised_loss(out, Fake, TrainConfig(data="-", output="-", force_loss="huber", huber_delta=1.0))[2]
+    assert float(mse) == pytest.approx((0.09 + 4.0 + 25.0) / 3)
+    assert float(huber) == pytest.approx((0.09 + (2 * 2.0 - 1) + (2 * 5.0 - 1)) / 3)  # 2 delta |d| - delta^2 above
+    with pytest.raises(ValueError, match="force_loss must be mse or huber"):
+        TrainConfig(data="-", output="-", force_loss="l1")

@@ -59,6 +59,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     energy_weight: float = 1.0  # on (energy error / atoms)^2, eV^2
     force_weight: float = 1.0  # on force component error^2, (eV/A)^2
+    force_loss: str = "mse"  # "mse", or "huber": squared below huber_delta, linear above (the repulsive wall)
+    huber_delta: float = 1.0  # eV/A
     contrastive_weight: float = 0.1
     contrastive_temperature: float = 0.1
     contrastive_max_atoms: int = 256
@@ -84,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.force_loss not in ("mse", "huber") or self.huber_delta <= 0:
+            raise ValueError(f"force_loss must be mse or huber with a positive huber_delta, got {self.force_loss!r} "
+                             f"and {self.huber_delta}")
         if self.kernel not in ("reference", "fused", "auto"):
             raise ValueError(f"kernel must be reference, fused or auto, got {self.kernel!r}")
         if self.batch_size < 1 or self.epochs < 1:
@@ -154,7 +159,12 @@ def contrastive_loss(transform: TransformationNetwork, latent: torch.Tensor, lat
 def supervised_loss(out: Dict[str, torch.Tensor], batch: Batch, config: TrainConfig):
     assert batch.energy is not None and batch.forces is not None
     energy = (((out["energy"] - batch.energy) / batch.num_atoms) ** 2).mean()
-    forces = ((out["forces"] - batch.forces) ** 2).mean()
+    if config.force_loss == "huber":
+        # Quadratic below huber_delta, linear above (scaled so that it equals the squared error there): one
+        # atom on the repulsive wall, with a force of hundreds of eV/A, no longer outweighs whole molecules.
+        forces = 2 * F.huber_loss(out["forces"], batch.forces, delta=config.huber_delta)
+    else:
+        forces = ((out["forces"] - batch.forces) ** 2).mean()
     return config.energy_weight * energy + config.force_weight * forces, energy, forces
 
 
