@@ -135,6 +135,25 @@ def test_reference_energies_fit_the_composition(small_dataset, tmp_path):
         assert abs(ref - s.energy) < 0.02 * abs(s.energy)
 
 
+def test_wall_frames_shift_neither_the_baselines_nor_the_scale(small_dataset, tmp_path):
+    """Frames pushed onto the repulsive wall (forces of hundreds of eV/A) are left out of the reference-energy
+    fit and the force scale: adding them changes neither."""
+    import dataclasses as dc
+
+    from transip.model import ModelConfig, TransIP
+    from transip.train import fit_reference_energies
+
+    trainer = Trainer(config(small_dataset, tmp_path))
+    plain = trainer.train_set[:60]
+    wall = [dc.replace(s, kind="wall", energy=s.energy + 50.0, forces=s.forces * 300.0) for s in plain[:10]]
+    fitted = []
+    for structures in (plain, plain + wall):
+        model = TransIP(ModelConfig(elements=trainer.model.config.elements)).double()
+        fit_reference_energies(model, structures)
+        fitted.append((model.reference_energy.clone(), model.energy_scale.clone()))
+    assert torch.equal(fitted[0][0], fitted[1][0]) and torch.equal(fitted[0][1], fitted[1][1])
+
+
 # ------------------------------------------------------------------------------------------------ the recipe
 def _parameters(module):
     return [p.detach().clone() for p in module.parameters()]

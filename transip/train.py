@@ -114,7 +114,11 @@ def training_subset(train: Sequence[int], size: Optional[int], seed: int) -> Lis
 
 def fit_reference_energies(model: TransIP, structures: Sequence[Structure]) -> None:
     """Least-squares per-element energies plus per-charge and per-spin offsets; the residual force RMS sets
-    the scale of the learned part."""
+    the scale of the learned part. Frames on the repulsive wall (kind "wall") are left out of both: tens of eV
+    above equilibrium and forces of hundreds of eV/A, they would shift every atom's baseline and inflate the
+    learned part's scale for the equilibrium chemistry that makes up the rest."""
+    near_equilibrium = [s for s in structures if s.kind != "wall"]
+    structures = near_equilibrium or structures
     species = model.species_of_z.numpy()
     num_species = len(model.config.elements)
     q_max, m_max = model.max_abs_charge, model.max_multiplicity
