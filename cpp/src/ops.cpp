@@ -197,6 +197,44 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, con
   return {out, row_max, row_sum};
 }
 
+// What the backward and the double backward both take: the forward's inputs, its output and softmax state, and
+// the incoming gradient, checked and contiguous; with each edge's receiver and the edges regrouped by sender for
+// the race-free pass over senders.
+struct SavedAttention {
+  OptionalInputs optional;
+  Tensor q, k, v, bias, envelope, row_ptr, senders, grad_out, out, row_max, row_sum, receivers, sender_perm,
+      sender_ptr;
+  AttentionShape shape;
+
+  SavedAttention(const char* op, const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in,
+                 const Tensor& v_in, const Tensor& bias_in, const Tensor& envelope_in, const Tensor& row_ptr_in,
+                 const Tensor& senders_in, const std::optional<Tensor>& self_bias_in,
+                 const std::optional<Tensor>& edge_values_in, const std::optional<Tensor>& self_values_in,
+                 const Tensor& out_in, const Tensor& row_max_in, const Tensor& row_sum_in)
+      // The comma runs the checks before `optional`, the first member, is built from the inputs.
+      : optional((check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in,
+                                         self_bias_in, edge_values_in, self_values_in),
+                  self_bias_in),
+                 edge_values_in, self_values_in) {
+    const int64_t width = optional.value_width();
+    const std::vector<int64_t> out_shape{q_in.size(0), q_in.size(1), q_in.size(2) + width};
+    TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape, op,
+                ": grad_out and out must have shape (atoms, heads, head_dim + F) = ", c10::IntArrayRef(out_shape),
+                ", got ", grad_out_in.sizes(), " and ", out_in.sizes());
+    TORCH_CHECK(row_max_in.sizes() == row_sum_in.sizes() && row_max_in.dim() == 2 &&
+                    row_max_in.size(0) == q_in.size(0) && row_max_in.size(1) == q_in.size(1),
+                op, ": row_max and row_sum must have shape (atoms, heads)");
+    q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous();
+    envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(), senders = senders_in.contiguous();
+    grad_out = grad_out_in.to(q.scalar_type()).contiguous(), out = out_in.contiguous();
+    row_max = row_max_in.contiguous(), row_sum = row_sum_in.contiguous();
+    shape = AttentionShape{q.size(0), senders.numel(), q.size(1), q.size(2), width};
+    receivers = at::repeat_interleave(at::arange(shape.atoms, row_ptr.options()), row_ptr.diff(), /*dim=*/0,
+                                      /*output_size=*/shape.edges);
+    std::tie(sender_perm, sender_ptr) = csr_order(senders, shape.atoms);
+  }
+};
+
 using BackwardOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 BackwardOutputs attention_backward_cpu(const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in,
@@ -206,23 +244,16 @@ BackwardOutputs attention_backward_cpu(const Tensor& grad_out_in, const Tensor& 
                                        const std::optional<Tensor>& edge_values_in,
                                        const std::optional<Tensor>& self_values_in, const Tensor& out_in,
                                        const Tensor& row_max_in, const Tensor& row_sum_in) {
-  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in,
-                         edge_values_in, self_values_in);
-  const OptionalInputs optional(self_bias_in, edge_values_in, self_values_in);
-  const int64_t width = optional.value_width();
-  const std::vector<int64_t> out_shape{q_in.size(0), q_in.size(1), q_in.size(2) + width};
-  TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape,
-              "transip::neighbor_attention_backward: grad_out and out must have shape (atoms, heads, head_dim + F) "
-              "= ", c10::IntArrayRef(out_shape), ", got ", grad_out_in.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(row_max_in.sizes() == row_sum_in.sizes() && row_max_in.dim() == 2 && row_max_in.size(0) == q_in.size(0) &&
-                  row_max_in.size(1) == q_in.size(1),
-              "transip::neighbor_attention_backward: row_max and row_sum must have shape (atoms, heads)");
-  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous(),
-               envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(),
-               senders = senders_in.contiguous();
-  const Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous(), out = out_in.contiguous(),
-               row_max = row_max_in.contiguous(), row_sum = row_sum_in.contiguous();
-  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2), width};
+  const SavedAttention a("transip::neighbor_attention_backward", grad_out_in, q_in, k_in, v_in, bias_in,
+                         envelope_in, row_ptr_in, senders_in, self_bias_in, edge_values_in, self_values_in, out_in,
+                         row_max_in, row_sum_in);
+  const OptionalInputs& optional = a.optional;
+  const Tensor &q = a.q, &k = a.k, &v = a.v, &bias = a.bias, &envelope = a.envelope, &row_ptr = a.row_ptr,
+               &senders = a.senders, &grad_out = a.grad_out, &out = a.out, &row_max = a.row_max,
+               &row_sum = a.row_sum, &receivers = a.receivers, &sender_perm = a.sender_perm,
+               &sender_ptr = a.sender_ptr;
+  const AttentionShape& shape = a.shape;
+  const int64_t width = shape.value_width;
   Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   Tensor grad_edge_values = width > 0 ? at::empty({shape.edges, width}, q.options()) : Tensor();
   Tensor self_values_grad = width > 0 && optional.self_bias.defined() ? at::empty({shape.atoms, width}, q.options())
@@ -231,10 +262,6 @@ BackwardOutputs attention_backward_cpu(const Tensor& grad_out_in, const Tensor& 
   Tensor edge_weight = at::empty_like(bias);
   Tensor self_grad = at::zeros({shape.atoms, shape.heads}, q.options());
   Tensor self_weight = at::zeros({shape.atoms, shape.heads}, q.options());
-  // Receiver of each edge, and the edges regrouped by sender for the race-free second pass.
-  Tensor receivers = at::repeat_interleave(at::arange(shape.atoms, row_ptr.options()), row_ptr.diff(), /*dim=*/0,
-                                               /*output_size=*/shape.edges);
-  auto [sender_perm, sender_ptr] = csr_order(senders, shape.atoms);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_backward", [&] {
     const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, optional);
     const AttentionBackwardArgs<scalar_t> args{
@@ -271,26 +298,23 @@ DoubleBackwardOutputs attention_double_backward_cpu(
     const std::optional<Tensor>& tv_in, const std::optional<Tensor>& tbias_in,
     const std::optional<Tensor>& tenvelope_in, const std::optional<Tensor>& tself_bias_in,
     const std::optional<Tensor>& tedge_values_in, const std::optional<Tensor>& tself_values_in) {
-  check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in, self_bias_in,
-                         edge_values_in, self_values_in);
-  const OptionalInputs optional(self_bias_in, edge_values_in, self_values_in);
-  const int64_t width = optional.value_width();
-  const std::vector<int64_t> out_shape{q_in.size(0), q_in.size(1), q_in.size(2) + width};
-  TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape,
-              "transip::neighbor_attention_double_backward: grad_out and out must have shape (atoms, heads, "
-              "head_dim + F) = ", c10::IntArrayRef(out_shape));
-  const Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous(),
-               envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(),
-               senders = senders_in.contiguous();
-  const Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous(), out = out_in.contiguous(),
-               row_max = row_max_in.contiguous(), row_sum = row_sum_in.contiguous();
+  const SavedAttention a("transip::neighbor_attention_double_backward", grad_out_in, q_in, k_in, v_in, bias_in,
+                         envelope_in, row_ptr_in, senders_in, self_bias_in, edge_values_in, self_values_in, out_in,
+                         row_max_in, row_sum_in);
+  const OptionalInputs& optional = a.optional;
+  const Tensor &q = a.q, &k = a.k, &v = a.v, &bias = a.bias, &envelope = a.envelope, &row_ptr = a.row_ptr,
+               &senders = a.senders, &grad_out = a.grad_out, &out = a.out, &row_max = a.row_max,
+               &row_sum = a.row_sum, &receivers = a.receivers, &sender_perm = a.sender_perm,
+               &sender_ptr = a.sender_ptr;
+  const AttentionShape& shape = a.shape;
+  const int64_t width = shape.value_width;
+  const std::vector<int64_t> out_shape{shape.atoms, shape.heads, shape.head_dim + width};
   const Tensor tq = or_zeros(tq_in, q), tk = or_zeros(tk_in, k), tv = or_zeros(tv_in, v),
                tbias = or_zeros(tbias_in, bias), tenvelope = or_zeros(tenvelope_in, envelope);
   const Tensor tself_bias = optional.self_bias.defined() ? or_zeros(tself_bias_in, optional.self_bias) : Tensor();
   const Tensor tedge_values = width > 0 ? or_zeros(tedge_values_in, optional.edge_values) : Tensor();
   const Tensor tself_values =
       width > 0 && optional.self_values.defined() ? or_zeros(tself_values_in, optional.self_values) : Tensor();
-  const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2), width};
   Tensor grad_grad_out = at::empty(out_shape, q.options());
   Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
   Tensor grad_bias = at::empty_like(bias), grad_envelope = at::empty_like(envelope);
@@ -299,9 +323,6 @@ DoubleBackwardOutputs attention_double_backward_cpu(
          self_dw = at::zeros_like(self_ds);
   Tensor grad_edge_values = width > 0 ? at::empty({shape.edges, width}, q.options()) : Tensor();
   Tensor self_values_grad = tself_values.defined() ? at::empty({shape.atoms, width}, q.options()) : Tensor();
-  Tensor receivers = at::repeat_interleave(at::arange(shape.atoms, row_ptr.options()), row_ptr.diff(), /*dim=*/0,
-                                           /*output_size=*/shape.edges);
-  auto [sender_perm, sender_ptr] = csr_order(senders, shape.atoms);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_double_backward", [&] {
     const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, optional);
     const AttentionDoubleBackwardArgs<scalar_t> args{
