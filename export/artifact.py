@@ -217,6 +217,8 @@ def describe(metadata: dict) -> str:
         f"charge, spin      inputs; |charge| <= {metadata['charge_spin']['max_abs_charge']}, multiplicity 1.."
         f"{metadata['charge_spin']['max_multiplicity']}",
         "repulsion         " + _describe_repulsion(metadata["model_config"]),
+        "block geometry    " + ("edge features in every block" if metadata["model_config"].get("block_geometry")
+                                else "none (only the initial tokens see edge geometry)"),
         "trained domain    " + _describe_domain(metadata.get("trained_domain")),
         "native ops        " + (f"{ops['library']} {ops['version']}: {', '.join(ops['ops'])}" if ops else "none"),
         f"methods           {', '.join(metadata['methods'])}",

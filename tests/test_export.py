@@ -336,6 +336,7 @@ def test_export_and_inspect_commands(tmp_path):
     shown = subprocess.run([sys.executable, "-m", "transip", "inspect", str(out)], capture_output=True, text=True)
     assert "elements          H C N O F S Cl" in shown.stdout
     assert "dtype / kernel    float32 / reference" in shown.stdout and "native ops        none" in shown.stdout
+    assert "repulsion         none" in shown.stdout and "block geometry    none" in shown.stdout  # trained before
     as_json = json.loads(subprocess.run([sys.executable, "-m", "transip", "inspect", str(out), "--json"],
                                         capture_output=True, text=True).stdout)
     assert as_json["receptive_field"] == 18.0
@@ -423,3 +424,11 @@ def test_cpp_program_errors(artifacts, tmp_path):
     assert unknown.returncode == 1 and "unknown element symbol 'Qq'" in unknown.stderr
     usage = subprocess.run([str(bench_binary())], capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: transip-bench" in usage.stderr
+
+
+def test_inspect_shows_repulsion_and_block_geometry(artifacts):
+    from transip.export import describe
+
+    text = describe(read_metadata(artifacts["float64", "fused"]))
+    assert "repulsion         zbl, switched off at 1.0 x the sum of covalent radii" in text
+    assert "block geometry    edge features in every block" in text
