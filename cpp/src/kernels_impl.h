@@ -70,7 +70,8 @@ void exp_array<float>(const float* x, float* y, int64_t n) {
   constexpr float log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float xi = std::min(std::max(x[i], -87.0f), 88.0f);
+    // Ternaries, not std::min/max: those take references to constants, which kept this loop from vectorising.
+    const float xi = x[i] < -87.0f ? -87.0f : (x[i] > 88.0f ? 88.0f : x[i]);
     const float k = std::nearbyint(xi * log2e);
     const float r = (xi - k * ln2_hi) - k * ln2_lo;
     float p = 1.0f / 5040.0f;
@@ -435,6 +436,45 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
 namespace {
 
 constexpr int64_t kGrainEdges = 256;
+constexpr int64_t kMaxRowWidth = 64;
+
+// y[0..n) += sum_k x[k] w[k * n + .] over `rows` rows of w, for n <= kMaxRowWidth. One accumulator per output
+// vector makes a chain of `rows` dependent multiply-adds: latency-bound, and as slow in float32 (half as many
+// vectors) as in float64. Four partial sums over alternating rows give four independent chains per vector.
+template <typename T>
+inline void add_rows(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
+  alignas(64) T part[4][kMaxRowWidth] = {};
+  int64_t k = 0;
+  for (; k + 4 <= rows; k += 4) {
+    for (int q = 0; q < 4; ++q) {
+      const T xk = x[k + q];
+      const T* __restrict row = w + (k + q) * n;
+      T* __restrict acc = part[q];
+#pragma omp simd
+      for (int64_t h = 0; h < n; ++h) acc[h] += xk * row[h];
+    }
+  }
+  for (; k < rows; ++k) {
+    const T xk = x[k];
+    const T* __restrict row = w + k * n;
+#pragma omp simd
+    for (int64_t h = 0; h < n; ++h) part[0][h] += xk * row[h];
+  }
+#pragma omp simd
+  for (int64_t h = 0; h < n; ++h) y[h] += (part[0][h] + part[1][h]) + (part[2][h] + part[3][h]);
+}
+
+// The same sum, through add_rows when the rows fit its buffer.
+template <typename T>
+inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
+  if (n <= kMaxRowWidth) return add_rows(y, x, w, rows, n);
+  for (int64_t k = 0; k < rows; ++k) {
+    const T xk = x[k];
+    const T* __restrict row = w + k * n;
+#pragma omp simd
+    for (int64_t h = 0; h < n; ++h) y[h] += xk * row[h];
+  }
+}
 
 // Features of one edge and the first layer: f = [r / cutoff, rbf(|r|)], z = w1 f + b1, s = sigmoid(z).
 // Returns |r|.
@@ -451,12 +491,7 @@ T edge_first_layer(const EdgeEncoderParams<T>& p, const T* r, T* __restrict f, T
   }
   exp_array(rbf, rbf, p.num_rbf);
   std::copy(p.b1, p.b1 + H, z);
-  for (int64_t k = 0; k < in; ++k) {
-    const T fk = f[k];
-    const T* __restrict w = p.w1t + k * H;
-#pragma omp simd
-    for (int64_t h = 0; h < H; ++h) z[h] += fk * w[h];
-  }
+  add_rows_any(z, f, p.w1t, in, H);
 #pragma omp simd
   for (int64_t h = 0; h < H; ++h) s[h] = -z[h];
   exp_array(s, s, H);
@@ -472,13 +507,20 @@ template <typename T, int kHidden>
 inline void edge_second_layer(const EdgeEncoderParams<T>& p, const T* __restrict z, const T* __restrict s,
                               T* __restrict a) {
   const int64_t H = kHidden > 0 ? kHidden : p.hidden;
+  alignas(64) T silu[kMaxRowWidth];
   std::copy(p.b2, p.b2 + H, a);
-  for (int64_t k = 0; k < H; ++k) {
-    const T silu = z[k] * s[k];
-    const T* __restrict w = p.w2t + k * H;
+  if (H > kMaxRowWidth) {
+    for (int64_t k = 0; k < H; ++k) {
+      const T sk = z[k] * s[k];
+      const T* __restrict w = p.w2t + k * H;
 #pragma omp simd
-    for (int64_t h = 0; h < H; ++h) a[h] += silu * w[h];
+      for (int64_t h = 0; h < H; ++h) a[h] += sk * w[h];
+    }
+    return;
   }
+#pragma omp simd
+  for (int64_t k = 0; k < H; ++k) silu[k] = z[k] * s[k];
+  add_rows(a, silu, p.w2t, H, H);
 }
 
 // The smooth cutoff envelope and its derivative with respect to |r| (polynomial, zero beyond the cutoff).
@@ -521,12 +563,7 @@ void edge_forward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) pooled[h] += env * a[h];
         std::copy(p.bb, p.bb + B, bias);
-        for (int64_t k = 0; k < H; ++k) {
-          const T ak = a[k];
-          const T* __restrict w = p.wbt + k * B;
-#pragma omp simd
-          for (int64_t b = 0; b < B; ++b) bias[b] += ak * w[b];
-        }
+        add_rows_any(bias, a, p.wbt, H, B);
         for (int64_t g = 0; g < p.bias_groups; ++g)  // (groups, E, heads) layout
           std::copy(bias + g * heads, bias + (g + 1) * heads, io.bias + (g * p.edges + e) * heads);
       }
@@ -571,22 +608,12 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
       }
       // Through the second layer and SiLU: d(z s)/dz = s (1 + z (1 - s)).
       std::fill(gz, gz + H, T(0));
-      for (int64_t h = 0; h < H; ++h) {
-        const T gh = ga[h];
-        const T* __restrict w = p.w2 + h * H;
-#pragma omp simd
-        for (int64_t k = 0; k < H; ++k) gz[k] += gh * w[k];
-      }
+      add_rows_any(gz, ga, p.w2, H, H);
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) gz[k] *= s[k] * (T(1) + z[k] * (T(1) - s[k]));
       // dL/df = w1^T dL/dz
       std::fill(gf, gf + in, T(0));
-      for (int64_t h = 0; h < H; ++h) {
-        const T gh = gz[h];
-        const T* __restrict w = p.w1 + h * in;
-#pragma omp simd
-        for (int64_t k = 0; k < in; ++k) gf[k] += gh * w[k];
-      }
+      add_rows_any(gf, gz, p.w1, H, in);
       // Through the features: r / cutoff directly; the radial basis and the envelope through |r|.
       T d_length = g_env * slope;
       for (int64_t k = 0; k < p.num_rbf; ++k)
