@@ -3,6 +3,7 @@
     python benchmarks/ablation.py --config configs/ablation.json           # hours, resumable (training + accuracy)
     python benchmarks/ablation.py --config configs/ablation.json --cost    # then, on an idle machine: MD cost
     python benchmarks/ablation.py --config configs/ablation_smoke.json --cost   # minutes (CI)
+    python benchmarks/ablation.py --config configs/ablation.json --report-only  # the table from finished cells
 
 Every row of the config (a name, ModelConfig fields over `base_model`, TrainConfig fields over the shared
 training settings) trains once per seed, in its own folder under the config's `output`, with the same training
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cost", action="store_true", help="time each row's model in OpenMM (idle machine)")
     parser.add_argument("--parallel", type=int, default=None, help="cells trained at once (default: config)")
     parser.add_argument("--output", type=Path, default=None, help="cells and report here instead of the config's")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the finished cells")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -192,6 +194,9 @@ def main(argv=None) -> int:
     config = json.loads(config_path.read_text())
     if args.output is not None:
         config["output"] = config["report"] = str(args.output.resolve())
+    if args.report_only:
+        write_report(config, config_path, summarise(config))
+        return 0
     cells = [(row, seed) for row in config["rows"] for seed in config["seeds"]]
     parallel = args.parallel or config.get("parallel", 1)
     with concurrent.futures.ProcessPoolExecutor(parallel) as pool:

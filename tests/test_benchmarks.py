@@ -138,3 +138,7 @@ def test_ablation_smoke(tmp_path):
     assert len(stamps) == 2
     rerun = subprocess.run(command[:-3] + ["--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps
+    (tmp_path / "ablation.md").unlink()
+    report = subprocess.run(command[:-3] + ["--output", str(tmp_path), "--report-only"], capture_output=True,
+                            text=True, timeout=600)
+    assert report.returncode == 0 and (tmp_path / "ablation.md").read_text() == table
