@@ -305,14 +305,15 @@ def test_recipe_fields_are_checked(field, value):
 
 @pytest.mark.skipif(not __import__("transip").native.available(), reason="native ops not built")
 def test_training_on_the_fused_kernel_follows_the_reference_path(small_dataset, tmp_path):
-    """The fused attention is differentiable twice, so the force loss trains through it: in float64 the first
-    steps' losses and the weights after them equal the reference path's to round-off."""
+    """The fused path (the native attention, differentiable twice, and the per-edge work with hand-derived second
+    derivatives) trains with the force loss: in float64 the first steps' losses and the weights after them equal
+    the reference path's (plain autograd) to round-off."""
     runs = {}
     for kernel in ("reference", "fused"):
         trainer = Trainer(tiny(small_dataset, tmp_path / kernel, kernel=kernel, dtype="float64",
                                model={**TINY_MODEL, "repulsion": "zbl", "block_geometry": True}))
         assert trainer.model.blocks[0].attention.kernel == kernel
-        assert trainer.model.edge_encoder.kernel == "reference"  # the fused one is differentiable once
+        assert trainer.model.edge_encoder.kernel == kernel  # fused: TrainingEdgeEncoder, derivatives by hand
         generator = torch.Generator().manual_seed(5)
         losses = [trainer.train_step(collate(trainer.train_set[8 * i:8 * i + 8], trainer.model.cutoff,
                                              trainer.dtype), generator)["loss"] for i in range(2)]
@@ -339,3 +340,15 @@ def test_huber_force_loss_is_squared_below_delta_and_linear_above():
     assert float(huber) == pytest.approx((0.09 + (2 * 2.0 - 1) + (2 * 5.0 - 1)) / 3)  # 2 delta |d| - delta^2 above
     with pytest.raises(ValueError, match="force_loss must be mse or huber"):
         TrainConfig(data="-", output="-", force_loss="l1")
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_trainer_flushes_denormals_as_configured(small_dataset, tmp_path, flush):
+    """The radial basis's far tails are denormal in float32 and slow every product with them; the trainer
+    flushes them to zero (TrainConfig.flush_denormals), and leaves them when asked to."""
+    Trainer(tiny(small_dataset, tmp_path, flush_denormals=flush))
+    denormal = torch.tensor([1e-40], dtype=torch.float32)
+    try:
+        assert bool((denormal * 1.0 == 0.0).all()) == flush
+    finally:
+        torch.set_flush_denormal(False)

@@ -6,7 +6,8 @@ differentiable to any order: what training uses and what the tests compare again
 `fused`: the native ops of cpp/ (`torch.ops.transip.*`): the edge encoder (features, edge MLP, attention
 biases, envelope and pooled initial messages in one pass per edge) and the neighbour attention (over each atom's
 CSR row: all its scores first, then the row's maximum, then one vectorised exp over the row).
-Differentiable once, with respect to the geometry: exactly what energy -> forces and virial need.
+Differentiable once, with respect to the geometry: exactly what energy -> forces and virial need. In training the
+fused path's edge encoder is `TrainingEdgeEncoder` (hand-derived second derivatives, transip.analytic).
 
 Each implementation is its own module, so a scripted model only references the native ops when it uses them.
 """
@@ -126,6 +127,30 @@ class FusedEdgeEncoder(torch.nn.Module):
         return bias, pooled_messages(pooled, weight, num_atoms, w), env
 
 
+class TrainingEdgeEncoder(torch.nn.Module):
+    """The fused path's edge encoder in training, where the force loss differentiates it twice: the reference
+    encoder's function with its first and second derivatives written out (transip.analytic) instead of left to
+    autograd, which would record a backward graph for every small per-edge op and then differentiate that graph.
+    Plain PyTorch, so never in an exported model (TorchScript cannot compile autograd Functions)."""
+
+    kernel = "fused"
+
+    def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
+                num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from . import analytic
+
+        lengths = torch.linalg.norm(vectors, dim=1)
+        env = analytic.envelope(lengths, w.cutoff)
+        features = analytic.edge_features(vectors, lengths, w.centers, w.width, w.cutoff)
+        slot = message_slots(receivers, senders, species, w)
+        num_slots = num_atoms * w.neighbor_embedding.shape[0]
+        bias, pooled = analytic.edge_mlp(features, env, slot, num_slots, w.w1, w.b1, w.w2, w.b2, w.w_bias, w.b_bias)
+        weight = torch.zeros(num_slots, dtype=env.dtype, device=env.device).index_add(0, slot, env)
+        heads = w.w_bias.shape[0] // w.bias_groups
+        bias = bias.view(vectors.shape[0], w.bias_groups, heads).transpose(0, 1)
+        return bias, pooled_messages(pooled, weight, num_atoms, w), env
+
+
 class ReferenceNeighborAttention(torch.nn.Module):
     """Self edges made explicit (prepended), then the reference function. `edge_values` (E, F) and
     `self_values` (F,) are the edges' own values (transip/attention.py); F = 0 means none."""
@@ -167,8 +192,10 @@ def attention_module(kernel: str) -> torch.nn.Module:
     return _pick(kernel, FusedNeighborAttention, ReferenceNeighborAttention)()
 
 
-def edge_encoder_module(kernel: str) -> torch.nn.Module:
-    return _pick(kernel, FusedEdgeEncoder, ReferenceEdgeEncoder)()
+def edge_encoder_module(kernel: str, twice_differentiable: bool = False) -> torch.nn.Module:
+    """The edge encoder for a resolved kernel name; `twice_differentiable` (training with a force loss): the fused
+    op is differentiable once, so the fused path trains with TrainingEdgeEncoder."""
+    return _pick(kernel, TrainingEdgeEncoder if twice_differentiable else FusedEdgeEncoder, ReferenceEdgeEncoder)()
 
 
 def _pick(kernel: str, fused, reference):

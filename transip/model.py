@@ -19,11 +19,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import native
+from . import analytic, native
 from .elements import ELEMENT_SYMBOLS  # the one element table (transip/elements.py); others import it from here
 from .kernels import (EdgeWeights, attention_module, edge_encoder_module, edge_features, reference_edge_embedding,
                       smooth_step_down)
-from .repulsion import REPULSIONS, repulsion_tables, zbl_pair_energy, zbl_screening_function
+from .repulsion import (REPULSIONS, repulsion_tables, zbl_pair_energy, zbl_screening_function,
+                        zbl_switched_derivatives)
 
 
 @dataclasses.dataclass
@@ -167,6 +168,7 @@ class TransIP(nn.Module):
         self.edge_message = nn.Linear(c.edge_hidden, c.d_model)
         kernel = native.default_kernel() if kernel is None else native.resolve_kernel(kernel)
         self.edge_encoder = edge_encoder_module(kernel)
+        self.analytic_derivatives = False  # per-edge terms through transip.analytic (set_kernel, for training)
         self.geometry_width = 3 + c.num_rbf if c.block_geometry else 0
         self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier, kernel,
                                                     self.geometry_width) for _ in range(c.num_layers)])
@@ -194,12 +196,13 @@ class TransIP(nn.Module):
     def set_kernel(self, kernel: str, twice_differentiable: bool = False) -> "TransIP":
         """Switch the edge encoder and every attention layer to 'fused', 'reference' or 'auto' (fused when the
         native library is loaded); returns the model. `twice_differentiable` (training with a force loss, which
-        differentiates the forces): parts whose fused op is differentiable only once keep the reference kernel.
-        The fused attention is differentiable twice; the fused edge encoder once."""
+        differentiates the forces): the fused attention is differentiable twice; the edge encoder, the block
+        geometry's features and the repulsion run with hand-derived second derivatives (transip.analytic)."""
         resolved = native.resolve_kernel(kernel)
         for block in self.blocks:
             block.attention = attention_module(resolved)
-        self.edge_encoder = edge_encoder_module("reference" if twice_differentiable else resolved)
+        self.edge_encoder = edge_encoder_module(resolved, twice_differentiable)
+        self.analytic_derivatives = twice_differentiable and resolved == "fused"
         return self
 
     @property
@@ -233,6 +236,8 @@ class TransIP(nn.Module):
         if self.geometry_width == 0:
             return edge_vectors[:, :0]
         lengths = torch.linalg.norm(edge_vectors, dim=1)
+        if self.analytic_derivatives and not torch.jit.is_scripting():
+            return analytic_edge_features(edge_vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff)
         return edge_features(edge_vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff)
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
@@ -293,6 +298,11 @@ class TransIP(nn.Module):
             return energies
         s_i, s_j = species.index_select(0, receivers), species.index_select(0, senders)
         lengths = torch.linalg.norm(edge_vectors, dim=1)
+        if self.analytic_derivatives and not torch.jit.is_scripting():
+            share = analytic_zbl(lengths, self.repulsion_charge_product[s_i, s_j],
+                                 self.repulsion_inverse_screening[s_i, s_j], self.repulsion_switch_off[s_i, s_j],
+                                 self.repulsion_coefficients, self.repulsion_exponents)
+            return energies.index_add(0, receivers, share)
         pair_energy = zbl_pair_energy(lengths, self.repulsion_charge_product[s_i, s_j],
                                       self.repulsion_inverse_screening[s_i, s_j], self.repulsion_coefficients,
                                       self.repulsion_exponents)
@@ -354,6 +364,23 @@ class TransIP(nn.Module):
             for key, value in derived.items():
                 out[key] = value
         return out
+
+
+@torch.jit.unused
+def analytic_edge_features(vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
+                           cutoff: float) -> torch.Tensor:
+    """`edge_features` with hand-derived second derivatives (training; never compiled into an artifact)."""
+    return analytic.edge_features(vectors, lengths, centers, width, cutoff)
+
+
+@torch.jit.unused
+def analytic_zbl(lengths: torch.Tensor, charge_product: torch.Tensor, inverse_screening: torch.Tensor,
+                 switch_off: torch.Tensor, coefficients: torch.Tensor, exponents: torch.Tensor) -> torch.Tensor:
+    """Each edge's share of the switched repulsion with hand-derived second derivatives (training)."""
+    with torch.no_grad():
+        derivatives = zbl_switched_derivatives(lengths, charge_product, inverse_screening, switch_off, coefficients,
+                                               exponents)
+    return analytic.radial(lengths, *derivatives)
 
 
 def edge_forces_and_virial(g: torch.Tensor, edge_vectors: torch.Tensor, receivers: torch.Tensor,

@@ -55,3 +55,23 @@ def zbl_pair_energy(lengths: torch.Tensor, charge_product: torch.Tensor, inverse
     x = (lengths * inverse_screening)[:, None]
     phi = (coefficients * torch.exp(-exponents * x)).sum(1)
     return charge_product / lengths * phi
+
+
+def zbl_switched_derivatives(lengths: torch.Tensor, charge_product: torch.Tensor, inverse_screening: torch.Tensor,
+                             switch_off: torch.Tensor, coefficients: torch.Tensor,
+                             exponents: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Half the switched pair energy, E = g(r) S(r / r_off) / 2 with g = k Z_i Z_j phi(r / a) / r, and its first
+    two derivatives with respect to r (for transip.analytic.radial; the value equals zbl_pair_energy x switch / 2)."""
+    from .analytic import smooth_step_down_derivatives
+
+    a = inverse_screening[:, None]
+    terms = coefficients * torch.exp(-exponents * lengths[:, None] * a)  # (E, 4)
+    phi = terms.sum(1)
+    phi_1 = -(exponents * terms).sum(1) * inverse_screening  # d phi / dr
+    phi_2 = (exponents * exponents * terms).sum(1) * inverse_screening ** 2
+    inverse = 1.0 / lengths
+    g = charge_product * phi * inverse
+    g_1 = charge_product * (phi_1 - phi * inverse) * inverse
+    g_2 = charge_product * (phi_2 - 2.0 * phi_1 * inverse + 2.0 * phi * inverse * inverse) * inverse
+    s, s_1, s_2 = smooth_step_down_derivatives(lengths / switch_off, switch_off)
+    return 0.5 * g * s, 0.5 * (g_1 * s + g * s_1), 0.5 * (g_2 * s + 2.0 * g_1 * s_1 + g * s_2)

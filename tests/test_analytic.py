@@ -1,0 +1,114 @@
+"""Hand-derived derivatives of the per-edge work (transip/analytic.py) against plain autograd: values, first and
+second derivatives, and the refusal of a third."""
+
+import pytest
+import torch
+
+from transip import analytic
+from transip.kernels import EdgeWeights, ReferenceEdgeEncoder, TrainingEdgeEncoder, edge_features, envelope
+from transip.repulsion import repulsion_tables, zbl_pair_energy, zbl_screening_function
+
+
+def mlp_inputs(edges=9, features=5, hidden=4, biases=3, slots=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+    slot = torch.randint(0, slots, (edges,), generator=g)
+    inputs = (x(edges, features), torch.rand(edges, generator=g, dtype=torch.float64).requires_grad_(True),
+              x(hidden, features), x(hidden), x(hidden, hidden), x(hidden), x(biases, hidden), x(biases))
+    return inputs, slot, slots
+
+
+def test_edge_mlp_gradcheck_and_gradgradcheck():
+    """Every input and weight, first and second derivatives (including cotangents on the weight gradients)."""
+    inputs, slot, slots = mlp_inputs()
+    fn = lambda f, env, w1, b1, w2, b2, wb, bb: analytic.edge_mlp(f, env, slot, slots, w1, b1, w2, b2, wb, bb)
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def random_vectors(edges=40, seed=1, cutoff=4.0):
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.nn.functional.normalize(torch.randn(edges, 3, generator=g, dtype=torch.float64), dim=1)
+    return direction * (0.3 + (cutoff + 0.5) * torch.rand(edges, 1, generator=g, dtype=torch.float64))
+
+
+def second_derivatives(fn, vectors):
+    """A scalar built from fn's output and its gradient (as a force loss is), and that scalar's gradient."""
+    r = vectors.clone().requires_grad_(True)
+    out = fn(r)
+    weights = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).view_as(out)
+    (first,) = torch.autograd.grad((weights * out).sum(), r, create_graph=True)
+    loss = (out * weights).sum() + (first * first).sum()
+    (second,) = torch.autograd.grad(loss, r)
+    return out.detach(), first.detach(), second
+
+
+@pytest.mark.parametrize("name", ["features", "envelope", "repulsion"])
+def test_radial_functions_equal_autograd_to_second_order(name):
+    cutoff, centers = 4.0, torch.linspace(0.0, 4.0, 8, dtype=torch.float64)
+    elements = [1, 6, 8]
+    charge_product, inverse_screening, switch_off = (t[1, 2].expand(40) for t in repulsion_tables(elements, 1.0))
+    coefficients, exponents = zbl_screening_function()
+    length = lambda r: torch.linalg.norm(r, dim=1)
+    plain, hand = {
+        "features": (lambda r: edge_features(r, length(r), centers, 0.5, cutoff),
+                     lambda r: analytic.edge_features(r, length(r), centers, 0.5, cutoff)),
+        "envelope": (lambda r: envelope(length(r), cutoff), lambda r: analytic.envelope(length(r), cutoff)),
+        "repulsion": (
+            lambda r: 0.5 * zbl_pair_energy(length(r), charge_product, inverse_screening, coefficients, exponents)
+            * envelope(length(r) / switch_off, 1.0),
+            lambda r: analytic.radial(length(r), *analytic_zbl(length(r), charge_product, inverse_screening,
+                                                              switch_off, coefficients, exponents))),
+    }[name]
+    vectors = random_vectors()
+    for x, y in zip(second_derivatives(hand, vectors), second_derivatives(plain, vectors)):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def analytic_zbl(*args):
+    from transip.repulsion import zbl_switched_derivatives
+
+    return zbl_switched_derivatives(*args)
+
+
+def encoder_inputs(hidden=16, num_rbf=6, species=3, atoms=7, edges=30, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    w = lambda *shape: 0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    receivers = torch.sort(torch.randint(0, atoms, (edges,), generator=g)).values
+    senders = torch.randint(0, atoms, (edges,), generator=g)
+    weights = EdgeWeights(torch.linspace(0.0, 4.0, num_rbf, dtype=torch.float64), 0.7, 4.0, w(hidden, 3 + num_rbf),
+                          w(hidden), w(hidden, hidden), w(hidden), w(2 * 4, hidden), w(2 * 4), 2, w(12, hidden), w(12),
+                          w(species, 12))
+    return random_vectors(edges, seed), receivers, senders, torch.randint(0, species, (atoms,), generator=g), atoms, \
+        weights
+
+
+def test_training_edge_encoder_equals_reference_to_second_order():
+    """Outputs, the geometry gradient (forces) and the gradient of a force-loss-like scalar with respect to the
+    geometry and every weight: what training differentiates."""
+    vectors, receivers, senders, species, atoms, weights = encoder_inputs()
+    results = []
+    for encoder in (TrainingEdgeEncoder(), ReferenceEdgeEncoder()):
+        params = [p.clone().requires_grad_(i >= 3) if isinstance(p, torch.Tensor) else p  # not the rbf centres
+                  for i, p in enumerate(weights)]
+        leaves = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
+        r = vectors.clone().requires_grad_(True)
+        outputs = encoder(r, receivers, senders, species, atoms, EdgeWeights(*params))
+        energy = sum((torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view_as(o) * o).sum() for o in outputs)
+        (forces,) = torch.autograd.grad(energy, r, create_graph=True)
+        loss = energy + (forces ** 2).sum()
+        grads = torch.autograd.grad(loss, [r] + leaves)
+        results.append([o.detach() for o in outputs] + [forces.detach()] + list(grads))
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_third_derivative_is_refused():
+    inputs, slot, slots = mlp_inputs()
+    features, env, *weights = inputs
+    bias, pooled = analytic.edge_mlp(features, env, slot, slots, *weights)
+    (first,) = torch.autograd.grad(bias.sum() + pooled.sum(), features, create_graph=True)
+    (second,) = torch.autograd.grad((first ** 2).sum(), features, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with "
+                                           "@once_differentiable"):
+        second.sum().backward()
