@@ -7,7 +7,7 @@ Runs, in this order and one at a time (so that none disturbs another's timing): 
 fused vs reference, to 100 000 atoms), attention_kernels (one layer: fused, reference, dense SDPA),
 cpp_vs_python (the C++ inference program against Python, float32/float64), openmm_overhead and
 lammps_overhead (the examples), engines (OpenMM, LAMMPS 1 and 2 ranks, MACE, TIP3P to 100 000 atoms),
-training_speed (training steps on the fused kernel against the reference path). Then it
+training_speed (training steps on the fused path against today's training). Then it
 reads their JSON, checks the targets of the benchmark issue against the measured numbers, and writes
 BENCHMARKS.md: machine, command, verdicts, and every table and plot. If the accuracy study's report exists
 (docs/accuracy_study/study.json, benchmarks/accuracy_study.py), its force errors stand beside the speeds.
@@ -103,7 +103,7 @@ def verdicts(results: Path) -> list:
                      ", ".join(f"{r['structure']}: {d['cpp_ms'] / r['cpp_ms']:.2f}x" for d, r in boxes32),
                      all(d["cpp_ms"] / r["cpp_ms"] >= 1.7 for d, r in boxes32)))
     training = json.loads((results / "training_speed.json").read_text())
-    rows.append(("training: fused path >= 3x the reference path's steps per second (same model and batch)",
+    rows.append(("training: fused path >= 3x today's training steps per second (same model and batch)",
                  f"{training['speedup']:.2f}x", training["speedup"] >= 3))
     peer = [(m["atoms_actual"], find(engines, system=m["system"], atoms=m["atoms"], engine="mace"), m)
             for m in engines if m["engine"] == "model" and ok(m)]

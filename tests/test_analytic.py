@@ -43,7 +43,7 @@ def second_derivatives(fn, vectors):
     return out.detach(), first.detach(), second
 
 
-@pytest.mark.parametrize("name", ["features", "envelope", "repulsion"])
+@pytest.mark.parametrize("name", ["lengths", "features", "envelope", "repulsion"])
 def test_radial_functions_equal_autograd_to_second_order(name):
     cutoff, centers = 4.0, torch.linspace(0.0, 4.0, 8, dtype=torch.float64)
     elements = [1, 6, 8]
@@ -51,6 +51,7 @@ def test_radial_functions_equal_autograd_to_second_order(name):
     coefficients, exponents = zbl_screening_function()
     length = lambda r: torch.linalg.norm(r, dim=1)
     plain, hand = {
+        "lengths": (length, analytic.lengths),
         "features": (lambda r: edge_features(r, length(r), centers, 0.5, cutoff),
                      lambda r: analytic.edge_features(r, length(r), centers, 0.5, cutoff)),
         "envelope": (lambda r: envelope(length(r), cutoff), lambda r: analytic.envelope(length(r), cutoff)),
@@ -63,6 +64,17 @@ def test_radial_functions_equal_autograd_to_second_order(name):
     vectors = random_vectors()
     for x, y in zip(second_derivatives(hand, vectors), second_derivatives(plain, vectors)):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_lengths_of_a_zero_vector_have_zero_derivatives():
+    """torch.linalg.norm gives a zero gradient at r = 0 but a NaN second derivative; the hand-written one gives
+    zeros for both."""
+    vectors = random_vectors(edges=4)
+    vectors[2] = 0.0
+    value, first, second = second_derivatives(analytic.lengths, vectors)
+    assert float(value[2]) == 0.0 and torch.equal(first[2], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(second[2], torch.zeros(3, dtype=torch.float64))
+    assert torch.isnan(second_derivatives(lambda r: torch.linalg.norm(r, dim=1), vectors)[2][2]).all()
 
 
 def analytic_zbl(*args):

@@ -352,3 +352,15 @@ def test_trainer_flushes_denormals_as_configured(small_dataset, tmp_path, flush)
         assert bool((denormal * 1.0 == 0.0).all()) == flush
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_joint_views_give_the_same_losses_as_separate_calls(small_dataset, tmp_path):
+    """Both views of the learned-equivariance objective in one model call: the same losses as two calls."""
+    losses = {}
+    for joint in (False, True):
+        trainer = Trainer(tiny(small_dataset, tmp_path / str(joint), dtype="float64", joint_views=joint))
+        generator = torch.Generator().manual_seed(3)
+        steps = [trainer.train_step(collate(trainer.train_set[8 * i:8 * i + 8], trainer.model.cutoff,
+                                            trainer.dtype), generator) for i in range(2)]
+        losses[joint] = [[step[key] for key in sorted(step)] for step in steps]
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-10)

@@ -6,6 +6,7 @@ edge MLP) records its own backward graph and then that graph's backward: hundred
 Here each function comes with its derivatives written out, as autograd Functions that are differentiable exactly
 twice (a third derivative raises), so the double backward is a handful of matrix products per step:
 
+- `lengths(vectors)`: |r| per edge;
 - `radial(lengths, value, slope, curvature)`: any function of the edge length, given its value and first two
   derivatives (radial basis, envelope, repulsion);
 - `edge_mlp(features, envelope, slot, num_slots, w1, b1, w2, b2, wb, bb)`: the edge MLP a = W2 SiLU(W1 f + b1) + b2,
@@ -22,6 +23,46 @@ from typing import Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
+
+# ------------------------------------------------------------------------------------------------- lengths
+class _Lengths(torch.autograd.Function):
+    """|r| per edge (E,); the gradient at a zero vector is zero, as torch.linalg.norm's."""
+
+    @staticmethod
+    def forward(ctx, vectors):
+        lengths = torch.linalg.norm(vectors, dim=1)
+        ctx.save_for_backward(vectors, lengths)
+        return lengths
+
+    @staticmethod
+    def backward(ctx, grad):
+        vectors, lengths = ctx.saved_tensors
+        return _LengthsBackward.apply(grad, vectors, lengths)
+
+
+class _LengthsBackward(torch.autograd.Function):
+    """dL/dr = g r / |r|: linear in g; its own derivative in r is g (I - r^ r^T) / |r|."""
+
+    @staticmethod
+    def forward(ctx, grad, vectors, lengths):
+        inverse = torch.where(lengths > 0, 1.0 / lengths, torch.zeros_like(lengths))
+        ctx.save_for_backward(grad, vectors, inverse)
+        return (grad * inverse)[:, None] * vectors
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, cotangent):
+        grad, vectors, inverse = ctx.saved_tensors
+        along = (cotangent * vectors).sum(1) * inverse  # c . r^
+        unit = vectors * inverse[:, None]
+        d_vectors = (grad * inverse)[:, None] * (cotangent - along[:, None] * unit)
+        return along, d_vectors, None
+
+
+def lengths(vectors: torch.Tensor) -> torch.Tensor:
+    """|r| of every edge (E,), differentiable twice by hand."""
+    return _Lengths.apply(vectors)
+
 
 # ------------------------------------------------------------------------------------------------- radial
 class _Radial(torch.autograd.Function):

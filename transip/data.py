@@ -264,6 +264,18 @@ class Batch:
         return dataclasses.replace(self, positions=self.positions @ rt, cell=self.cell @ rt,
                                    forces=None if self.forces is None else self.forces @ rt)
 
+    def joined(self, other: "Batch") -> "Batch":
+        """One batch holding this one's structures, then `other`'s (one model call evaluates both)."""
+        def cat(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if a is None or b is None else torch.cat([a, b])
+
+        return Batch(cat(self.positions, other.positions), cat(self.numbers, other.numbers),
+                     cat(self.batch, other.batch + self.num_structures), cat(self.charge, other.charge),
+                     cat(self.spin, other.spin), cat(self.cell, other.cell), cat(self.pbc, other.pbc),
+                     torch.cat([self.edge_index, other.edge_index + self.positions.shape[0]], dim=1),
+                     cat(self.shifts, other.shifts), cat(self.energy, other.energy), cat(self.forces, other.forces),
+                     cat(self.num_atoms, other.num_atoms))
+
 
 def collate(structures: Sequence[Structure], cutoff: float, dtype=torch.float64) -> Batch:
     numbers = torch.from_numpy(np.concatenate([s.numbers for s in structures]))

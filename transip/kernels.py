@@ -139,7 +139,7 @@ class TrainingEdgeEncoder(torch.nn.Module):
                 num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from . import analytic
 
-        lengths = torch.linalg.norm(vectors, dim=1)
+        lengths = analytic.lengths(vectors)
         env = analytic.envelope(lengths, w.cutoff)
         features = analytic.edge_features(vectors, lengths, w.centers, w.width, w.cutoff)
         slot = message_slots(receivers, senders, species, w)

@@ -231,11 +231,16 @@ class TransIP(nn.Module):
         embedding = reference_edge_embedding(zero, zero[:, 0], weights)
         return torch.nn.functional.linear(embedding, weights.w_bias, weights.b_bias)
 
+    def edge_lengths(self, edge_vectors: torch.Tensor) -> torch.Tensor:
+        if self.analytic_derivatives and not torch.jit.is_scripting():
+            return analytic_lengths(edge_vectors)
+        return torch.linalg.norm(edge_vectors, dim=1)
+
     def edge_values(self, edge_vectors: torch.Tensor) -> torch.Tensor:
         """The edge features every block averages (E, 3 + num_rbf), or (E, 0) without block geometry."""
         if self.geometry_width == 0:
             return edge_vectors[:, :0]
-        lengths = torch.linalg.norm(edge_vectors, dim=1)
+        lengths = self.edge_lengths(edge_vectors)
         if self.analytic_derivatives and not torch.jit.is_scripting():
             return analytic_edge_features(edge_vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff)
         return edge_features(edge_vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff)
@@ -297,7 +302,7 @@ class TransIP(nn.Module):
         if not self.repulsion or edge_vectors.shape[0] == 0:
             return energies
         s_i, s_j = species.index_select(0, receivers), species.index_select(0, senders)
-        lengths = torch.linalg.norm(edge_vectors, dim=1)
+        lengths = self.edge_lengths(edge_vectors)
         if self.analytic_derivatives and not torch.jit.is_scripting():
             share = analytic_zbl(lengths, self.repulsion_charge_product[s_i, s_j],
                                  self.repulsion_inverse_screening[s_i, s_j], self.repulsion_switch_off[s_i, s_j],
@@ -364,6 +369,12 @@ class TransIP(nn.Module):
             for key, value in derived.items():
                 out[key] = value
         return out
+
+
+@torch.jit.unused
+def analytic_lengths(vectors: torch.Tensor) -> torch.Tensor:
+    """|r| per edge with hand-derived second derivatives (training; never compiled into an artifact)."""
+    return analytic.lengths(vectors)
 
 
 @torch.jit.unused
