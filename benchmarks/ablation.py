@@ -178,6 +178,36 @@ def write_report(config: dict, config_path: Path, rows: list) -> None:
             + (f"{r['openmm_ms_per_step']:.1f}" if r["openmm_ms_per_step"] is not None else "not measured") + " |")
     out = ROOT / config["report"] / "ablation"
     write_results(out, {"config": config, "rows": rows, "machine": machine()}, lines)
+    plot_error_against_cost(rows, out.with_suffix(".png"))
+
+
+def plot_error_against_cost(rows: list, path: Path) -> None:
+    """Force MAE on held-out scaffolds against the MD cost of each measured row, in row order."""
+    measured = [r for r in rows if r["openmm_ms_per_step"] is not None and "test_scaffolds/force_mae" in r]
+    if not measured:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = [r["openmm_ms_per_step"] for r in measured]
+    y = [1000 * r["test_scaffolds/force_mae"] for r in measured]
+    ax.plot(x, y, color="0.7", zorder=1)
+    # Rows that change only training (EMA, schedule) share one MD cost: a marker per row, names in the legend.
+    for index, (r, xi, yi) in enumerate(zip(measured, x, y)):
+        ax.errorbar([xi], [yi], yerr=[1000 * r["test_scaffolds/force_mae/spread"]], fmt="osD^vP*X"[index % 8],
+                    capsize=3, markersize=7, label=f"{index + 1}: {r['row']}", zorder=2)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_xlabel("OpenMM ms per MD step (999-atom water box)")
+    ax.set_ylabel("force MAE, held-out scaffolds (meV/A)")
+    ax.set_yscale("log")
+    ax.set_title("Each change added in turn (mean of seeds; bars: half the spread)", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
