@@ -1,29 +1,12 @@
-"""Hand-derived derivatives of the per-edge work (transip/analytic.py) against plain autograd: values, first and
-second derivatives, and the refusal of a third."""
+"""Hand-derived derivatives for training against plain autograd: the radial functions of transip/analytic.py
+and the fused training edge encoder (native ops): values, first and second derivatives, and refusals."""
 
 import pytest
 import torch
 
-from transip import analytic
+from transip import analytic, native
 from transip.kernels import EdgeWeights, ReferenceEdgeEncoder, TrainingEdgeEncoder, edge_features, envelope
 from transip.repulsion import repulsion_tables, zbl_pair_energy, zbl_screening_function
-
-
-def mlp_inputs(edges=9, features=5, hidden=4, biases=3, slots=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
-    slot = torch.randint(0, slots, (edges,), generator=g)
-    inputs = (x(edges, features), torch.rand(edges, generator=g, dtype=torch.float64).requires_grad_(True),
-              x(hidden, features), x(hidden), x(hidden, hidden), x(hidden), x(biases, hidden), x(biases))
-    return inputs, slot, slots
-
-
-def test_edge_mlp_gradcheck_and_gradgradcheck():
-    """Every input and weight, first and second derivatives (including cotangents on the weight gradients)."""
-    inputs, slot, slots = mlp_inputs()
-    fn = lambda f, env, w1, b1, w2, b2, wb, bb: analytic.edge_mlp(f, env, slot, slots, w1, b1, w2, b2, wb, bb)
-    assert torch.autograd.gradcheck(fn, inputs)
-    assert torch.autograd.gradgradcheck(fn, inputs)
 
 
 def random_vectors(edges=40, seed=1, cutoff=4.0):
@@ -43,7 +26,7 @@ def second_derivatives(fn, vectors):
     return out.detach(), first.detach(), second
 
 
-@pytest.mark.parametrize("name", ["lengths", "features", "envelope", "repulsion"])
+@pytest.mark.parametrize("name", ["lengths", "features", "repulsion"])
 def test_radial_functions_equal_autograd_to_second_order(name):
     cutoff, centers = 4.0, torch.linspace(0.0, 4.0, 8, dtype=torch.float64)
     elements = [1, 6, 8]
@@ -54,7 +37,6 @@ def test_radial_functions_equal_autograd_to_second_order(name):
         "lengths": (length, analytic.lengths),
         "features": (lambda r: edge_features(r, length(r), centers, 0.5, cutoff),
                      lambda r: analytic.edge_features(r, length(r), centers, 0.5, cutoff)),
-        "envelope": (lambda r: envelope(length(r), cutoff), lambda r: analytic.envelope(length(r), cutoff)),
         "repulsion": (
             lambda r: 0.5 * zbl_pair_energy(length(r), charge_product, inverse_screening, coefficients, exponents)
             * envelope(length(r) / switch_off, 1.0),
@@ -83,44 +65,61 @@ def analytic_zbl(*args):
     return zbl_switched_derivatives(*args)
 
 
-def encoder_inputs(hidden=16, num_rbf=6, species=3, atoms=7, edges=30, seed=2):
+def encoder_inputs(hidden=16, num_rbf=6, species=3, atoms=7, edges=30, seed=2, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    w = lambda *shape: 0.5 * torch.randn(*shape, generator=g, dtype=torch.float64)
+    w = lambda *shape: 0.5 * torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
     receivers = torch.sort(torch.randint(0, atoms, (edges,), generator=g)).values
     senders = torch.randint(0, atoms, (edges,), generator=g)
-    weights = EdgeWeights(torch.linspace(0.0, 4.0, num_rbf, dtype=torch.float64), 0.7, 4.0, w(hidden, 3 + num_rbf),
-                          w(hidden), w(hidden, hidden), w(hidden), w(2 * 4, hidden), w(2 * 4), 2, w(12, hidden), w(12),
+    weights = EdgeWeights(torch.linspace(0.0, 4.0, num_rbf, dtype=dtype), 0.7, 4.0, w(hidden, 3 + num_rbf), w(hidden),
+                          w(hidden, hidden), w(hidden), w(2 * 4, hidden), w(2 * 4), 2, w(12, hidden), w(12),
                           w(species, 12))
-    return random_vectors(edges, seed), receivers, senders, torch.randint(0, species, (atoms,), generator=g), atoms, \
-        weights
+    return random_vectors(edges, seed).to(dtype), receivers, senders, \
+        torch.randint(0, species, (atoms,), generator=g), atoms, weights
 
 
-def test_training_edge_encoder_equals_reference_to_second_order():
+def encoder_second_order(encoder, vectors, receivers, senders, species, atoms, weights):
     """Outputs, the geometry gradient (forces) and the gradient of a force-loss-like scalar with respect to the
     geometry and every weight: what training differentiates."""
+    params = [p.clone().requires_grad_(i >= 3) if isinstance(p, torch.Tensor) else p  # not the rbf centres
+              for i, p in enumerate(weights)]
+    leaves = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
+    r = vectors.clone().requires_grad_(True)
+    outputs = encoder(r, receivers, senders, species, atoms, EdgeWeights(*params))
+    energy = sum((torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view_as(o) * o).sum() for o in outputs)
+    (forces,) = torch.autograd.grad(energy, r, create_graph=True)
+    loss = energy + (forces ** 2).sum()
+    return [o.detach() for o in outputs] + [forces.detach()] + list(torch.autograd.grad(loss, [r] + leaves))
+
+
+@pytest.mark.skipif(not native.available(), reason="native ops not built")
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("hidden,edges", [(16, 30), (24, 30), (16, 0)])  # 16: compiled width; 24: any width
+def test_training_edge_encoder_equals_reference_to_second_order(dtype, rtol, hidden, edges):
+    """The native training ops (forward, backward with weight gradients, double backward) against autograd
+    through the reference encoder."""
+    inputs = encoder_inputs(hidden=hidden, edges=edges, dtype=dtype)
+    fused = encoder_second_order(TrainingEdgeEncoder(), *inputs)
+    reference = encoder_second_order(ReferenceEdgeEncoder(), *inputs)
+    for x, y in zip(fused, reference):
+        scale = max(float(y.abs().max()), 1.0) if y.numel() else 1.0
+        assert float((x - y).abs().max()) <= rtol * scale if x.numel() else x.shape == y.shape
+
+
+@pytest.mark.skipif(not native.available(), reason="native ops not built")
+def test_training_edge_encoder_refuses_to_differentiate_weight_gradients():
     vectors, receivers, senders, species, atoms, weights = encoder_inputs()
-    results = []
-    for encoder in (TrainingEdgeEncoder(), ReferenceEdgeEncoder()):
-        params = [p.clone().requires_grad_(i >= 3) if isinstance(p, torch.Tensor) else p  # not the rbf centres
-                  for i, p in enumerate(weights)]
-        leaves = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
-        r = vectors.clone().requires_grad_(True)
-        outputs = encoder(r, receivers, senders, species, atoms, EdgeWeights(*params))
-        energy = sum((torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view_as(o) * o).sum() for o in outputs)
-        (forces,) = torch.autograd.grad(energy, r, create_graph=True)
-        loss = energy + (forces ** 2).sum()
-        grads = torch.autograd.grad(loss, [r] + leaves)
-        results.append([o.detach() for o in outputs] + [forces.detach()] + list(grads))
-    for x, y in zip(*results):
-        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+    w1 = weights.w1.clone().requires_grad_(True)
+    r = vectors.clone().requires_grad_(True)
+    bias, messages, env = TrainingEdgeEncoder()(r, receivers, senders, species, atoms, weights._replace(w1=w1))
+    (grad_w1,) = torch.autograd.grad(bias.sum() + messages.sum(), w1, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not differentiate its weights' gradients again"):
+        torch.autograd.grad(grad_w1.sum(), r)
 
 
 def test_third_derivative_is_refused():
-    inputs, slot, slots = mlp_inputs()
-    features, env, *weights = inputs
-    bias, pooled = analytic.edge_mlp(features, env, slot, slots, *weights)
-    (first,) = torch.autograd.grad(bias.sum() + pooled.sum(), features, create_graph=True)
-    (second,) = torch.autograd.grad((first ** 2).sum(), features, create_graph=True)
+    r = random_vectors(edges=5).requires_grad_(True)
+    (first,) = torch.autograd.grad(analytic.lengths(r).sum(), r, create_graph=True)
+    (second,) = torch.autograd.grad((first ** 2).sum(), r, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with "
                                            "@once_differentiable"):
         second.sum().backward()

@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .attention import neighbor_attention_reference
 
@@ -128,27 +129,84 @@ class FusedEdgeEncoder(torch.nn.Module):
 
 
 class TrainingEdgeEncoder(torch.nn.Module):
-    """The fused path's edge encoder in training, where the force loss differentiates it twice: the reference
-    encoder's function with its first and second derivatives written out (transip.analytic) instead of left to
-    autograd, which would record a backward graph for every small per-edge op and then differentiate that graph.
-    Plain PyTorch, so never in an exported model (TorchScript cannot compile autograd Functions)."""
+    """The fused path's edge encoder in training, where the force loss differentiates it twice: the forward is
+    `torch.ops.transip.edge_encoder`, the backward `edge_encoder_train_backward` (gradients of the geometry and
+    of every weight, in one pass per edge) and its derivative along the force loss's cotangent
+    `edge_encoder_double_backward` (one pass per slot). Wired into autograd here in Python, so never part of an
+    exported model (TorchScript cannot compile autograd Functions); the artifact uses FusedEdgeEncoder."""
 
     kernel = "fused"
 
     def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
                 num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from . import analytic
-
-        lengths = analytic.lengths(vectors)
-        env = analytic.envelope(lengths, w.cutoff)
-        features = analytic.edge_features(vectors, lengths, w.centers, w.width, w.cutoff)
         slot = message_slots(receivers, senders, species, w)
-        num_slots = num_atoms * w.neighbor_embedding.shape[0]
-        bias, pooled = analytic.edge_mlp(features, env, slot, num_slots, w.w1, w.b1, w.w2, w.b2, w.w_bias, w.b_bias)
-        weight = torch.zeros(num_slots, dtype=env.dtype, device=env.device).index_add(0, slot, env)
-        heads = w.w_bias.shape[0] // w.bias_groups
-        bias = bias.view(vectors.shape[0], w.bias_groups, heads).transpose(0, 1)
+        bias, pooled, weight, env = _TrainingEncoder.apply(
+            vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, w.w1, w.b1, w.w2,
+            w.b2, w.w_bias, w.b_bias, w.bias_groups)
         return bias, pooled_messages(pooled, weight, num_atoms, w), env
+
+
+class _TrainingEncoder(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, vectors, slot, num_slots: int, centers, width: float, cutoff: float, w1, b1, w2, b2, wb, bb,
+                groups: int):
+        outputs = torch.ops.transip.edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb,
+                                                 bb, groups)
+        ctx.save_for_backward(vectors, slot, centers, w1, b1, w2, b2, wb, bb)
+        ctx.constants = (width, cutoff, groups)
+        ctx.shapes = [o.shape for o in outputs]
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        vectors, slot, centers, *weights = ctx.saved_tensors
+        grads = [torch.zeros(shape, dtype=vectors.dtype, device=vectors.device) if g is None else g
+                 for g, shape in zip(grads, ctx.shapes)]
+        out = _TrainingEncoderBackward.apply(*grads, vectors, *weights, (slot, centers, ctx.constants))
+        return (out[0], None, None, None, None, None, *out[1:], None)
+
+
+class _TrainingEncoderBackward(torch.autograd.Function):
+    """(incoming gradients, vectors, weights) -> (dL/dvectors, dL/dweights), and its own backward along the
+    cotangent of dL/dvectors (what a force loss needs)."""
+
+    @staticmethod
+    def forward(ctx, grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, w1, b1, w2, b2, wb, bb,
+                constants):
+        slot, centers, (width, cutoff, groups) = constants
+        grad_vectors, flat = torch.ops.transip.edge_encoder_train_backward(
+            grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot, centers, width, cutoff, w1, b1,
+            w2, b2, wb, bb, groups)
+        ctx.save_for_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, w1, b1, w2, b2, wb,
+                              bb)
+        ctx.constants = constants
+        ctx.set_materialize_grads(False)
+        return (grad_vectors, *_split_weights(flat, (w1, b1, w2, b2, wb, bb)))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dot_vectors, *weight_cotangents):
+        if any(c is not None for c in weight_cotangents):
+            raise RuntimeError("the fused edge encoder does not differentiate its weights' gradients again (a "
+                               "force loss never needs it); use the reference kernel (TrainConfig.kernel="
+                               "'reference' or model.set_kernel('reference')) for that")
+        if dot_vectors is None:
+            return (None,) * 12
+        saved = ctx.saved_tensors
+        slot, centers, (width, cutoff, groups) = ctx.constants
+        *incoming, d_vectors, flat = torch.ops.transip.edge_encoder_double_backward(
+            dot_vectors, *saved[:5], slot, centers, width, cutoff, *saved[5:], groups)
+        d_w1, d_b1, d_w2, d_b2, d_wb, _ = _split_weights(flat, saved[5:])
+        return (*incoming, d_vectors, d_w1, d_b1, d_w2, d_b2, d_wb, None, None)
+
+
+def _split_weights(flat: torch.Tensor, like) -> list:
+    """The op's flat weight gradients as tensors shaped like the weights (w1, b1, w2, b2, wb, bb)."""
+    parts, start = [], 0
+    for weight in like:
+        parts.append(flat[start:start + weight.numel()].view(weight.shape))
+        start += weight.numel()
+    return parts
 
 
 class ReferenceNeighborAttention(torch.nn.Module):

@@ -150,6 +150,14 @@ struct EdgeEncoderForward {
   T* envelope;               // (E,)
 };
 
+// The parameters' gradients, laid out one after another in one buffer of weight_grad_size(p) values:
+// w1 (hidden, 3 + num_rbf), b1, w2 (hidden, hidden), b2, wb (num_bias, hidden), bb.
+template <typename T>
+inline int64_t weight_grad_size(const EdgeEncoderParams<T>& p) {
+  const int64_t H = p.hidden, in = 3 + p.num_rbf;
+  return H * in + H + H * H + H + p.num_bias * H + p.num_bias;
+}
+
 template <typename T>
 struct EdgeEncoderBackward {
   const T* vectors;
@@ -159,6 +167,31 @@ struct EdgeEncoderBackward {
   const T* grad_pooled_weight;
   const T* grad_envelope;
   T* grad_vectors;
+  T* grad_weights;  // weight_grad_size values (training), or null: gradient with respect to r_e only
+};
+
+// Training's second derivative: the backward above is linear in its incoming gradients and a function of r_e and
+// the weights; a force loss differentiates its output grad_vectors again. Given the cotangent dot_vectors of
+// grad_vectors, this returns the gradients of <dot_vectors, grad_vectors> with respect to every input of the
+// backward: the incoming gradients (which equal the forward's outputs' directional derivatives along
+// dot_vectors), r_e and the weights. Edges are visited per slot (CSR), so the per-slot sums need no atomics.
+template <typename T>
+struct EdgeEncoderDoubleBackward {
+  const T* vectors;
+  const T* dot_vectors;
+  int64_t num_slots;
+  const int64_t* slot_ptr;
+  const int64_t* slot_perm;
+  const T* grad_bias;           // (groups, E, heads)
+  const T* grad_pooled;         // (num_slots, hidden)
+  const T* grad_pooled_weight;  // (num_slots,)
+  const T* grad_envelope;       // (E,)
+  T* d_grad_bias;               // outputs, shaped as the inputs above
+  T* d_grad_pooled;
+  T* d_grad_pooled_weight;
+  T* d_grad_envelope;
+  T* d_vectors;                 // (E, 3)
+  T* grad_weights;              // weight_grad_size values
 };
 
 #define TRANSIP_DECLARE_KERNELS(NS)                                                                  \
@@ -177,6 +210,9 @@ struct EdgeEncoderBackward {
   void edge_encoder_forward(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T>& io);          \
   template <typename T>                                                                              \
   void edge_encoder_backward(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward<T>& io);        \
+  template <typename T>                                                                              \
+  void edge_encoder_double_backward(const EdgeEncoderParams<T>& p,                                   \
+                                    const EdgeEncoderDoubleBackward<T>& io);                         \
   }
 
 TRANSIP_DECLARE_KERNELS(generic)

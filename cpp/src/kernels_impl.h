@@ -572,12 +572,58 @@ void edge_forward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T
   });
 }
 
+// Per-thread partial sums of the weight gradients (each thread adds into its own copy; summed at the end).
+template <typename T>
+class PerThreadSums {
+ public:
+  explicit PerThreadSums(int64_t size) : size_(size), data_(size * at::get_num_threads(), T(0)) {}
+  T* mine() { return data_.data() + at::get_thread_num() * size_; }
+  void sum_into(T* out) const {
+    std::fill(out, out + size_, T(0));
+    for (size_t start = 0; start < data_.size(); start += size_)
+      for (int64_t i = 0; i < size_; ++i) out[i] += data_[start + i];
+  }
+
+ private:
+  int64_t size_;
+  std::vector<T> data_;
+};
+
+// m (rows, cols) += x y^T, and b += x (a weight's and its bias's gradient from one edge).
+template <typename T>
+inline void add_outer(T* __restrict m, T* __restrict b, const T* __restrict x, const T* __restrict y, int64_t rows,
+                      int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T xi = x[i];
+    T* __restrict row = m + i * cols;
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) row[j] += xi * y[j];
+    if (b != nullptr) b[i] += xi;
+  }
+}
+
+// The weight-gradient buffer's parts (weight_grad_size).
+template <typename T>
+struct WeightGrads {
+  T *w1, *b1, *w2, *b2, *wb, *bb;
+  WeightGrads(T* base, const EdgeEncoderParams<T>& p) {
+    const int64_t H = p.hidden, in = 3 + p.num_rbf;
+    w1 = base, b1 = w1 + H * in, w2 = b1 + H, b2 = w2 + H * H, wb = b2 + H, bb = wb + p.num_bias * H;
+  }
+};
+
+template <typename T>
+inline T grad_bias_of(const EdgeEncoderParams<T>& p, const T* grad_bias, int64_t e, int64_t b, int64_t heads) {
+  return grad_bias[((b / heads) * p.edges + e) * heads + b % heads];  // (groups, E, heads) layout
+}
+
 template <typename T, int kHidden>
 void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward<T>& io) {
   const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf, B = p.num_bias;
   const int64_t heads = B / p.bias_groups;
+  PerThreadSums<T> sums(io.grad_weights != nullptr ? weight_grad_size(p) : 0);
   at::parallel_for(0, p.edges, kGrainEdges, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(2 * in + 5 * H);
+    std::vector<T> buffer(2 * in + 6 * H + B);
     T* __restrict f = buffer.data();
     T* __restrict z = f + in;
     T* __restrict s = z + H;
@@ -585,6 +631,8 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
     T* __restrict ga = a + H;
     T* __restrict gz = ga + H;
     T* __restrict gf = gz + H;
+    T* __restrict hidden = gf + in;
+    T* __restrict gb = hidden + H;
     for (int64_t e = begin; e < end; ++e) {
       const T* r = io.vectors + 3 * e;
       const T length = edge_first_layer<T, kHidden>(p, r, f, z, s);
@@ -600,12 +648,8 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
         ga[h] = env * gp[h];
         g_env += a[h] * gp[h];
       }
-      for (int64_t b = 0; b < B; ++b) {
-        const T gbb = io.grad_bias[((b / heads) * p.edges + e) * heads + b % heads];
-        const T* __restrict w = p.wb + b * H;
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) ga[h] += gbb * w[h];
-      }
+      for (int64_t b = 0; b < B; ++b) gb[b] = grad_bias_of(p, io.grad_bias, e, b, heads);
+      add_rows_any(ga, gb, p.wb, B, H);
       // Through the second layer and SiLU: d(z s)/dz = s (1 + z (1 - s)).
       std::fill(gz, gz + H, T(0));
       add_rows_any(gz, ga, p.w2, H, H);
@@ -620,8 +664,162 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
         d_length += gf[3 + k] * f[3 + k] * (-(length - p.centers[k]) / (p.width * p.width));
       const T radial = length > T(0) ? d_length / length : T(0);
       for (int c = 0; c < 3; ++c) io.grad_vectors[3 * e + c] = gf[c] / p.cutoff + radial * r[c];
+      if (io.grad_weights != nullptr) {  // dL/dW = (dL/d output) (input)^T for each of the three layers
+        const WeightGrads<T> g(sums.mine(), p);
+#pragma omp simd
+        for (int64_t k = 0; k < H; ++k) hidden[k] = z[k] * s[k];
+        add_outer(g.w1, g.b1, gz, f, H, in);
+        add_outer(g.w2, g.b2, ga, hidden, H, H);
+        add_outer(g.wb, g.bb, gb, a, B, H);
+      }
     }
   });
+  if (io.grad_weights != nullptr) sums.sum_into(io.grad_weights);
+}
+
+// The envelope's second derivative with respect to |r|.
+template <typename T>
+inline T envelope_curvature(T length, T cutoff) {
+  if (!(length < cutoff)) return T(0);
+  const T x = length / cutoff;
+  return x * (T(-60) + x * (T(180) - T(120) * x)) / (cutoff * cutoff);
+}
+
+// See EdgeEncoderDoubleBackward. Per edge, with A = dL/da, C = dL/dz of the backward, and the tangent along
+// dot_r of the features (df), first layer (dz), hidden (dh) and embedding (da):
+//   d grad_bias = wb da,  d grad_pooled[slot] += d_env a + env da,  d grad_pooled_weight[slot] += d_env,
+//   d grad_envelope = d_env = env'(|r|) d|r|;
+//   with q = d_env gp, the coefficient of a itself, and dz_S = (w2^T A) SiLU''(z) dz + (w2^T q) SiLU'(z):
+//   dW1 += dz_S f^T + C df^T,  db1 += dz_S,  dW2 += A dh^T + q SiLU(z)^T,  db2 += q,  dWb += grad_bias da^T;
+//   d r  = J_f^T (w1^T dz_S) + (gp . da) env' r^ + the second derivatives of the features and the envelope.
+template <typename T, int kHidden>
+void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderDoubleBackward<T>& io) {
+  const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf, B = p.num_bias, K = p.num_rbf;
+  const int64_t heads = B / p.bias_groups;
+  const T inv_w2 = T(1) / (p.width * p.width);
+  PerThreadSums<T> sums(weight_grad_size(p));
+  at::parallel_for(0, io.num_slots, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    std::vector<T> buffer(5 * in + 15 * H + 2 * B);
+    T* __restrict f = buffer.data();
+    T* __restrict df = f + in;
+    T* __restrict gf = df + in;      // w1^T C
+    T* __restrict gF = gf + in;      // w1^T dz_S
+    T* __restrict rb1 = gF + in;     // radial basis' first derivatives (K)
+    T* __restrict z = rb1 + in;
+    T* __restrict s = z + H;
+    T* __restrict a = s + H;
+    T* __restrict hidden = a + H;
+    T* __restrict sp = hidden + H;   // SiLU'(z)
+    T* __restrict A = sp + H;
+    T* __restrict Bv = A + H;        // w2^T A
+    T* __restrict C = Bv + H;
+    T* __restrict dz = C + H;
+    T* __restrict dh = dz + H;
+    T* __restrict da = dh + H;
+    T* __restrict q = da + H;
+    T* __restrict w2q = q + H;       // w2^T q
+    T* __restrict dzS = w2q + H;
+    T* __restrict psum = dzS + H;
+    T* __restrict gb = psum + H;
+    T* __restrict dbias = gb + B;
+    for (int64_t slot = begin; slot < end; ++slot) {
+      const T* __restrict gp = io.grad_pooled + slot * H;
+      const T gw = io.grad_pooled_weight[slot];
+      std::fill(psum, psum + H, T(0));
+      T wsum = 0;
+      for (int64_t idx = io.slot_ptr[slot]; idx < io.slot_ptr[slot + 1]; ++idx) {
+        const int64_t e = io.slot_perm[idx];
+        const T* r = io.vectors + 3 * e;
+        const T* rd = io.dot_vectors + 3 * e;
+        const T length = edge_first_layer<T, kHidden>(p, r, f, z, s);
+        edge_second_layer<T, kHidden>(p, z, s, a);
+        T slope;
+        const T env = envelope_value(length, p.cutoff, &slope);
+        const T curvature = envelope_curvature(length, p.cutoff);
+        // The backward's own quantities: A = dL/da, T = dL/d env, C = dL/dz.
+        T g_env = gw + io.grad_envelope[e];
+#pragma omp simd reduction(+ : g_env)
+        for (int64_t h = 0; h < H; ++h) {
+          A[h] = env * gp[h];
+          g_env += a[h] * gp[h];
+          hidden[h] = z[h] * s[h];
+          sp[h] = s[h] * (T(1) + z[h] * (T(1) - s[h]));
+        }
+        for (int64_t b = 0; b < B; ++b) gb[b] = grad_bias_of(p, io.grad_bias, e, b, heads);
+        add_rows_any(A, gb, p.wb, B, H);
+        std::fill(Bv, Bv + H, T(0));
+        add_rows_any(Bv, A, p.w2, H, H);
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) C[h] = Bv[h] * sp[h];
+        std::fill(gf, gf + in, T(0));
+        add_rows_any(gf, C, p.w1, H, in);
+        // The tangent along dot_r.
+        const T dlength = length > T(0) ? (r[0] * rd[0] + r[1] * rd[1] + r[2] * rd[2]) / length : T(0);
+        for (int c = 0; c < 3; ++c) df[c] = rd[c] / p.cutoff;
+        for (int64_t k = 0; k < K; ++k) {
+          rb1[k] = -f[3 + k] * (length - p.centers[k]) * inv_w2;
+          df[3 + k] = rb1[k] * dlength;
+        }
+        std::fill(dz, dz + H, T(0));
+        add_rows_any(dz, df, p.w1t, in, H);
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) dh[h] = sp[h] * dz[h];
+        std::fill(da, da + H, T(0));
+        add_rows_any(da, dh, p.w2t, H, H);
+        std::fill(dbias, dbias + B, T(0));
+        add_rows_any(dbias, da, p.wbt, H, B);
+        for (int64_t b = 0; b < B; ++b)
+          io.d_grad_bias[((b / heads) * p.edges + e) * heads + b % heads] = dbias[b];
+        const T denv = slope * dlength;
+        io.d_grad_envelope[e] = denv;
+        wsum += denv;
+        T gp_da = 0;
+#pragma omp simd reduction(+ : gp_da)
+        for (int64_t h = 0; h < H; ++h) {
+          psum[h] += denv * a[h] + env * da[h];
+          q[h] = denv * gp[h];
+          gp_da += gp[h] * da[h];
+        }
+        std::fill(w2q, w2q + H, T(0));
+        add_rows_any(w2q, q, p.w2, H, H);
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) {
+          const T spp = s[h] * (T(1) - s[h]) * (T(2) + z[h] * (T(1) - T(2) * s[h]));  // SiLU''(z)
+          dzS[h] = Bv[h] * spp * dz[h] + w2q[h] * sp[h];
+        }
+        const WeightGrads<T> g(sums.mine(), p);
+        add_outer(g.w1, g.b1, dzS, f, H, in);
+        add_outer(g.w1, static_cast<T*>(nullptr), C, df, H, in);
+        add_outer(g.w2, g.b2, q, hidden, H, H);
+        add_outer(g.w2, static_cast<T*>(nullptr), A, dh, H, H);
+        add_outer(g.wb, static_cast<T*>(nullptr), gb, da, B, H);
+        // d r: through the features' first derivatives (w1^T dz_S), the envelope in A, and the second
+        // derivatives of the radial basis and the envelope along dot_r.
+        std::fill(gF, gF + in, T(0));
+        add_rows_any(gF, dzS, p.w1, H, in);
+        T radial = gp_da * slope + dlength * g_env * curvature, tangential = g_env * slope;
+        for (int64_t k = 0; k < K; ++k) {
+          const T u = (length - p.centers[k]) / p.width;
+          const T rb2 = f[3 + k] * (u * u - T(1)) * inv_w2;
+          radial += gF[3 + k] * rb1[k] + gf[3 + k] * rb2 * dlength;
+          tangential += gf[3 + k] * rb1[k];
+        }
+        T* out = io.d_vectors + 3 * e;
+        if (length > T(0)) {
+          const T inv = T(1) / length;
+          for (int c = 0; c < 3; ++c) {
+            const T unit = r[c] * inv;
+            out[c] = gF[c] / p.cutoff + radial * unit + tangential * (rd[c] - dlength * unit) * inv;
+          }
+        } else {
+          for (int c = 0; c < 3; ++c) out[c] = gF[c] / p.cutoff;
+        }
+      }
+      std::copy(psum, psum + H, io.d_grad_pooled + slot * H);
+      io.d_grad_pooled_weight[slot] = wsum;
+    }
+  });
+  sums.sum_into(io.grad_weights);
 }
 
 template <typename T>
@@ -641,6 +839,16 @@ void edge_encoder_backward(const EdgeEncoderParams<T>& p, const EdgeEncoderBackw
     case 32: return edge_backward_impl<T, 32>(p, io);
     case 64: return edge_backward_impl<T, 64>(p, io);
     default: return edge_backward_impl<T, 0>(p, io);
+  }
+}
+
+template <typename T>
+void edge_encoder_double_backward(const EdgeEncoderParams<T>& p, const EdgeEncoderDoubleBackward<T>& io) {
+  switch (p.hidden) {
+    case 16: return edge_double_backward_impl<T, 16>(p, io);
+    case 32: return edge_double_backward_impl<T, 32>(p, io);
+    case 64: return edge_double_backward_impl<T, 64>(p, io);
+    default: return edge_double_backward_impl<T, 0>(p, io);
   }
 }
 
@@ -668,6 +876,10 @@ template void edge_encoder_forward<float>(const EdgeEncoderParams<float>&, const
 template void edge_encoder_forward<double>(const EdgeEncoderParams<double>&, const EdgeEncoderForward<double>&);
 template void edge_encoder_backward<float>(const EdgeEncoderParams<float>&, const EdgeEncoderBackward<float>&);
 template void edge_encoder_backward<double>(const EdgeEncoderParams<double>&, const EdgeEncoderBackward<double>&);
+template void edge_encoder_double_backward<float>(const EdgeEncoderParams<float>&,
+                                                  const EdgeEncoderDoubleBackward<float>&);
+template void edge_encoder_double_backward<double>(const EdgeEncoderParams<double>&,
+                                                   const EdgeEncoderDoubleBackward<double>&);
 
 }  // namespace TRANSIP_KERNEL_NAMESPACE
 }  // namespace transip

@@ -12,6 +12,12 @@
 //       -> (bias (groups, E, heads), pooled, pooled_weight, envelope)  (differentiable once, in `vectors` only)
 //   transip::edge_encoder_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot,
 //                                  centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups) -> grad_vectors
+//   transip::edge_encoder_train_backward(same arguments) -> (grad_vectors, grad_weights)  (training: the weights'
+//       gradients as one flat tensor, w1, b1, w2, b2, wb, bb in turn)
+//   transip::edge_encoder_double_backward(dot_vectors, same arguments)
+//       -> (d grad_bias, d grad_pooled, d grad_pooled_weight, d grad_envelope, d vectors, grad_weights)
+//       (the gradients of <dot_vectors, grad_vectors>: what a force loss needs; transip/kernels.py wires both
+//       into autograd for training)
 //   transip::neighbor_list(positions, cell?, pbc?, cutoff) -> (edge_index, shifts)
 //   transip::csr_order(index, num_rows) -> (perm, row_ptr)
 //   transip::version() -> str,  transip::isa() -> str,  transip::keep_freed_memory() -> bool
@@ -567,41 +573,113 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> edge_encoder_cpu(const Tensor& vector
   return {bias, pooled, pooled_weight, envelope};
 }
 
-Tensor edge_encoder_backward_cpu(const Tensor& grad_bias_in, const Tensor& grad_pooled_in,
-                                 const Tensor& grad_pooled_weight_in, const Tensor& grad_envelope_in,
-                                 const Tensor& vectors_in, const Tensor& slot_in, const Tensor& centers, double width,
-                                 double cutoff, const Tensor& w1, const Tensor& b1, const Tensor& w2,
-                                 const Tensor& b2, const Tensor& wb, const Tensor& bb, int64_t bias_groups) {
+// The incoming gradients of the edge encoder's four outputs, checked against the forward's shapes.
+struct EdgeGradients {
+  Tensor bias, pooled, pooled_weight, envelope;
+};
+
+EdgeGradients check_edge_gradients(const char* op, const Tensor& grad_bias, const Tensor& grad_pooled,
+                                   const Tensor& grad_pooled_weight, const Tensor& grad_envelope,
+                                   const Tensor& vectors, const Tensor& slot, const EdgeTensors& t) {
+  const auto dtype = vectors.scalar_type();
+  const int64_t edges = vectors.size(0);
+  EdgeGradients g{grad_bias.to(dtype).contiguous(), grad_pooled.to(dtype).contiguous(),
+                  grad_pooled_weight.to(dtype).contiguous(), grad_envelope.to(dtype).contiguous()};
+  TORCH_CHECK(g.bias.numel() == edges * t.bb.numel() && g.envelope.numel() == edges && g.pooled.dim() == 2 &&
+                  g.pooled.size(1) == t.b1.numel() && g.pooled_weight.numel() == g.pooled.size(0),
+              op, "gradient shapes do not match the forward outputs");
+  if (edges > 0) {
+    const auto [lo, hi] = at::aminmax(slot);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < g.pooled.size(0), op, "slot outside [0, ",
+                g.pooled.size(0), ")");
+  }
+  return g;
+}
+
+// The backward of edge_encoder: dL/dr_e, and the weights' gradients when `with_weights` (one flat tensor laid
+// out as weight_grad_size describes; empty otherwise).
+std::tuple<Tensor, Tensor> edge_backward(const char* op, const Tensor& grad_bias_in, const Tensor& grad_pooled_in,
+                                         const Tensor& grad_pooled_weight_in, const Tensor& grad_envelope_in,
+                                         const Tensor& vectors_in, const Tensor& slot_in, const Tensor& centers,
+                                         double width, double cutoff, const Tensor& w1, const Tensor& b1,
+                                         const Tensor& w2, const Tensor& b2, const Tensor& wb, const Tensor& bb,
+                                         int64_t bias_groups, bool with_weights) {
   const EdgeTensors t = check_edge_inputs(vectors_in, slot_in, centers, w1, b1, w2, b2, wb, bb);
   check_bias_groups(bias_groups, bb);
   const Tensor vectors = vectors_in.contiguous(), slot = slot_in.contiguous();
+  const EdgeGradients g = check_edge_gradients(op, grad_bias_in, grad_pooled_in, grad_pooled_weight_in,
+                                               grad_envelope_in, vectors, slot, t);
   const int64_t edges = vectors.size(0);
-  const auto dtype = vectors.scalar_type();
-  const Tensor grad_bias = grad_bias_in.to(dtype).contiguous(), grad_pooled = grad_pooled_in.to(dtype).contiguous(),
-               grad_pooled_weight = grad_pooled_weight_in.to(dtype).contiguous(),
-               grad_envelope = grad_envelope_in.to(dtype).contiguous();
-  TORCH_CHECK(grad_bias.numel() == edges * t.bb.numel() && grad_envelope.numel() == edges &&
-                  grad_pooled.dim() == 2 && grad_pooled.size(1) == t.b1.numel() &&
-                  grad_pooled_weight.numel() == grad_pooled.size(0),
-              "transip::edge_encoder_backward: gradient shapes do not match the forward outputs");
-  if (edges > 0) {
-    const auto [lo, hi] = at::aminmax(slot);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < grad_pooled.size(0),
-                "transip::edge_encoder_backward: slot outside [0, ", grad_pooled.size(0), ")");
-  }
-  Tensor grad_vectors = at::empty_like(vectors);
-  AT_DISPATCH_FLOATING_TYPES(dtype, "transip::edge_encoder_backward", [&] {
+  Tensor grad_vectors = at::empty_like(vectors), grad_weights;
+  AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_encoder_backward", [&] {
     const auto p = edge_params<scalar_t>(edges, t, width, cutoff, bias_groups);
+    grad_weights = at::empty({with_weights ? weight_grad_size(p) : 0}, vectors.options());
     const EdgeEncoderBackward<scalar_t> io{vectors.data_ptr<scalar_t>(),      slot.data_ptr<int64_t>(),
-                                           grad_bias.data_ptr<scalar_t>(),    grad_pooled.data_ptr<scalar_t>(),
-                                           grad_pooled_weight.data_ptr<scalar_t>(),
-                                           grad_envelope.data_ptr<scalar_t>(), grad_vectors.data_ptr<scalar_t>()};
+                                           g.bias.data_ptr<scalar_t>(),       g.pooled.data_ptr<scalar_t>(),
+                                           g.pooled_weight.data_ptr<scalar_t>(), g.envelope.data_ptr<scalar_t>(),
+                                           grad_vectors.data_ptr<scalar_t>(),
+                                           with_weights ? grad_weights.data_ptr<scalar_t>() : nullptr};
     if (use_avx512())
       avx512::edge_encoder_backward<scalar_t>(p, io);
     else
       generic::edge_encoder_backward<scalar_t>(p, io);
   });
-  return grad_vectors;
+  return {grad_vectors, grad_weights};
+}
+
+Tensor edge_encoder_backward_cpu(const Tensor& grad_bias, const Tensor& grad_pooled, const Tensor& grad_pooled_weight,
+                                 const Tensor& grad_envelope, const Tensor& vectors, const Tensor& slot,
+                                 const Tensor& centers, double width, double cutoff, const Tensor& w1,
+                                 const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& wb,
+                                 const Tensor& bb, int64_t bias_groups) {
+  return std::get<0>(edge_backward("transip::edge_encoder_backward: ", grad_bias, grad_pooled, grad_pooled_weight,
+                                   grad_envelope, vectors, slot, centers, width, cutoff, w1, b1, w2, b2, wb, bb,
+                                   bias_groups, false));
+}
+
+std::tuple<Tensor, Tensor> edge_encoder_train_backward_cpu(
+    const Tensor& grad_bias, const Tensor& grad_pooled, const Tensor& grad_pooled_weight, const Tensor& grad_envelope,
+    const Tensor& vectors, const Tensor& slot, const Tensor& centers, double width, double cutoff, const Tensor& w1,
+    const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& wb, const Tensor& bb, int64_t bias_groups) {
+  return edge_backward("transip::edge_encoder_train_backward: ", grad_bias, grad_pooled, grad_pooled_weight,
+                       grad_envelope, vectors, slot, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups,
+                       true);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> edge_encoder_double_backward_cpu(
+    const Tensor& dot_vectors_in, const Tensor& grad_bias_in, const Tensor& grad_pooled_in,
+    const Tensor& grad_pooled_weight_in, const Tensor& grad_envelope_in, const Tensor& vectors_in,
+    const Tensor& slot_in, const Tensor& centers, double width, double cutoff, const Tensor& w1, const Tensor& b1,
+    const Tensor& w2, const Tensor& b2, const Tensor& wb, const Tensor& bb, int64_t bias_groups) {
+  const char* op = "transip::edge_encoder_double_backward: ";
+  const EdgeTensors t = check_edge_inputs(vectors_in, slot_in, centers, w1, b1, w2, b2, wb, bb);
+  check_bias_groups(bias_groups, bb);
+  const Tensor vectors = vectors_in.contiguous(), slot = slot_in.contiguous();
+  const Tensor dot_vectors = dot_vectors_in.to(vectors.scalar_type()).contiguous();
+  TORCH_CHECK(dot_vectors.sizes() == vectors.sizes(), op, "dot_vectors must have the shape of vectors ",
+              vectors.sizes(), ", got ", dot_vectors.sizes());
+  const EdgeGradients g = check_edge_gradients(op, grad_bias_in, grad_pooled_in, grad_pooled_weight_in,
+                                               grad_envelope_in, vectors, slot, t);
+  const int64_t edges = vectors.size(0), num_slots = g.pooled.size(0);
+  auto [slot_perm, slot_ptr] = csr_order(slot, num_slots);
+  Tensor d_bias = at::empty_like(g.bias), d_pooled = at::empty_like(g.pooled),
+         d_pooled_weight = at::empty_like(g.pooled_weight), d_envelope = at::empty_like(g.envelope),
+         d_vectors = at::empty_like(vectors), grad_weights;
+  AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_encoder_double_backward", [&] {
+    const auto p = edge_params<scalar_t>(edges, t, width, cutoff, bias_groups);
+    grad_weights = at::empty({weight_grad_size(p)}, vectors.options());
+    const EdgeEncoderDoubleBackward<scalar_t> io{
+        vectors.data_ptr<scalar_t>(),     dot_vectors.data_ptr<scalar_t>(),   num_slots,
+        slot_ptr.data_ptr<int64_t>(),     slot_perm.data_ptr<int64_t>(),      g.bias.data_ptr<scalar_t>(),
+        g.pooled.data_ptr<scalar_t>(),    g.pooled_weight.data_ptr<scalar_t>(), g.envelope.data_ptr<scalar_t>(),
+        d_bias.data_ptr<scalar_t>(),      d_pooled.data_ptr<scalar_t>(),      d_pooled_weight.data_ptr<scalar_t>(),
+        d_envelope.data_ptr<scalar_t>(),  d_vectors.data_ptr<scalar_t>(),     grad_weights.data_ptr<scalar_t>()};
+    if (use_avx512())
+      avx512::edge_encoder_double_backward<scalar_t>(p, io);
+    else
+      generic::edge_encoder_double_backward<scalar_t>(p, io);
+  });
+  return {d_bias, d_pooled, d_pooled_weight, d_envelope, d_vectors, grad_weights};
 }
 
 // Differentiable in the displacements only: forces and virial. Gradients for the parameters (training) are
@@ -706,6 +784,13 @@ TORCH_LIBRARY(transip, m) {
   m.def("edge_encoder_backward(Tensor grad_bias, Tensor grad_pooled, Tensor grad_pooled_weight, "
         "Tensor grad_envelope, Tensor vectors, Tensor slot, Tensor centers, float width, float cutoff, Tensor w1, "
         "Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1) -> Tensor");
+  m.def("edge_encoder_train_backward(Tensor grad_bias, Tensor grad_pooled, Tensor grad_pooled_weight, "
+        "Tensor grad_envelope, Tensor vectors, Tensor slot, Tensor centers, float width, float cutoff, Tensor w1, "
+        "Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups) -> (Tensor, Tensor)");
+  m.def("edge_encoder_double_backward(Tensor dot_vectors, Tensor grad_bias, Tensor grad_pooled, "
+        "Tensor grad_pooled_weight, Tensor grad_envelope, Tensor vectors, Tensor slot, Tensor centers, float width, "
+        "float cutoff, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups) -> "
+        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("neighbor_list(Tensor positions, Tensor? cell, Tensor? pbc, float cutoff) -> (Tensor, Tensor)",
         &neighbor_list);
   m.def("csr_order(Tensor index, int num_rows) -> (Tensor, Tensor)", &csr_order);
@@ -721,6 +806,8 @@ TORCH_LIBRARY_IMPL(transip, CPU, m) {
   m.impl("neighbor_attention_double_backward", &attention_double_backward_cpu);
   m.impl("edge_encoder", &edge_encoder_cpu);
   m.impl("edge_encoder_backward", &edge_encoder_backward_cpu);
+  m.impl("edge_encoder_train_backward", &edge_encoder_train_backward_cpu);
+  m.impl("edge_encoder_double_backward", &edge_encoder_double_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(transip, Autograd, m) {
