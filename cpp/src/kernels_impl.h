@@ -589,28 +589,109 @@ class PerThreadSums {
   std::vector<T> data_;
 };
 
-// m (rows, cols) += x y^T, and b += x (a weight's and its bias's gradient from one edge).
-template <typename T>
-inline void add_outer(T* __restrict m, T* __restrict b, const T* __restrict x, const T* __restrict y, int64_t rows,
-                      int64_t cols) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T xi = x[i];
-    T* __restrict row = m + i * cols;
-#pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) row[j] += xi * y[j];
-    if (b != nullptr) b[i] += xi;
+// Sums of outer products x y^T over edges, for the weight gradients: each edge's pair is copied into a tile,
+// and every kTile edges the tile is added to its target (rows, H) at once, four target rows held in registers
+// across the tile's edges instead of loaded and stored once per edge. H is the hidden width (the vectors' fast
+// axis); kH > 0 makes it a compile-time constant.
+template <typename T, int kH>
+class OuterProductTiles {
+ public:
+  static constexpr int kTile = 16;
+  explicit OuterProductTiles(int64_t hidden) : H_(kH > 0 ? kH : hidden) {}
+  ~OuterProductTiles() { flush(); }
+
+  // A term target (rows, H) += sum_e x_e y_e^T; returns its number for `put`.
+  int add_term(T* target, int64_t rows) {
+    terms_.push_back({target, rows, std::vector<T>(kTile * rows), std::vector<T>(kTile * H_)});
+    return static_cast<int>(terms_.size()) - 1;
   }
+  void put(int term, const T* x, const T* y) {
+    Term& t = terms_[term];
+    std::copy(x, x + t.rows, t.x.data() + count_ * t.rows);
+    std::copy(y, y + H_, t.y.data() + count_ * H_);
+  }
+  void next_edge() {
+    if (++count_ == kTile) flush();
+  }
+  void flush() {
+    if (count_ == 0) return;
+    for (Term& t : terms_) accumulate(t);
+    count_ = 0;
+  }
+
+ private:
+  struct Term {
+    T* target;
+    int64_t rows;
+    std::vector<T> x, y;  // (kTile, rows) and (kTile, H)
+  };
+
+  void accumulate(Term& t) const {
+    constexpr int kRows = 4;
+    const int64_t n = H_;
+    int64_t i = 0;
+    if (n <= kMaxRowWidth) {
+      for (; i + kRows <= t.rows; i += kRows) {
+        alignas(64) T acc[kRows][kH > 0 ? kH : kMaxRowWidth];
+        for (int q = 0; q < kRows; ++q) std::copy(t.target + (i + q) * n, t.target + (i + q + 1) * n, acc[q]);
+        for (int r = 0; r < count_; ++r) {
+          const T* __restrict y = t.y.data() + r * n;
+          for (int q = 0; q < kRows; ++q) {
+            const T xq = t.x[r * t.rows + i + q];
+#pragma omp simd
+            for (int64_t h = 0; h < n; ++h) acc[q][h] += xq * y[h];
+          }
+        }
+        for (int q = 0; q < kRows; ++q) std::copy(acc[q], acc[q] + n, t.target + (i + q) * n);
+      }
+    }
+    for (; i < t.rows; ++i) {
+      T* __restrict row = t.target + i * n;
+      for (int r = 0; r < count_; ++r) {
+        const T xr = t.x[r * t.rows + i];
+        const T* __restrict y = t.y.data() + r * n;
+#pragma omp simd
+        for (int64_t h = 0; h < n; ++h) row[h] += xr * y[h];
+      }
+    }
+  }
+
+  int64_t H_;
+  int count_ = 0;
+  std::vector<Term> terms_;
+};
+
+template <typename T>
+inline void add_to(T* __restrict b, const T* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) b[i] += x[i];
 }
 
-// The weight-gradient buffer's parts (weight_grad_size).
+// The per-thread weight-gradient buffer: like weight_grad_size's layout, except that w1's gradient is kept
+// transposed, (3 + num_rbf, hidden), so that every term's fast axis is the hidden width.
 template <typename T>
 struct WeightGrads {
-  T *w1, *b1, *w2, *b2, *wb, *bb;
-  WeightGrads(T* base, const EdgeEncoderParams<T>& p) {
+  T *w1t, *b1, *w2, *b2, *wb, *bb;
+  WeightGrads(T* base, const EdgeEncoderParams<T>& p) {  // base null: no weight gradients, all parts null
     const int64_t H = p.hidden, in = 3 + p.num_rbf;
-    w1 = base, b1 = w1 + H * in, w2 = b1 + H, b2 = w2 + H * H, wb = b2 + H, bb = wb + p.num_bias * H;
+    if (base == nullptr) {
+      w1t = b1 = w2 = b2 = wb = bb = nullptr;
+      return;
+    }
+    w1t = base, b1 = w1t + H * in, w2 = b1 + H, b2 = w2 + H * H, wb = b2 + H, bb = wb + p.num_bias * H;
   }
 };
+
+// Sum the threads' buffers into `out` (weight_grad_size layout), transposing w1's block back.
+template <typename T>
+void finish_weight_grads(const PerThreadSums<T>& sums, const EdgeEncoderParams<T>& p, T* out) {
+  const int64_t H = p.hidden, in = 3 + p.num_rbf;
+  std::vector<T> total(weight_grad_size(p));
+  sums.sum_into(total.data());
+  std::copy(total.begin() + H * in, total.end(), out + H * in);
+  for (int64_t j = 0; j < in; ++j)
+    for (int64_t k = 0; k < H; ++k) out[k * in + j] = total[j * H + k];
+}
 
 template <typename T>
 inline T grad_bias_of(const EdgeEncoderParams<T>& p, const T* grad_bias, int64_t e, int64_t b, int64_t heads) {
@@ -633,6 +714,10 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
     T* __restrict gf = gz + H;
     T* __restrict hidden = gf + in;
     T* __restrict gb = hidden + H;
+    // The weight gradients: this thread's buffer, through tiles of outer products (unused without weights).
+    const WeightGrads<T> g(io.grad_weights != nullptr ? sums.mine() : nullptr, p);
+    OuterProductTiles<T, kHidden> tiles(H);
+    const int w1_term = tiles.add_term(g.w1t, in), w2_term = tiles.add_term(g.w2, H), wb_term = tiles.add_term(g.wb, B);
     for (int64_t e = begin; e < end; ++e) {
       const T* r = io.vectors + 3 * e;
       const T length = edge_first_layer<T, kHidden>(p, r, f, z, s);
@@ -665,16 +750,19 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
       const T radial = length > T(0) ? d_length / length : T(0);
       for (int c = 0; c < 3; ++c) io.grad_vectors[3 * e + c] = gf[c] / p.cutoff + radial * r[c];
       if (io.grad_weights != nullptr) {  // dL/dW = (dL/d output) (input)^T for each of the three layers
-        const WeightGrads<T> g(sums.mine(), p);
 #pragma omp simd
         for (int64_t k = 0; k < H; ++k) hidden[k] = z[k] * s[k];
-        add_outer(g.w1, g.b1, gz, f, H, in);
-        add_outer(g.w2, g.b2, ga, hidden, H, H);
-        add_outer(g.wb, g.bb, gb, a, B, H);
+        tiles.put(w1_term, f, gz);
+        tiles.put(w2_term, ga, hidden);
+        tiles.put(wb_term, gb, a);
+        tiles.next_edge();
+        add_to(g.b1, gz, H);
+        add_to(g.b2, ga, H);
+        add_to(g.bb, gb, B);
       }
     }
   });
-  if (io.grad_weights != nullptr) sums.sum_into(io.grad_weights);
+  if (io.grad_weights != nullptr) finish_weight_grads(sums, p, io.grad_weights);
 }
 
 // The envelope's second derivative with respect to |r|.
@@ -722,6 +810,10 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
     T* __restrict psum = dzS + H;
     T* __restrict gb = psum + H;
     T* __restrict dbias = gb + B;
+    const WeightGrads<T> g(sums.mine(), p);
+    OuterProductTiles<T, kHidden> tiles(H);
+    const int w1_f = tiles.add_term(g.w1t, in), w1_df = tiles.add_term(g.w1t, in), w2_hidden = tiles.add_term(g.w2, H),
+              w2_dh = tiles.add_term(g.w2, H), wb_da = tiles.add_term(g.wb, B);
     for (int64_t slot = begin; slot < end; ++slot) {
       const T* __restrict gp = io.grad_pooled + slot * H;
       const T gw = io.grad_pooled_weight[slot];
@@ -787,12 +879,14 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
           const T spp = s[h] * (T(1) - s[h]) * (T(2) + z[h] * (T(1) - T(2) * s[h]));  // SiLU''(z)
           dzS[h] = Bv[h] * spp * dz[h] + w2q[h] * sp[h];
         }
-        const WeightGrads<T> g(sums.mine(), p);
-        add_outer(g.w1, g.b1, dzS, f, H, in);
-        add_outer(g.w1, static_cast<T*>(nullptr), C, df, H, in);
-        add_outer(g.w2, g.b2, q, hidden, H, H);
-        add_outer(g.w2, static_cast<T*>(nullptr), A, dh, H, H);
-        add_outer(g.wb, static_cast<T*>(nullptr), gb, da, B, H);
+        tiles.put(w1_f, f, dzS);
+        tiles.put(w1_df, df, C);
+        tiles.put(w2_hidden, q, hidden);
+        tiles.put(w2_dh, A, dh);
+        tiles.put(wb_da, gb, da);
+        tiles.next_edge();
+        add_to(g.b1, dzS, H);
+        add_to(g.b2, q, H);
         // d r: through the features' first derivatives (w1^T dz_S), the envelope in A, and the second
         // derivatives of the radial basis and the envelope along dot_r.
         std::fill(gF, gF + in, T(0));
@@ -819,7 +913,7 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
       io.d_grad_pooled_weight[slot] = wsum;
     }
   });
-  sums.sum_into(io.grad_weights);
+  finish_weight_grads(sums, p, io.grad_weights);
 }
 
 template <typename T>
