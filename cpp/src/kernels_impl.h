@@ -443,7 +443,8 @@ constexpr int64_t kMaxRowWidth = 64;
 // vectors) as in float64. Four partial sums over alternating rows give four independent chains per vector.
 template <typename T>
 inline void add_rows(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
-  alignas(64) T part[4][kMaxRowWidth] = {};
+  alignas(64) T part[4][kMaxRowWidth];
+  for (int q = 0; q < 4; ++q) std::fill(part[q], part[q] + n, T(0));
   int64_t k = 0;
   for (; k + 4 <= rows; k += 4) {
     for (int q = 0; q < 4; ++q) {
@@ -464,6 +465,32 @@ inline void add_rows(T* __restrict y, const T* __restrict x, const T* __restrict
   for (int64_t h = 0; h < n; ++h) y[h] += (part[0][h] + part[1][h]) + (part[2][h] + part[3][h]);
 }
 
+// The same sum for a compile-time width N: the four partial sums fit in vector registers.
+template <typename T, int N>
+inline void add_rows_fixed(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows) {
+  alignas(64) T part[4][N];
+  for (int q = 0; q < 4; ++q)
+#pragma omp simd
+    for (int h = 0; h < N; ++h) part[q][h] = T(0);
+  int64_t k = 0;
+  for (; k + 4 <= rows; k += 4) {
+    for (int q = 0; q < 4; ++q) {
+      const T xk = x[k + q];
+      const T* __restrict row = w + (k + q) * N;
+#pragma omp simd
+      for (int h = 0; h < N; ++h) part[q][h] += xk * row[h];
+    }
+  }
+  for (; k < rows; ++k) {
+    const T xk = x[k];
+    const T* __restrict row = w + k * N;
+#pragma omp simd
+    for (int h = 0; h < N; ++h) part[0][h] += xk * row[h];
+  }
+#pragma omp simd
+  for (int h = 0; h < N; ++h) y[h] += (part[0][h] + part[1][h]) + (part[2][h] + part[3][h]);
+}
+
 // The same sum, through add_rows when the rows fit its buffer.
 template <typename T>
 inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
@@ -474,6 +501,16 @@ inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __rest
 #pragma omp simd
     for (int64_t h = 0; h < n; ++h) y[h] += xk * row[h];
   }
+}
+
+// A sum whose output is hidden-wide: compile-time width in the kHidden > 0 specialisations.
+template <typename T, int kHidden>
+inline void add_rows_hidden(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows,
+                            int64_t hidden) {
+  if constexpr (kHidden > 0 && kHidden <= kMaxRowWidth)
+    add_rows_fixed<T, kHidden>(y, x, w, rows);
+  else
+    add_rows_any(y, x, w, rows, hidden);
 }
 
 // Features of one edge and the first layer: f = [r / cutoff, rbf(|r|)], z = w1 f + b1, s = sigmoid(z).
@@ -491,7 +528,7 @@ T edge_first_layer(const EdgeEncoderParams<T>& p, const T* r, T* __restrict f, T
   }
   exp_array(rbf, rbf, p.num_rbf);
   std::copy(p.b1, p.b1 + H, z);
-  add_rows_any(z, f, p.w1t, in, H);
+  add_rows_hidden<T, kHidden>(z, f, p.w1t, in, H);
 #pragma omp simd
   for (int64_t h = 0; h < H; ++h) s[h] = -z[h];
   exp_array(s, s, H);
@@ -520,7 +557,7 @@ inline void edge_second_layer(const EdgeEncoderParams<T>& p, const T* __restrict
   }
 #pragma omp simd
   for (int64_t k = 0; k < H; ++k) silu[k] = z[k] * s[k];
-  add_rows(a, silu, p.w2t, H, H);
+  add_rows_hidden<T, kHidden>(a, silu, p.w2t, H, H);
 }
 
 // The smooth cutoff envelope and its derivative with respect to |r| (polynomial, zero beyond the cutoff).
@@ -734,10 +771,10 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
         g_env += a[h] * gp[h];
       }
       for (int64_t b = 0; b < B; ++b) gb[b] = grad_bias_of(p, io.grad_bias, e, b, heads);
-      add_rows_any(ga, gb, p.wb, B, H);
+      add_rows_hidden<T, kHidden>(ga, gb, p.wb, B, H);
       // Through the second layer and SiLU: d(z s)/dz = s (1 + z (1 - s)).
       std::fill(gz, gz + H, T(0));
-      add_rows_any(gz, ga, p.w2, H, H);
+      add_rows_hidden<T, kHidden>(gz, ga, p.w2, H, H);
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) gz[k] *= s[k] * (T(1) + z[k] * (T(1) - s[k]));
       // dL/df = w1^T dL/dz
@@ -838,9 +875,9 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
           sp[h] = s[h] * (T(1) + z[h] * (T(1) - s[h]));
         }
         for (int64_t b = 0; b < B; ++b) gb[b] = grad_bias_of(p, io.grad_bias, e, b, heads);
-        add_rows_any(A, gb, p.wb, B, H);
+        add_rows_hidden<T, kHidden>(A, gb, p.wb, B, H);
         std::fill(Bv, Bv + H, T(0));
-        add_rows_any(Bv, A, p.w2, H, H);
+        add_rows_hidden<T, kHidden>(Bv, A, p.w2, H, H);
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) C[h] = Bv[h] * sp[h];
         std::fill(gf, gf + in, T(0));
@@ -853,11 +890,11 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
           df[3 + k] = rb1[k] * dlength;
         }
         std::fill(dz, dz + H, T(0));
-        add_rows_any(dz, df, p.w1t, in, H);
+        add_rows_hidden<T, kHidden>(dz, df, p.w1t, in, H);
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) dh[h] = sp[h] * dz[h];
         std::fill(da, da + H, T(0));
-        add_rows_any(da, dh, p.w2t, H, H);
+        add_rows_hidden<T, kHidden>(da, dh, p.w2t, H, H);
         std::fill(dbias, dbias + B, T(0));
         add_rows_any(dbias, da, p.wbt, H, B);
         for (int64_t b = 0; b < B; ++b)
@@ -873,7 +910,7 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
           gp_da += gp[h] * da[h];
         }
         std::fill(w2q, w2q + H, T(0));
-        add_rows_any(w2q, q, p.w2, H, H);
+        add_rows_hidden<T, kHidden>(w2q, q, p.w2, H, H);
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) {
           const T spp = s[h] * (T(1) - s[h]) * (T(2) + z[h] * (T(1) - T(2) * s[h]));  // SiLU''(z)
