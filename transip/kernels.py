@@ -7,7 +7,8 @@ differentiable to any order: what training uses and what the tests compare again
 biases, envelope and pooled initial messages in one pass per edge) and the neighbour attention (over each atom's
 CSR row: all its scores first, then the row's maximum, then one vectorised exp over the row).
 Differentiable once, with respect to the geometry: exactly what energy -> forces and virial need. In training the
-fused path's edge encoder is `TrainingEdgeEncoder` (hand-derived second derivatives, transip.analytic).
+fused path's edge encoder is `TrainingEdgeEncoder`, on native ops that also give the weights' gradients and the
+second derivative a force loss needs.
 
 Each implementation is its own module, so a scripted model only references the native ops when it uses them.
 """

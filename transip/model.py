@@ -196,8 +196,9 @@ class TransIP(nn.Module):
     def set_kernel(self, kernel: str, twice_differentiable: bool = False) -> "TransIP":
         """Switch the edge encoder and every attention layer to 'fused', 'reference' or 'auto' (fused when the
         native library is loaded); returns the model. `twice_differentiable` (training with a force loss, which
-        differentiates the forces): the fused attention is differentiable twice; the edge encoder, the block
-        geometry's features and the repulsion run with hand-derived second derivatives (transip.analytic)."""
+        differentiates the forces): the fused attention is differentiable twice, the edge encoder becomes
+        TrainingEdgeEncoder (native weight gradients and double backward), and the block geometry's features and
+        the repulsion run with hand-derived second derivatives (transip.analytic)."""
         resolved = native.resolve_kernel(kernel)
         for block in self.blocks:
             block.attention = attention_module(resolved)

@@ -74,10 +74,10 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_frame_fraction: float = 0.1
     dtype: str = "float32"
-    # The per-edge work's implementation (transip.native): "fused" runs the attention on the native op, which is
-    # differentiable twice as the force loss needs, and the edge encoder, block geometry and repulsion with
-    # hand-derived second derivatives (transip.analytic); "reference" is plain PyTorch autograd throughout. The
-    # same function either way.
+    # The per-edge work's implementation (transip.native): "fused" runs the attention and the edge encoder on
+    # native ops that are differentiable twice, as the force loss needs, and the block geometry and repulsion
+    # with hand-derived second derivatives (transip.analytic); "reference" is plain PyTorch autograd throughout.
+    # The same function either way.
     kernel: str = "reference"
     threads: int = 0  # torch threads; 0 leaves the default
     # Flush denormal floats to zero in this process (torch.set_flush_denormal). The radial basis's far tails
