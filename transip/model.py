@@ -302,7 +302,14 @@ class TransIP(nn.Module):
         energies = torch.zeros(num_atoms, dtype=edge_vectors.dtype, device=edge_vectors.device)
         if not self.repulsion or edge_vectors.shape[0] == 0:
             return energies
+        # Only edges inside their pair's switch-off distance (a few per cent of the neighbour list) contribute:
+        # beyond it the term and all its derivatives are exactly zero, so the others are left out before any
+        # arithmetic, in every path.
         s_i, s_j = species.index_select(0, receivers), species.index_select(0, senders)
+        near = torch.nonzero(torch.linalg.norm(edge_vectors.detach(), dim=1)
+                             < self.repulsion_switch_off[s_i, s_j]).squeeze(1)
+        edge_vectors, receivers = edge_vectors.index_select(0, near), receivers.index_select(0, near)
+        s_i, s_j = s_i.index_select(0, near), s_j.index_select(0, near)
         lengths = self.edge_lengths(edge_vectors)
         if self.analytic_derivatives and not torch.jit.is_scripting():
             share = analytic_zbl(lengths, self.repulsion_charge_product[s_i, s_j],
