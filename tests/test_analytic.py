@@ -123,3 +123,29 @@ def test_third_derivative_is_refused():
     with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with "
                                            "@once_differentiable"):
         second.sum().backward()
+
+
+@pytest.mark.skipif(not native.available(), reason="native ops not built")
+def test_training_edge_encoder_computes_weight_gradients_only_in_passes_that_need_them():
+    """The force pass (gradient with respect to the geometry only) runs the plain backward op; a pass that
+    reaches the weights runs the one with weight gradients, and they are right (the second-order test above)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vectors, receivers, senders, species, atoms, weights = encoder_inputs()
+    weights = EdgeWeights(*[p.clone().requires_grad_(i >= 3) if isinstance(p, torch.Tensor) else p
+                            for i, p in enumerate(weights)])
+    r = vectors.clone().requires_grad_(True)
+
+    def ops_called(run):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        return {event.key for event in prof.key_averages()}
+
+    outputs = TrainingEdgeEncoder()(r, receivers, senders, species, atoms, weights)
+    energy = sum(o.sum() for o in outputs)
+    forces = []
+    called = ops_called(lambda: forces.append(torch.autograd.grad(energy, r, create_graph=True)[0]))
+    assert "transip::edge_encoder_backward" in called and "transip::edge_encoder_train_backward" not in called
+    called = ops_called(lambda: (energy + (forces[0] ** 2).sum()).backward())
+    assert "transip::edge_encoder_train_backward" in called and "transip::edge_encoder_double_backward" in called
+    assert all(p.grad is not None for p in (weights.w1, weights.w2, weights.w_bias))

@@ -141,16 +141,21 @@ class TrainingEdgeEncoder(torch.nn.Module):
     def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
                 num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         slot = message_slots(receivers, senders, species, w)
+        weights = (w.w1, w.b1, w.w2, w.b2, w.w_bias, w.b_bias)
+        # The autograd nodes the weights' gradients flow into: the backward asks the engine whether this pass
+        # will run any of them (the force pass of a training step does not) and skips the weight gradients if not.
+        nodes = [torch.autograd.graph._get_grad_fn_or_grad_acc(t) for t in weights if t.requires_grad]
         bias, pooled, weight, env = _TrainingEncoder.apply(
-            vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, w.w1, w.b1, w.w2,
-            w.b2, w.w_bias, w.b_bias, w.bias_groups)
+            vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, *weights,
+            (w.bias_groups, nodes))
         return bias, pooled_messages(pooled, weight, num_atoms, w), env
 
 
 class _TrainingEncoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vectors, slot, num_slots: int, centers, width: float, cutoff: float, w1, b1, w2, b2, wb, bb,
-                groups: int):
+                groups_and_nodes):
+        groups, ctx.weight_nodes = groups_and_nodes
         outputs = torch.ops.transip.edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb,
                                                  bb, groups)
         ctx.save_for_backward(vectors, slot, centers, w1, b1, w2, b2, wb, bb)
@@ -163,8 +168,17 @@ class _TrainingEncoder(torch.autograd.Function):
         vectors, slot, centers, *weights = ctx.saved_tensors
         grads = [torch.zeros(shape, dtype=vectors.dtype, device=vectors.device) if g is None else g
                  for g, shape in zip(grads, ctx.shapes)]
-        out = _TrainingEncoderBackward.apply(*grads, vectors, *weights, (slot, centers, ctx.constants))
+        with_weights = _engine_needs(ctx.weight_nodes)
+        out = _TrainingEncoderBackward.apply(*grads, vectors, *weights, (slot, centers, ctx.constants, with_weights))
         return (out[0], None, None, None, None, None, *out[1:], None)
+
+
+def _engine_needs(nodes) -> bool:
+    """Whether the running backward pass will execute any of these autograd nodes (True when unsure)."""
+    try:
+        return any(torch._C._will_engine_execute_node(node) for node in nodes)
+    except (AttributeError, RuntimeError):
+        return bool(nodes)
 
 
 class _TrainingEncoderBackward(torch.autograd.Function):
@@ -174,14 +188,16 @@ class _TrainingEncoderBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, w1, b1, w2, b2, wb, bb,
                 constants):
-        slot, centers, (width, cutoff, groups) = constants
-        grad_vectors, flat = torch.ops.transip.edge_encoder_train_backward(
-            grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot, centers, width, cutoff, w1, b1,
-            w2, b2, wb, bb, groups)
+        slot, centers, (width, cutoff, groups), with_weights = constants
         ctx.save_for_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, w1, b1, w2, b2, wb,
                               bb)
         ctx.constants = constants
         ctx.set_materialize_grads(False)
+        inputs = (grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot, centers, width, cutoff, w1,
+                  b1, w2, b2, wb, bb, groups)
+        if not with_weights:  # a pass that only needs the geometry's gradient (the forces)
+            return (torch.ops.transip.edge_encoder_backward(*inputs),) + (None,) * 6
+        grad_vectors, flat = torch.ops.transip.edge_encoder_train_backward(*inputs)
         return (grad_vectors, *_split_weights(flat, (w1, b1, w2, b2, wb, bb)))
 
     @staticmethod
@@ -194,7 +210,7 @@ class _TrainingEncoderBackward(torch.autograd.Function):
         if dot_vectors is None:
             return (None,) * 12
         saved = ctx.saved_tensors
-        slot, centers, (width, cutoff, groups) = ctx.constants
+        slot, centers, (width, cutoff, groups), _ = ctx.constants
         *incoming, d_vectors, flat = torch.ops.transip.edge_encoder_double_backward(
             dot_vectors, *saved[:5], slot, centers, width, cutoff, *saved[5:], groups)
         d_w1, d_b1, d_w2, d_b2, d_wb, _ = _split_weights(flat, saved[5:])
