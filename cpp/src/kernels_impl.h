@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -456,60 +457,40 @@ constexpr int64_t kMaxRowWidth = 64;
 // y[0..n) += sum_k x[k] w[k * n + .] over `rows` rows of w, for n <= kMaxRowWidth. One accumulator per output
 // vector makes a chain of `rows` dependent multiply-adds: latency-bound, and as slow in float32 (half as many
 // vectors) as in float64. Four partial sums over alternating rows give four independent chains per vector.
-template <typename T>
-inline void add_rows(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
-  alignas(64) T part[4][kMaxRowWidth];
-  for (int q = 0; q < 4; ++q) std::fill(part[q], part[q] + n, T(0));
+// N > 0 fixes the width at compile time (n is then ignored), so that the partial sums fit in vector registers.
+template <typename T, int N>
+inline void add_rows_width(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
+  constexpr int64_t kSize = N > 0 ? N : kMaxRowWidth;
+  const int64_t width = N > 0 ? N : n;
+  alignas(64) T part[4][kSize];
+  for (int q = 0; q < 4; ++q) {
+#pragma omp simd
+    for (int64_t h = 0; h < width; ++h) part[q][h] = T(0);
+  }
   int64_t k = 0;
   for (; k + 4 <= rows; k += 4) {
     for (int q = 0; q < 4; ++q) {
       const T xk = x[k + q];
-      const T* __restrict row = w + (k + q) * n;
+      const T* __restrict row = w + (k + q) * width;
       T* __restrict acc = part[q];
 #pragma omp simd
-      for (int64_t h = 0; h < n; ++h) acc[h] += xk * row[h];
+      for (int64_t h = 0; h < width; ++h) acc[h] += xk * row[h];
     }
   }
   for (; k < rows; ++k) {
     const T xk = x[k];
-    const T* __restrict row = w + k * n;
+    const T* __restrict row = w + k * width;
 #pragma omp simd
-    for (int64_t h = 0; h < n; ++h) part[0][h] += xk * row[h];
+    for (int64_t h = 0; h < width; ++h) part[0][h] += xk * row[h];
   }
 #pragma omp simd
-  for (int64_t h = 0; h < n; ++h) y[h] += (part[0][h] + part[1][h]) + (part[2][h] + part[3][h]);
+  for (int64_t h = 0; h < width; ++h) y[h] += (part[0][h] + part[1][h]) + (part[2][h] + part[3][h]);
 }
 
-// The same sum for a compile-time width N: the four partial sums fit in vector registers.
-template <typename T, int N>
-inline void add_rows_fixed(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows) {
-  alignas(64) T part[4][N];
-  for (int q = 0; q < 4; ++q)
-#pragma omp simd
-    for (int h = 0; h < N; ++h) part[q][h] = T(0);
-  int64_t k = 0;
-  for (; k + 4 <= rows; k += 4) {
-    for (int q = 0; q < 4; ++q) {
-      const T xk = x[k + q];
-      const T* __restrict row = w + (k + q) * N;
-#pragma omp simd
-      for (int h = 0; h < N; ++h) part[q][h] += xk * row[h];
-    }
-  }
-  for (; k < rows; ++k) {
-    const T xk = x[k];
-    const T* __restrict row = w + k * N;
-#pragma omp simd
-    for (int h = 0; h < N; ++h) part[0][h] += xk * row[h];
-  }
-#pragma omp simd
-  for (int h = 0; h < N; ++h) y[h] += (part[0][h] + part[1][h]) + (part[2][h] + part[3][h]);
-}
-
-// The same sum, through add_rows when the rows fit its buffer.
+// The same sum for any width, through add_rows_width when the rows fit its buffer.
 template <typename T>
 inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
-  if (n <= kMaxRowWidth) return add_rows(y, x, w, rows, n);
+  if (n <= kMaxRowWidth) return add_rows_width<T, 0>(y, x, w, rows, n);
   for (int64_t k = 0; k < rows; ++k) {
     const T xk = x[k];
     const T* __restrict row = w + k * n;
@@ -523,7 +504,7 @@ template <typename T, int kHidden>
 inline void add_rows_hidden(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows,
                             int64_t hidden) {
   if constexpr (kHidden > 0 && kHidden <= kMaxRowWidth)
-    add_rows_fixed<T, kHidden>(y, x, w, rows);
+    add_rows_width<T, kHidden>(y, x, w, rows, hidden);
   else
     add_rows_any(y, x, w, rows, hidden);
 }
@@ -970,34 +951,31 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
   finish_weight_grads(sums, p, io.grad_weights);
 }
 
+// Runs run(std::integral_constant<int, W>) with the hidden width as a compile-time constant W for the common
+// widths (0: any width).
+template <typename Run>
+void with_hidden_width(int64_t hidden, Run run) {
+  switch (hidden) {
+    case 16: return run(std::integral_constant<int, 16>{});
+    case 32: return run(std::integral_constant<int, 32>{});
+    case 64: return run(std::integral_constant<int, 64>{});
+    default: return run(std::integral_constant<int, 0>{});
+  }
+}
+
 template <typename T>
 void edge_encoder_forward(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T>& io) {
-  switch (p.hidden) {
-    case 16: return edge_forward_impl<T, 16>(p, io);
-    case 32: return edge_forward_impl<T, 32>(p, io);
-    case 64: return edge_forward_impl<T, 64>(p, io);
-    default: return edge_forward_impl<T, 0>(p, io);
-  }
+  with_hidden_width(p.hidden, [&](auto width) { edge_forward_impl<T, decltype(width)::value>(p, io); });
 }
 
 template <typename T>
 void edge_encoder_backward(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward<T>& io) {
-  switch (p.hidden) {
-    case 16: return edge_backward_impl<T, 16>(p, io);
-    case 32: return edge_backward_impl<T, 32>(p, io);
-    case 64: return edge_backward_impl<T, 64>(p, io);
-    default: return edge_backward_impl<T, 0>(p, io);
-  }
+  with_hidden_width(p.hidden, [&](auto width) { edge_backward_impl<T, decltype(width)::value>(p, io); });
 }
 
 template <typename T>
 void edge_encoder_double_backward(const EdgeEncoderParams<T>& p, const EdgeEncoderDoubleBackward<T>& io) {
-  switch (p.hidden) {
-    case 16: return edge_double_backward_impl<T, 16>(p, io);
-    case 32: return edge_double_backward_impl<T, 32>(p, io);
-    case 64: return edge_double_backward_impl<T, 64>(p, io);
-    default: return edge_double_backward_impl<T, 0>(p, io);
-  }
+  with_hidden_width(p.hidden, [&](auto width) { edge_double_backward_impl<T, decltype(width)::value>(p, io); });
 }
 
 bool built_with_avx512() {
