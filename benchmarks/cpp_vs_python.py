@@ -10,7 +10,8 @@ evaluation, neighbour list included, three ways: `transip-bench` (C++), the arti
 artifacts build their own neighbour list (native cell list with the fused kernel, the all-pairs reference
 otherwise); the eager model always uses the native cell list, which is why it beats the reference
 artifacts on the 999-atom box. Each time is
-the median of the repeats after warm-up; every process uses the same number of threads.
+the median of the repeats after warm-up; every process uses the same number of threads. Then float32's accuracy:
+the float32 model's energies and forces against the float64 model's on held-out scaffolds of the chemistry data.
 """
 
 from __future__ import annotations
@@ -90,8 +91,52 @@ def main(argv=None) -> int:
                      f"{r['python_artifact_ms']:.2f} | {r['python_eager_ms']:.2f} | "
                      f"{r['python_eager_ms'] / r['cpp_ms']:.2f} | {r['cpp_peak_mib']:.0f} | "
                      f"{r['energy_difference']:.1e} eV |")
-    write_results(args.out, {"threads": args.threads, "rows": rows}, lines)
+    accuracy = float32_accuracy(4 if args.smoke else 100)
+    lines += ["", f"float32 against float64, same model (fused kernel), on {accuracy['structures']} held-out scaffold "
+                  "structures of the chemistry data (`test_scaffolds`, elements the model knows): differences of the "
+                  "float32 evaluation from the float64 one, beside the float64 model's own error against the "
+                  "reference labels for scale.", "",
+              "| quantity | mean abs. difference float32 - float64 | largest | model error (float64 vs labels) |",
+              "| --- | --- | --- | --- |",
+              f"| energy per atom (meV/atom) | {accuracy['energy_mean_mev_atom']:.2e} | "
+              f"{accuracy['energy_max_mev_atom']:.2e} | {accuracy['model_energy_mae_mev_atom']:.1f} |",
+              f"| force component (meV/A) | {accuracy['force_mean_mev_a']:.2e} | {accuracy['force_max_mev_a']:.2e} | "
+              f"{accuracy['model_force_mae_mev_a']:.1f} |"]
+    write_results(args.out, {"threads": args.threads, "rows": rows, "float32_accuracy": accuracy}, lines)
     return 0
+
+
+def float32_accuracy(count: int) -> dict:
+    """Energy and force differences of the float32 model from the float64 one on held-out scaffolds."""
+    import numpy as np
+    import torch
+
+    from transip.checkpoint import model_from_checkpoint
+    from transip.data import collate, evaluate_batch, read_structures, split_indices
+    from transip.metrics import spread_subset
+
+    data = ROOT / "data" / "xtb_chemistry"
+    structures = read_structures(str(data))
+    held_out = [structures[i] for i in split_indices(structures)["test_scaffolds"]]
+    models = {dtype: model_from_checkpoint(MODEL, dtype=dtype).set_kernel("fused")
+              for dtype in (torch.float64, torch.float32)}
+    known = set(int(z) for z in models[torch.float64].config.elements)
+    chosen = spread_subset([s for s in held_out if set(s.numbers.tolist()) <= known], count)
+    de, df, me, mf = [], [], [], []
+    for s in chosen:
+        out = {dtype: evaluate_batch(model, collate([s], model.cutoff, dtype)) for dtype, model in models.items()}
+        e64, e32 = (float(out[d]["energy"][0].detach()) for d in (torch.float64, torch.float32))
+        f64, f32 = (out[d]["forces"].detach().double().numpy() for d in (torch.float64, torch.float32))
+        n = len(s.numbers)
+        de.append(abs(e32 - e64) / n)
+        df.append(np.abs(f32 - f64).ravel())
+        me.append(abs(e64 - s.energy) / n)
+        mf.append(np.abs(f64 - s.forces).ravel())
+    df, mf = np.concatenate(df), np.concatenate(mf)
+    return {"structures": len(chosen), "energy_mean_mev_atom": 1000 * float(np.mean(de)),
+            "energy_max_mev_atom": 1000 * float(np.max(de)), "force_mean_mev_a": 1000 * float(df.mean()),
+            "force_max_mev_a": 1000 * float(df.max()), "model_energy_mae_mev_atom": 1000 * float(np.mean(me)),
+            "model_force_mae_mev_a": 1000 * float(mf.mean())}
 
 
 if __name__ == "__main__":
