@@ -76,9 +76,9 @@ class TrainConfig:
     dtype: str = "float32"
     # The per-edge work's implementation (transip.native): "fused" runs the attention and the edge encoder on
     # native ops that are differentiable twice, as the force loss needs, and the block geometry and repulsion
-    # with hand-derived second derivatives (transip.analytic); "reference" is plain PyTorch autograd throughout.
-    # The same function either way.
-    kernel: str = "reference"
+    # with hand-derived second derivatives (transip.analytic); "reference" is plain PyTorch autograd throughout;
+    # "auto" is fused when the native library is loaded. The same function either way (equal to round-off).
+    kernel: str = "auto"
     threads: int = 0  # torch threads; 0 leaves the default
     # Flush denormal floats to zero in this process (torch.set_flush_denormal). The radial basis's far tails
     # (exp(-u^2/2) near 1e-40) are denormal in float32, and every product with them takes the CPU's slow path:
