@@ -61,3 +61,19 @@ def test_setup_leaves_the_shipped_artifact_where_the_lammps_decks_run_as_they_ar
     steps, etotal = [int(r[0]) for r in rows], [float(r[4]) for r in rows]
     assert steps[0] == 0 and steps[-1] == 2000
     assert max(etotal) - min(etotal) < 0.01 * 21, json.dumps(rows)  # NVE: total energy within 10 meV/atom
+
+
+def test_methanol_example_box_has_liquid_density_and_no_overlapping_molecules():
+    """examples/boxes/methanol_box.extxyz (written by make_methanol_box.py): 64 methanols at 0.787 g/cm^3, and no
+    two atoms of different molecules closer than 2.0 A (minimum image), where random orientations alone put
+    hydrogens 0.7 A apart."""
+    import ase.io
+    import numpy as np
+
+    box = ase.io.read(ROOT / "examples" / "boxes" / "methanol_box.extxyz")
+    grams = box.get_masses().sum() / 6.02214076e23
+    assert len(box) == 64 * 6 and abs(grams / (box.get_volume() * 1e-24) - 0.787) < 0.005
+    molecule = np.repeat(np.arange(64), 6)  # the script writes each molecule's six atoms together
+    distances = box.get_all_distances(mic=True)
+    assert distances[molecule[:, None] != molecule[None, :]].min() >= 2.0
+    assert distances[molecule[:, None] == molecule[None, :]].max() < 3.0  # and every molecule is whole

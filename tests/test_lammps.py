@@ -56,9 +56,20 @@ def triclinic_box() -> Structure:
     """The methanol box sheared into a triclinic cell already in LAMMPS's orientation (a along x, b in the xy
     plane), so that writing the data file does not rotate it; atoms wrapped into the cell."""
     s = methanol_box()
-    cell = np.array([[13.8, 0.0, 0.0], [2.5, 13.6, 0.0], [-1.5, 2.0, 14.0]])
+    side = float(s.cell[0, 0])
+    cell = np.array([[side, 0.0, 0.0], [2.5, side - 0.2, 0.0], [-1.5, 2.0, side + 0.2]])
     fractional = np.linalg.solve(cell.T, s.positions.T).T % 1.0
     return Structure(s.numbers, fractional @ cell, cell=cell, pbc=[True] * 3)
+
+
+def compressed_methanol_box(factor: float) -> Structure:
+    """The methanol box with every molecule's centre (and the cell) scaled by `factor`, molecules kept rigid: a
+    box under pressure, which a barostat must expand."""
+    s = methanol_box()
+    molecules = s.positions.reshape(-1, 6, 3)  # six atoms per methanol, written together
+    centres = molecules.mean(1, keepdims=True)
+    positions = (molecules - centres + factor * centres).reshape(-1, 3)
+    return Structure(s.numbers, positions, cell=s.cell * factor, pbc=[True] * 3)
 
 
 def slab() -> Structure:
@@ -269,15 +280,16 @@ def test_nve_energy_conservation(artifact, tmp_path):
 def test_npt_conserves_its_extended_energy(artifact, tmp_path):
     """Nose-Hoover NPT moves the box by the pair style's virial; if the virial were not the strain derivative of
     the energy, the barostat's work would not balance and `econserve` would drift by the energy exchanged. The
-    lattice-start methanol box expands by over 10 % in 200 steps of 0.5 fs, exchanging tens of eV; the final
-    energy equals the artifact's on the final box."""
-    write_data(methanol_box(), tmp_path / "system.data")
+    methanol box compressed to 1.3 g/cm^3 expands by over 10 % in 200 steps of 0.5 fs, exchanging tens of eV; the
+    final energy equals the artifact's on the final box."""
+    compressed = compressed_methanol_box(0.85)
+    write_data(compressed, tmp_path / "system.data")
     md = ("velocity all create 300 12345 loop geom\nfix npt all npt temp 300 300 0.05 iso 1.0 1.0 0.25\n"
           "timestep 0.0005\nthermo_style custom step pe etotal econserve vol\nthermo 20\n"
           "thermo_modify format float %.17g")
     text = run_lammps(tmp_path, deck(artifact, extra=md, run="run 200"))
     rows = thermo(text)
-    natoms = len(methanol_box().numbers)
+    natoms = len(compressed.numbers)
     volume_change = rows[-1, 4] / rows[0, 4] - 1
     exchanged = np.abs(rows[:, 2] - rows[0, 2]).max()
     drift = np.abs(rows[:, 3] - rows[0, 3]).max()
@@ -287,7 +299,7 @@ def test_npt_conserves_its_extended_energy(artifact, tmp_path):
     start = max(i for i, line in enumerate(lines) if line.startswith("ITEM: BOX BOUNDS"))
     bounds = np.array([[float(x) for x in lines[start + k].split()] for k in (1, 2, 3)])
     dump = last_dump(tmp_path / "out.dump")
-    final = Structure(methanol_box().numbers, dump[:, 1:4] - bounds[:, 0], cell=np.diag(bounds[:, 1] - bounds[:, 0]),
+    final = Structure(compressed.numbers, dump[:, 1:4] - bounds[:, 0], cell=np.diag(bounds[:, 1] - bounds[:, 0]),
                       pbc=[True] * 3)
     assert abs(rows[-1, 1] - python_reference(artifact, final)["energy"]) < 1e-9 * abs(rows[-1, 1])
 

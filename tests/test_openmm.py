@@ -47,7 +47,8 @@ def artifact_result(artifact, s: Structure):
 def triclinic_box() -> Structure:
     """The methanol box in a sheared cell (OpenMM's reduced form: a along x, b in the xy plane)."""
     s = structure(BOX)
-    cell = np.array([[13.8, 0.0, 0.0], [2.0, 13.8, 0.0], [-1.0, 1.5, 13.8]])
+    side = float(s.cell[0, 0])
+    cell = np.array([[side, 0.0, 0.0], [2.0, side, 0.0], [-1.0, 1.5, side]])
     return Structure(s.numbers, s.positions, cell=cell, pbc=[True] * 3)
 
 
