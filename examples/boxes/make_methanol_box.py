@@ -7,6 +7,8 @@ molecule with the closest contact is turned again (the best of a few random orie
 different molecules are closer than MIN_CONTACT (minimum image).
 
     python examples/boxes/make_methanol_box.py
+
+It also writes the same box as lammps/examples/methanol_box.data for the LAMMPS example deck.
 """
 
 from pathlib import Path
@@ -54,6 +56,9 @@ def main() -> None:
     box = ase.Atoms(numbers=np.tile(methanol.numbers, len(sites)), positions=molecules.reshape(-1, 3),
                     cell=np.eye(3) * side, pbc=True)
     ase.io.write(HERE / "methanol_box.extxyz", box, format="extxyz")
+    # The same box for the LAMMPS example deck (lammps/examples/in.methanol_nvt), atom types H C O.
+    ase.io.write(ROOT / "lammps" / "examples" / "methanol_box.data", box, format="lammps-data", specorder=["H", "C", "O"],
+                 masses=True, atom_style="atomic")
     print(f"wrote {HERE / 'methanol_box.extxyz'}: {len(box)} atoms, box {side:.2f} A, closest approach of "
           f"different molecules >= {MIN_CONTACT} A")
 
