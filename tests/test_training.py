@@ -278,6 +278,14 @@ def test_old_configs_and_checkpoints_load_with_the_defaults_that_reproduce_them(
     for values in (shipped | {"output": "unused"}, old_payload["train_config"]):
         c = TrainConfig(**values)
         assert (c.lr_schedule, c.ema_decay, c.max_hours) == ("cosine", 0.0, None)
+    # The shipped config names the old values of what newer defaults changed: the speed settings (round-off only)
+    # and the model's repulsion and block geometry (which change the network).
+    c = TrainConfig(**shipped | {"output": "unused"})
+    assert (c.kernel, c.flush_denormals, c.keep_freed_memory, c.joint_views) == ("reference", False, False, False)
+    assert (c.model["repulsion"], c.model["block_geometry"]) == ("none", False)
+    from transip.checkpoint import config_of
+
+    assert c.model == {k: v for k, v in config_of(old_payload).items() if k in c.model}  # the shipped network
 
     # A checkpoint written before the recipe: no EMA or budget keys, LambdaLR scheduler state.
     c = tiny(small_dataset, tmp_path)
