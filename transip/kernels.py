@@ -144,7 +144,7 @@ class TrainingEdgeEncoder(torch.nn.Module):
         weights = (w.w1, w.b1, w.w2, w.b2, w.w_bias, w.b_bias)
         # The autograd nodes the weights' gradients flow into: the backward asks the engine whether this pass
         # will run any of them (the force pass of a training step does not) and skips the weight gradients if not.
-        nodes = [torch.autograd.graph._get_grad_fn_or_grad_acc(t) for t in weights if t.requires_grad]
+        nodes = _autograd_nodes(weights)
         bias, pooled, weight, env = _TrainingEncoder.apply(
             vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, *weights,
             (w.bias_groups, nodes))
@@ -173,8 +173,16 @@ class _TrainingEncoder(torch.autograd.Function):
         return (out[0], None, None, None, None, None, *out[1:], None)
 
 
-def _engine_needs(nodes) -> bool:
+def _autograd_nodes(tensors) -> Optional[list]:
+    """The autograd nodes the gradients of these tensors flow into (None where this torch cannot say)."""
+    node_of = getattr(torch.autograd.graph, "_get_grad_fn_or_grad_acc", None)
+    return None if node_of is None else [node_of(t) for t in tensors if t.requires_grad]
+
+
+def _engine_needs(nodes: Optional[list]) -> bool:
     """Whether the running backward pass will execute any of these autograd nodes (True when unsure)."""
+    if nodes is None:
+        return True
     try:
         return any(torch._C._will_engine_execute_node(node) for node in nodes)
     except (AttributeError, RuntimeError):
