@@ -81,12 +81,13 @@ class TrainConfig:
     kernel: str = "auto"
     threads: int = 0  # torch threads; 0 leaves the default
     # Flush denormal floats to zero in this process (torch.set_flush_denormal). The radial basis's far tails
-    # (exp(-u^2/2) near 1e-40) are denormal in float32, and every product with them takes the CPU's slow path:
-    # measured 20x on the edge MLP's weight gradient. Values below 1.2e-38 become 0; nothing else changes.
+    # (exp(-u^2/2) near 1e-40) are denormal in float32, and every product with them takes the CPU's slow path.
+    # Values below 1.2e-38 become 0; nothing else changes. This and the next two fields together:
+    # benchmarks/training_speed.py's middle row.
     flush_denormals: bool = True
     # Keep freed memory in this process's heap (transip.native.keep_freed_memory, glibc): every step allocates and
     # frees the same large per-edge tensors, and handing them back to the system makes each step pay the page
-    # faults again (measured: a fused training step 159 -> 127 ms). Process-wide; needs the native library.
+    # faults again. Process-wide; needs the native library.
     keep_freed_memory: bool = True
     # Evaluate the batch and its rotated copy (objectives transip and augment) in one model call rather than
     # two: the same losses, half the per-op overhead.

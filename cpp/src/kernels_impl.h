@@ -646,9 +646,11 @@ class OuterProductTiles {
   explicit OuterProductTiles(int64_t hidden) : H_(kH > 0 ? kH : hidden) {}
   ~OuterProductTiles() { flush(); }
 
-  // A term target (rows, H) += sum_e x_e y_e^T; returns its number for `put`.
+  // A term target (rows, H) += sum_e x_e y_e^T; returns its number for `put`. A null target (no weight
+  // gradients asked for: the forces-only backward of MD) allocates nothing and must not be `put` to.
   int add_term(T* target, int64_t rows) {
-    terms_.push_back({target, rows, std::vector<T>(kTile * rows), std::vector<T>(kTile * H_)});
+    const bool used = target != nullptr;
+    terms_.push_back({target, rows, std::vector<T>(used ? kTile * rows : 0), std::vector<T>(used ? kTile * H_ : 0)});
     return static_cast<int>(terms_.size()) - 1;
   }
   void put(int term, const T* x, const T* y) {
@@ -755,7 +757,7 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
     T* __restrict gf = gz + H;
     T* __restrict hidden = gf + in;
     T* __restrict gb = hidden + H;
-    // The weight gradients: this thread's buffer, through tiles of outer products (unused without weights).
+    // The weight gradients: this thread's buffer, through tiles of outer products (empty without weights).
     const WeightGrads<T> g(io.grad_weights != nullptr ? sums.mine() : nullptr, p);
     OuterProductTiles<T, kHidden> tiles(H);
     const int w1_term = tiles.add_term(g.w1t, in), w2_term = tiles.add_term(g.w2, H), wb_term = tiles.add_term(g.wb, B);
