@@ -85,7 +85,9 @@ def time_lammps(task, s, ranks: int):
     from ase import Atoms
     from ase.io.lammpsdata import write_lammps_data
 
-    species = ["H", "C", "O"] if 6 in s.numbers else ["H", "O"]
+    from ase.data import chemical_symbols
+
+    species = [chemical_symbols[z] for z in sorted(set(int(z) for z in s.numbers))]  # LAMMPS types 1, 2, ...
     repeats, calls = blocks(len(s.numbers), task["smoke"])
     steps = repeats * calls
     with tempfile.TemporaryDirectory() as tmp:

@@ -144,3 +144,39 @@ def test_ablation_smoke(tmp_path):
     report = subprocess.run(command[:-3] + ["--output", str(tmp_path), "--report-only"], capture_output=True,
                             text=True, timeout=600)
     assert report.returncode == 0 and (tmp_path / "ablation.md").read_text() == table
+
+
+@pytest.mark.slow
+def test_pareto_smoke(tmp_path):
+    """The accuracy-per-cost pipeline at toy size: a TransIP and a MACE (mace-torch's own training command) with
+    the same CPU-time budget, evaluated on every held-out split, timed in OpenMM through openmm-ml (both) and in
+    LAMMPS (TransIP), float32 and float64, on the water and the solvated box; the report states the target; a
+    rerun retrains nothing."""
+    pytest.importorskip("mace")
+    command = [sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--config",
+               str(ROOT / "configs" / "pareto_smoke.json"), "--cost", "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "pareto.json").read_text())
+    rows = {r["family"]: r for r in report["rows"]}
+    assert set(rows) == {"transip", "mace"}
+    budget = report["config"]["budget_hours"]
+    for family, r in rows.items():
+        for split in ("test_scaffolds", "test_scaffolds_neutral", "test_clusters", "test_frames", "condensed"):
+            assert 0 < r[split]["force_mae"] < 10 and r[split]["structures"] > 0
+        # The budget is spent, and at most one more epoch (tiny here) follows it.
+        assert budget <= r["training"]["cpu_hours"] < budget + 0.01 and r["training"]["epochs"] >= 1
+        timed = {(c["system"], c["dtype"]) for c in r["cost"]["rows"]}
+        assert timed == {(s, d) for s in ("water", "solvated") for d in ("float32", "float64")}
+        assert all(c["openmm_ms"] > 0 for c in r["cost"]["rows"])
+        assert all(c["lammps_ms"] > 0 for c in r["cost"]["rows"]) if family == "transip" else True
+    solvated = next(c for c in rows["mace"]["cost"]["rows"] if c["system"] == "solvated")
+    assert solvated["atoms"] == 36 + 3 * 40
+    assert report["verdict"]["met"] in (True, False) and report["verdict"]["smallest_mace"] == rows["mace"]["name"]
+    table = (tmp_path / "pareto.md").read_text()
+    assert "**met**" in table or "**not met**" in table
+    assert (tmp_path / "pareto.png").stat().st_size > 10_000
+    stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*/result.json")}
+    assert len(stamps) == 2
+    rerun = subprocess.run(command[:-3] + ["--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps

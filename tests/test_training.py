@@ -242,13 +242,28 @@ def test_max_hours_stops_training_and_the_budget_carries_across_resumes(small_da
     train(c)
     first = load_checkpoint(tmp_path / "run" / "last.ckpt")
     assert first["epoch"] == 1 and first["train_seconds"] > 0
-    assert "h budget is spent" in (tmp_path / "run" / "train.log").read_text()
+    assert "h wall budget is spent" in (tmp_path / "run" / "train.log").read_text()
     train(c, resume=True)  # the spent budget is in the checkpoint: nothing more to do
     assert load_checkpoint(tmp_path / "run" / "last.ckpt")["epoch"] == 1
     train(dataclasses.replace(c, max_hours=1.0), resume=True)  # a larger budget continues where it stopped
     second = load_checkpoint(tmp_path / "run" / "last.ckpt")
     assert second["epoch"] == 3 and second["train_seconds"] > first["train_seconds"]
     assert second["history"][-1]["hours"] == pytest.approx(second["train_seconds"] / 3600)
+    assert second["history"][-1]["cpu_hours"] == pytest.approx(second["train_cpu_seconds"] / 3600)
+
+
+def test_cpu_budget_counts_process_time_not_elapsed_time(small_dataset, tmp_path, monkeypatch):
+    import transip.train as train_module
+
+    # A clock that shows the epochs took 1 h of CPU time but no elapsed time: only the cpu budget stops them.
+    ticks = iter(range(0, 10 ** 6, 3600))
+    monkeypatch.setattr(train_module.time, "process_time", lambda: float(next(ticks)))
+    train(tiny(small_dataset, tmp_path / "wall", epochs=2, max_hours=0.5))
+    assert load_checkpoint(tmp_path / "wall" / "run" / "last.ckpt")["epoch"] == 2
+    train(tiny(small_dataset, tmp_path / "cpu", epochs=2, max_hours=0.5, budget_clock="cpu"))
+    stopped = load_checkpoint(tmp_path / "cpu" / "run" / "last.ckpt")
+    assert stopped["epoch"] == 1 and stopped["train_cpu_seconds"] == 3600.0
+    assert "the 0.5 h cpu budget is spent (1.000 h)" in (tmp_path / "cpu" / "run" / "train.log").read_text()
 
 
 def test_resume_with_ema_and_plateau_continues_exactly(small_dataset, tmp_path):
@@ -305,7 +320,8 @@ def test_old_configs_and_checkpoints_load_with_the_defaults_that_reproduce_them(
 
 
 @pytest.mark.parametrize("field, value", [("lr_schedule", "step"), ("ema_decay", 1.0), ("plateau_factor", 1.0),
-                                          ("plateau_threshold", 1.0), ("plateau_patience", 0), ("max_hours", 0.0)])
+                                          ("plateau_threshold", 1.0), ("plateau_patience", 0), ("max_hours", 0.0),
+                                          ("budget_clock", "gpu")])
 def test_recipe_fields_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(data="unused", output="unused", **{field: value})

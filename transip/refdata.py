@@ -367,6 +367,13 @@ def build_box(task: Task, rng, density_g_cm3: float = 0.95, min_distance: float 
     return box
 
 
+def packed_box(smiles: list[str], seed: int, density_g_cm3: float = 0.95, min_distance: float = 1.7):
+    """A periodic box of the molecules `smiles` (one entry per molecule), packed as the dataset's condensed-
+    phase boxes are (`build_box`): what the examples, the stability check and the benchmarks run."""
+    task = Task("box", "packed", "", tuple(smiles), "", 300.0, seed)
+    return build_box(task, np.random.default_rng(seed), density_g_cm3, min_distance)
+
+
 def _closest(a: np.ndarray, b: np.ndarray, box_length: Optional[float] = None) -> float:
     d = a[:, None, :] - b[None, :, :]
     if box_length is not None:

@@ -56,7 +56,10 @@ class TrainConfig:
     plateau_factor: float = 0.5  # plateau: lr multiplier at each cut
     plateau_threshold: float = 0.01  # plateau: an improvement is a relative drop of val force MAE by this much
     ema_decay: float = 0.0  # weight EMA for validation and the saved model; 0 keeps the raw weights
-    max_hours: Optional[float] = None  # wall-clock budget: stop after the epoch that exceeds it (across resumes)
+    max_hours: Optional[float] = None  # time budget: stop after the epoch that exceeds it (across resumes)
+    # The clock max_hours counts: "wall" (elapsed time), or "cpu" (this process's CPU time, all threads). On a
+    # machine shared with other work, "cpu" gives runs that share a budget the same compute however busy it is.
+    budget_clock: str = "wall"
     weight_decay: float = 0.0
     energy_weight: float = 1.0  # on (energy error / atoms)^2, eV^2
     force_weight: float = 1.0  # on force component error^2, (eV/A)^2
@@ -114,6 +117,8 @@ class TrainConfig:
         if self.plateau_patience < 1 or not 0.0 < self.plateau_factor < 1.0 or not 0.0 <= self.plateau_threshold < 1.0:
             raise ValueError("plateau_patience must be at least 1, plateau_factor in (0, 1) and plateau_threshold "
                              "in [0, 1)")
+        if self.budget_clock not in ("wall", "cpu"):
+            raise ValueError(f"budget_clock must be wall or cpu, got {self.budget_clock!r}")
         if self.max_hours is not None and self.max_hours <= 0:
             raise ValueError(f"max_hours must be positive (or None for no budget), got {self.max_hours}")
 
@@ -302,6 +307,7 @@ class Trainer:
         self.epoch, self.step, self.history = 0, 0, []
         self.best_force_mae = float("inf")
         self.train_seconds = 0.0  # wall clock spent in epochs, summed over resumes (the max_hours budget)
+        self.train_cpu_seconds = 0.0  # the same epochs' process CPU time (budget_clock "cpu")
 
     @property
     def evaluated(self) -> torch.nn.ModuleDict:
@@ -321,6 +327,7 @@ class Trainer:
             "train_config": dataclasses.asdict(self.config),
             "epoch": self.epoch, "step": self.step, "history": self.history,
             "best_force_mae": self.best_force_mae, "train_seconds": self.train_seconds,
+            "train_cpu_seconds": self.train_cpu_seconds,
             "trained_domain": self.trained_domain,
             "splits": {k: v for k, v in self.splits.items()},
             "provenance": {"dataset": str(self.config.data), "dataset_sha256": self.dataset_sha256,
@@ -355,6 +362,7 @@ class Trainer:
         self.epoch, self.step, self.history = payload["epoch"], payload["step"], payload["history"]
         self.best_force_mae = payload["best_force_mae"]
         self.train_seconds = payload.get("train_seconds", 0.0)
+        self.train_cpu_seconds = payload.get("train_cpu_seconds", 0.0)
 
     # ------------------------------------------------------------------ loop
     def train_step(self, batch: Batch, rotation_generator: torch.Generator) -> Dict[str, float]:
@@ -439,12 +447,14 @@ class Trainer:
                 f"parameters={count_parameters(self.model)} steps/epoch={self.steps_per_epoch}")
         last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
         while self.epoch < last_epoch and self.stop_reason() is None:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             record = {"epoch": self.epoch + 1, "step": None, "lr": self.schedule.at(self.step)}
             record.update(self.run_epoch())
             record.update(self.validate())
             self.train_seconds += time.perf_counter() - start
+            self.train_cpu_seconds += time.process_time() - cpu_start
             record["step"], record["hours"] = self.step, self.train_seconds / 3600
+            record["cpu_hours"] = self.train_cpu_seconds / 3600
             self.epoch += 1
             self.history.append(record)
             self.schedule.observe(record["val_force_mae"], self.step)  # before saving: resume needs it
@@ -465,8 +475,9 @@ class Trainer:
         if self.schedule.exhausted:
             return (f"the plateau schedule cut lr to {self.schedule.at(self.step):.2e}, below lr * "
                     f"lr_final_fraction = {config.lr * config.lr_final_fraction:.2e}")
-        if config.max_hours is not None and self.train_seconds >= 3600 * config.max_hours:
-            return f"the {config.max_hours} h budget is spent ({self.train_seconds / 3600:.3f} h)"
+        spent = self.train_cpu_seconds if config.budget_clock == "cpu" else self.train_seconds
+        if config.max_hours is not None and spent >= 3600 * config.max_hours:
+            return f"the {config.max_hours} h {config.budget_clock} budget is spent ({spent / 3600:.3f} h)"
         return None
 
 
