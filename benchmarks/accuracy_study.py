@@ -75,7 +75,7 @@ def train_transip(config: dict, method: str, size: int, seed: int, folder: Path)
         epochs=max(1, math.ceil(config["steps"] / steps_per_epoch)), batch_size=config["batch_size"],
         lr=config["lr"], warmup_steps=min(200, config["steps"] // 10), max_train_structures=size,
         val_structures=config["validation_structures"], equivariance_structures=8, threads=1, progress=False,
-        model=config["model"])
+        model=config["model"], **config.get("training", {}))  # the recipe's TrainConfig fields (loss, EMA, ...)
     train(train_config, resume=True)
     return folder / "best.ckpt"
 

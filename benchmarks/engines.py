@@ -1,4 +1,4 @@
-"""MD engines, the equivariant peer and a classical floor on the same structures, from aspirin to 100 000 atoms.
+"""MD engines and a classical floor on the same structures, from aspirin to 100 000 atoms.
 
     python benchmarks/engines.py              # writes benchmarks/results/engines.{json,md,png}
     python benchmarks/engines.py --smoke
@@ -9,15 +9,13 @@ the shipped model exported as float64 with the fused kernel. Per structure, each
 - model: the artifact's `compute` (neighbour list included), energy + forces, `--threads` threads;
 - OpenMM: CPU platform, TorchForce (transip.openmm_plugin), velocity Verlet 0.5 fs, `--threads` threads;
 - LAMMPS: `pair_style transip`, NVE 0.5 fs, 1 rank x `--threads` OpenMP threads and 2 ranks x 1 thread;
-- MACE: the equivariant peer (mace-torch) through its ASE calculator, float64, `--threads` threads, on the same
-  structures. Its model is the accuracy study's (benchmarks/accuracy_study.py, same training data) when that
-  exists, otherwise one of the study's size trained for a single epoch here: speed does not depend on training;
 - classical: OpenMM CPU platform, flexible TIP3P with PME (0.9 nm cutoff, less in boxes under 1.8 nm),
   0.5 fs, water boxes only: the
   cost floor of a pairwise force field.
 
 Engine overhead = engine step / model call - 1; ns/day at 0.5 fs. The plot shows time per step against atoms
-with the fitted exponent from 1 000 atoms up.
+with the fitted exponent from 1 000 atoms up. The equivariant peer (MACE) is compared at the same training budget,
+accuracy and cost per step in the same engine by benchmarks/pareto.py.
 """
 
 from __future__ import annotations
@@ -35,11 +33,10 @@ from pathlib import Path
 from common import ROOT, machine, median_seconds, rss_kib, run_task, water_system, write_results
 
 MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
-STUDY_MACE = ROOT / "runs" / "accuracy_study" / "mace" / "n4000-seed0" / "mace.model"
 BIN = Path(sys.executable).parent
 FULL_SIZES = (1000, 3000, 10000, 30000, 100000)
 SMOKE_SIZES = (300,)
-ENGINES = ("model", "openmm", "lammps-1", "lammps-2", "mace", "classical")
+ENGINES = ("model", "openmm", "lammps-1", "lammps-2", "classical")
 TIMESTEP_FS = 0.5
 
 
@@ -121,20 +118,6 @@ run {steps}
         return float(loops[-1]) / steps  # the second run: past the model's first (profiling) calls
 
 
-def time_mace(task, s):
-    from ase import Atoms
-    from ase.calculators.calculator import all_changes
-    from mace.calculators import MACECalculator
-
-    calculator = MACECalculator(model_paths=task["mace_model"], device="cpu", default_dtype="float64")
-    atoms = Atoms(numbers=s.numbers, positions=s.positions, cell=s.cell if s.periodic else None, pbc=s.periodic)
-
-    def evaluate(n):
-        for _ in range(n):
-            calculator.calculate(atoms, ["energy", "forces"], all_changes)
-    return median_seconds(evaluate, 1, *blocks(len(s.numbers), task["smoke"]))
-
-
 def time_classical(task, s):
     import numpy as np
     import openmm
@@ -169,7 +152,7 @@ def measure(task: dict) -> dict:
     transip.native.keep_freed_memory()
     s = structure_of(task)
     engine = task["engine"]
-    seconds = {"model": time_model, "openmm": time_openmm, "mace": time_mace, "classical": time_classical,
+    seconds = {"model": time_model, "openmm": time_openmm, "classical": time_classical,
                "lammps-1": lambda t, x: time_lammps(t, x, 1), "lammps-2": lambda t, x: time_lammps(t, x, 2)}[engine](
         task, s)
     # Peak resident memory of the run: this process, or the largest LAMMPS rank (its own processes).
@@ -179,20 +162,6 @@ def measure(task: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- driver
-def ensure_mace_model(folder: Path, requested) -> Path:
-    """The study's MACE if it exists (or the one asked for), else the study's architecture trained one epoch."""
-    if requested:
-        return Path(requested)
-    if STUDY_MACE.exists():
-        return STUDY_MACE
-    from accuracy_study import dataset_and_splits, load_config, train_mace
-
-    config = load_config(ROOT / "configs" / "accuracy_study.json")
-    config.update(steps=2, batch_size=16, validation_structures=8)
-    structures, splits = dataset_and_splits(config)
-    return train_mace(config, structures, splits, 32, 0, folder / "mace")
-
-
 def fitted_exponent(rows, engine, key):
     """Slope of log(key) against log(atoms) over the water boxes of 1 000 atoms and more."""
     import numpy as np
@@ -205,7 +174,7 @@ def fitted_exponent(rows, engine, key):
     return float(np.polyfit(x, y, 1)[0])
 
 
-def write_report(rows: list, info: dict, threads: int, out: Path, mace_model: str) -> None:
+def write_report(rows: list, info: dict, threads: int, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -219,13 +188,13 @@ def write_report(rows: list, info: dict, threads: int, out: Path, mace_model: st
             return "-"
         return f"not run ({r['skipped']})" if "skipped" in r else f"{1e3 * r['seconds']:.1f}"
 
-    lines = [f"{info['cpu']}, {info['cores']} cores; {threads} threads (LAMMPS 2 ranks: 1 thread each); float64; "
-             f"MACE model {mace_model}. Times per step (engines) or per energy + forces call (model, MACE).", "",
+    lines = [f"{info['cpu']}, {info['cores']} cores; {threads} threads (LAMMPS 2 ranks: 1 thread each); float64. "
+             "Times per step (engines) or per energy + forces call (model).", "",
              "| system | atoms | model call (ms) | OpenMM step (ms) | OpenMM overhead | LAMMPS 1 rank (ms) | "
-             "LAMMPS overhead | LAMMPS 2 ranks (ms) | 2 vs 1 rank | OpenMM ns/day | MACE (ms) | MACE / TransIP | "
-             "classical TIP3P/PME (ms) |", "| " + " | ".join(["---"] * 13) + " |"]
+             "LAMMPS overhead | LAMMPS 2 ranks (ms) | 2 vs 1 rank | OpenMM ns/day | classical TIP3P/PME (ms) |",
+             "| " + " | ".join(["---"] * 11) + " |"]
     for system, atoms in sorted({(r["system"], r["atoms"]) for r in rows}, key=lambda k: (k[0] != "aspirin", k[1])):
-        model, openmm_row, one, two, mace, classical = (get(system, atoms, e) for e in ENGINES)
+        model, openmm_row, one, two, classical = (get(system, atoms, e) for e in ENGINES)
         if model is None or "skipped" in model:
             continue
 
@@ -237,10 +206,8 @@ def write_report(rows: list, info: dict, threads: int, out: Path, mace_model: st
 
         scaling = f"{one['seconds'] / two['seconds']:.2f}x" if done(one) and done(two) else "-"
         ns_day = f"{TIMESTEP_FS * 1e-6 / openmm_row['seconds'] * 86400:.3f}" if done(openmm_row) else "-"
-        peer = f"{mace['seconds'] / model['seconds']:.1f}x" if done(mace) else "-"
         lines.append(f"| {system} | {model['atoms_actual']} | {ms(model)} | {ms(openmm_row)} | {over(openmm_row)} | "
-                     f"{ms(one)} | {over(one)} | {ms(two)} | {scaling} | {ns_day} | {ms(mace)} | {peer} | "
-                     f"{ms(classical)} |")
+                     f"{ms(one)} | {over(one)} | {ms(two)} | {scaling} | {ns_day} | {ms(classical)} |")
     exponents = {e: fitted_exponent(rows, e, "seconds") for e in ENGINES}
     memory_exponents = {e: fitted_exponent(rows, e, "peak_mib") for e in ENGINES}
     lines += ["", "Fitted exponent against atoms (water boxes, 1 000 atoms and up): time " +
@@ -271,7 +238,7 @@ def write_report(rows: list, info: dict, threads: int, out: Path, mace_model: st
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out.with_suffix(".png"), dpi=120)
-    write_results(out, {"machine": info, "threads": threads, "mace_model": mace_model, "rows": rows,
+    write_results(out, {"machine": info, "threads": threads, "rows": rows,
                         "exponents": exponents, "memory_exponents": memory_exponents}, lines)
 
 
@@ -280,8 +247,6 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--sizes", type=int, nargs="+", help="water box atom counts (default 1000 ... 100000)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--mace-model", help="MACE model file (default: the accuracy study's)")
-    parser.add_argument("--mace-max-atoms", type=int, default=30000, help="larger boxes are not run with MACE")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "engines")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -298,17 +263,13 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         artifact = tmp / "model.pt"
         export_checkpoint(MODEL, artifact)
-        mace_model = str(ensure_mace_model(tmp, args.mace_model))
         systems = [("aspirin", 21)] + [("water", n) for n in sizes]
         tasks = [dict(system=system, atoms=atoms, engine=engine, threads=args.threads, smoke=args.smoke,
-                      artifact=str(artifact), mace_model=mace_model)
+                      artifact=str(artifact))
                  for system, atoms in systems for engine in ENGINES
                  if not (engine == "classical" and system == "aspirin")]
         rows, out_of_memory = [], {}  # engine -> atoms at which it ran out of memory
         for task in tqdm(tasks, desc="engines benchmark", unit="run"):
-            if task["engine"] == "mace" and task["atoms"] > args.mace_max_atoms:
-                rows.append(dict(task, skipped=f"above --mace-max-atoms {args.mace_max_atoms}"))
-                continue
             if task["engine"] in out_of_memory:
                 rows.append(dict(task, skipped=f"out of memory at {out_of_memory[task['engine']]} atoms"))
                 continue
@@ -318,8 +279,7 @@ def main(argv=None) -> int:
             rows.append(result)
             tqdm.write(f"{task['system']:8s} {task['atoms']:7d} {task['engine']:9s} " + (
                 result["skipped"] if "skipped" in result else f"{1e3 * result['seconds']:10.2f} ms"))
-        write_report(rows, machine(), args.threads, args.out,
-                     os.path.relpath(mace_model, ROOT) if mace_model.startswith(str(ROOT)) else "trained 1 epoch here")
+        write_report(rows, machine(), args.threads, args.out)
     return 1 if any(r.get("skipped", "").startswith("failed") for r in rows) else 0
 
 

