@@ -42,56 +42,23 @@ BIN = Path(sys.executable).parent
 
 
 # ---------------------------------------------------------------------------------------------- analysis
-def minimum_image_distances(positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """All pairwise distances under the minimum-image convention of an orthorhombic cell (N, N)."""
-    lengths = np.diag(cell)
-    delta = positions[:, None, :] - positions[None, :, :]
-    delta -= lengths * np.round(delta / lengths)
-    return np.sqrt((delta ** 2).sum(-1))
-
-
-def bond_graph(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """Boolean (N, N) adjacency: pairs closer than 1.2x the sum of their covalent radii."""
-    from ase.data import covalent_radii
-
-    radii = covalent_radii[numbers]
-    bonded = minimum_image_distances(positions, cell) < 1.2 * (radii[:, None] + radii[None, :])
-    np.fill_diagonal(bonded, False)
-    return bonded
-
-
-def molecule_labels(bonded: np.ndarray) -> np.ndarray:
-    from scipy.sparse.csgraph import connected_components
-
-    return connected_components(bonded, directed=False)[1]
-
-
 def check_trajectory(numbers: np.ndarray, frames: np.ndarray, cell: np.ndarray) -> dict:
-    """Bond-graph changes and the closest approach of different molecules over the frames (first = start)."""
-    start = bond_graph(numbers, frames[0], cell)
-    labels = molecule_labels(start)
-    other_molecule = labels[:, None] != labels[None, :]
-    broken = formed = changed_frames = 0
-    closest = np.inf
-    for positions in frames:
-        graph = bond_graph(numbers, positions, cell)
-        broken_now, formed_now = int((start & ~graph).sum() // 2), int((graph & ~start).sum() // 2)
-        broken, formed = max(broken, broken_now), max(formed, formed_now)
-        changed_frames += bool(broken_now or formed_now)
-        closest = min(closest, float(minimum_image_distances(positions, cell)[other_molecule].min()))
-    return {"molecules": int(labels.max() + 1), "bonds": int(start.sum() // 2), "frames": len(frames),
-            "frames_with_changed_bonds": changed_frames, "most_bonds_broken": broken, "most_bonds_formed": formed,
-            "intact": changed_frames == 0, "closest_intermolecular_A": closest}
+    """transip md's check (bond graph unchanged, closest approach of different molecules) over the frames."""
+    from transip.md_summary import structure_check
+
+    return structure_check(numbers, frames, cell)
 
 
 def radial_distribution(frames: np.ndarray, cell: np.ndarray, selected: np.ndarray, r_max: float,
                         bin_width: float = 0.05):
     """g(r) between the `selected` atoms (e.g. water oxygens), averaged over frames; bin centres and g."""
+    from transip.md_summary import pair_distances
+
     edges = np.arange(0.0, r_max + bin_width, bin_width)
     counts = np.zeros(len(edges) - 1)
     n = int(selected.sum())
     for positions in frames:
-        d = minimum_image_distances(positions[selected], cell)[np.triu_indices(n, 1)]
+        d = pair_distances(positions[selected], cell)[np.triu_indices(n, 1)]
         counts += np.histogram(d, edges)[0]
     density = n / np.linalg.det(cell)
     shells = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)

@@ -17,6 +17,7 @@ def add_arguments(md) -> None:
 
 def run(args, structure) -> int:
     from transip.domain import check_trained_domain
+    from transip.md_summary import describe_check
     from transip.export import export_checkpoint, read_metadata
 
     from .md import run as run_md
@@ -36,5 +37,6 @@ def run(args, structure) -> int:
     print(f"OpenMM ({args.platform}): {summary['atoms']} atoms, {summary['steps_per_second']:.1f} steps/s, "
           f"{summary['ns_per_day']:.3f} ns/day; total-energy change {1000 * summary['energy_drift_per_atom_ev']:.4f} "
           f"meV/atom, std {1000 * summary['energy_std_per_atom_ev']:.4f} meV/atom; trajectory {trajectory}")
+    print(describe_check(summary))
     print(json.dumps(summary))
     return 0

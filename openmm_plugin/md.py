@@ -83,7 +83,8 @@ def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: 
         platform: str = "CPU", thermostat: bool = False, trajectory: Optional[str] = None, report_every: int = 50,
         seed: int = 0, stream=sys.stdout, allow_untrained: bool = False) -> dict:
     """Run MD and return `transip.md_summary.md_summary`: steps per second, ns/day, total-energy drift and
-    fluctuation per atom in eV (the keys the ASE driver returns too).
+    fluctuation per atom in eV, and whether the molecules stayed whole over the reported frames (the keys the ASE
+    driver returns too).
     allow_untrained: run a structure outside the model's trained domain with a warning (create_force)."""
     import openmm.app as app
     from openmm import unit
@@ -98,10 +99,11 @@ def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: 
         reporter = (app.DCDReporter if str(trajectory).endswith(".dcd") else app.PDBReporter)(str(trajectory),
                                                                                               report_every)
         simulation.reporters.append(reporter)
-    totals = []
+    totals, frames = [], []
 
     def total_energy() -> float:
-        state = simulation.context.getState(getEnergy=True)
+        state = simulation.context.getState(getEnergy=True, getPositions=True)
+        frames.append(state.getPositions(asNumpy=True).value_in_unit(unit.angstrom))
         return (state.getPotentialEnergy() + state.getKineticEnergy()).value_in_unit(unit.kilojoule_per_mole)
 
     totals.append(total_energy())
@@ -113,4 +115,5 @@ def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: 
         done += chunk
         totals.append(total_energy())
     seconds = time.perf_counter() - start
-    return md_summary(np.array(totals) / KJ_PER_MOL_PER_EV, n, steps, seconds, timestep_fs)
+    return md_summary(np.array(totals) / KJ_PER_MOL_PER_EV, n, steps, seconds, timestep_fs, structure.numbers, frames,
+                      np.asarray(structure.cell) if structure.periodic else None)

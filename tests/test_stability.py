@@ -11,7 +11,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from stability import check_trajectory, minimum_image_distances, radial_distribution  # noqa: E402
+from stability import check_trajectory, radial_distribution  # noqa: E402
+
+from transip.md_summary import describe_check, pair_distances  # noqa: E402
 
 WATER = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.24, 0.9266, 0.0]])
 
@@ -22,8 +24,9 @@ def two_waters(shift):
 
 def test_minimum_image_distance_wraps_across_the_box():
     cell = np.eye(3) * 10.0
-    d = minimum_image_distances(np.array([[0.5, 0.0, 0.0], [9.5, 0.0, 0.0]]), cell)
+    d = pair_distances(np.array([[0.5, 0.0, 0.0], [9.5, 0.0, 0.0]]), cell)
     assert d[0, 1] == pytest.approx(1.0)
+    assert pair_distances(np.array([[0.5, 0.0, 0.0], [9.5, 0.0, 0.0]]))[0, 1] == pytest.approx(9.0)  # no box
 
 
 def test_intact_water_passes_and_a_broken_bond_or_a_close_contact_is_reported():
@@ -36,7 +39,7 @@ def test_intact_water_passes_and_a_broken_bond_or_a_close_contact_is_reported():
     assert intact["closest_intermolecular_A"] == pytest.approx(cross.min())
 
     stretched = start.copy()
-    stretched[1, 0] += 1.0  # one O-H to ~1.96 A: broken
+    stretched[1, 2] += 1.2  # one O-H to ~1.53 A, away from the other molecule: broken
     broken = check_trajectory(numbers, np.array([start, stretched]), cell)
     assert not broken["intact"] and broken["most_bonds_broken"] == 1 and broken["frames_with_changed_bonds"] == 1
 
@@ -44,6 +47,8 @@ def test_intact_water_passes_and_a_broken_bond_or_a_close_contact_is_reported():
     fused[3:] += fused[1] - fused[3] + [0.3, 0.0, 0.0]  # the second oxygen 0.3 A from the first molecule's H
     contact = check_trajectory(numbers, np.array([start, fused]), cell)
     assert contact["closest_intermolecular_A"] == pytest.approx(0.3) and contact["most_bonds_formed"] >= 1
+    assert describe_check(intact).startswith("molecules intact (2 molecules, 4 bonds); closest approach")
+    assert describe_check(broken).startswith("molecules NOT intact: up to 1 bonds broken and 0 formed in 1 of 2")
 
 
 def test_radial_distribution_of_uniform_points_is_one():

@@ -11,7 +11,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .data import Structure, structure_from_atoms
 from .domain import check_trained_domain, domain_for
-from .md_summary import md_summary
+from .md_summary import describe_check, md_summary
 from .metrics import predict
 
 
@@ -100,8 +100,10 @@ def run_md(checkpoint, structure: Structure, steps: int, timestep_fs: float, tem
     bar.close()
     seconds = time.perf_counter() - start
     ase.io.write(trajectory, frames, format="extxyz")
-    summary = md_summary(energies, len(atoms), steps, seconds, timestep_fs)
+    summary = md_summary(energies, len(atoms), steps, seconds, timestep_fs, atoms.numbers,
+                         [f.positions for f in frames], np.asarray(atoms.cell) if atoms.pbc.all() else None)
     log(f"{steps} steps in {seconds:.1f} s ({summary['steps_per_second']:.1f} steps/s); total-energy change "
         f"{1000 * summary['energy_drift_per_atom_ev']:.3f} meV/atom, std "
         f"{1000 * summary['energy_std_per_atom_ev']:.3f} meV/atom; trajectory: {trajectory}")
+    log(describe_check(summary))
     return summary
