@@ -399,20 +399,23 @@ def write_report(config: dict, config_path: Path, rows: list) -> None:
     result = verdict(config, rows)
     lines = [
         f"Command: `python benchmarks/pareto.py --config {config_path.relative_to(ROOT)}` (then `--cost`). Data "
-        f"`{config['data']}`, training split ({config.get('max_train_structures') or 'all'} structures); every model "
+        f"`{config['data']}`, the same seeded subset of its training split "
+        f"({config.get('max_train_structures') or 'all'} structures); every model "
         f"trained with the same budget of {config['budget_hours']} h of process CPU time on {config['threads']} "
-        f"thread(s) ({config.get('parallel', 1)} models at once), stopping after the epoch that spends it. TransIP: "
+        f"thread(s) ({config.get('parallel', 1)} models at once), stopping after the epoch that spends it (MACE's "
+        "epochs are longer, so it may overrun more: `training CPU h`). TransIP: "
         "`transip train` (Huber force loss, weight EMA, plateau schedule, ZBL repulsion, geometry in blocks); MACE: "
         "mace-torch's `mace_run_train` (weighted loss, EMA, `--pair_repulsion`). Force MAE in meV/A and energy MAE "
         "in meV/atom, float64, on up to "
         f"{config['evaluation']['structures']} structures per split; `scaffolds (neutral)` is the held-out scaffolds "
         "without charge or unpaired electrons (MACE has no input for either).", "",
-        "| model | parameters | epochs | F scaffolds | F scaffolds (neutral) | F clusters | F frames | F condensed | "
-        "E scaffolds | E condensed |", "| --- " * 10 + "|"]
+        "| model | parameters | epochs | training CPU h | F scaffolds | F scaffolds (neutral) | F clusters | F frames | "
+        "F condensed | E scaffolds | E condensed |", "| --- " * 11 + "|"]
     for r in rows:
         f = lambda split: f"{1000 * r[split]['force_mae']:.1f}" if split in r else "-"
         e = lambda split: f"{1000 * r[split]['energy_mae_per_atom']:.2f}" if split in r else "-"
-        lines.append(f"| {r['name']} | {r['parameters']} | {r['training']['epochs']} | {f('test_scaffolds')} | "
+        lines.append(f"| {r['name']} | {r['parameters']} | {r['training']['epochs']} | "
+                     f"{r['training']['cpu_hours']:.2f} | {f('test_scaffolds')} | "
                      f"{f('test_scaffolds_neutral')} | {f('test_clusters')} | {f('test_frames')} | {f('condensed')} | "
                      f"{e('test_scaffolds')} | {e('condensed')} |")
     pairs = [(s, d) for s in ("water", "solvated") for d in cost["dtypes"]]
