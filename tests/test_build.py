@@ -77,3 +77,27 @@ def test_methanol_example_box_has_liquid_density_and_no_overlapping_molecules():
     distances = box.get_all_distances(mic=True)
     assert distances[molecule[:, None] != molecule[None, :]].min() >= 2.0
     assert distances[molecule[:, None] == molecule[None, :]].max() < 3.0  # and every molecule is whole
+
+
+def test_solvated_and_water_example_boxes_hold_whole_molecules_at_liquid_density():
+    """examples/boxes/{water,solvated}_box.extxyz (make_solvated_box.py): 96 waters, and the held-out drug-like
+    molecule in 100 waters, at 1.0 g/cm^3 with no two molecules closer than 1.7 A; the LAMMPS data files hold the
+    same atoms; rebuilding gives the same boxes."""
+    import ase.io
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "examples" / "boxes"))
+    from make_solvated_box import solvated_box, water_box
+
+    from transip.md_summary import structure_check
+
+    for name, waters, extra_atoms, rebuild in (("water_box", 96, 0, water_box), ("solvated_box", 100, 36, solvated_box)):
+        box = ase.io.read(ROOT / "examples" / "boxes" / f"{name}.extxyz")
+        assert len(box) == 3 * waters + extra_atoms and (box.numbers == 8).sum() == waters + (1 if extra_atoms else 0)
+        grams = box.get_masses().sum() / 6.02214076e23
+        assert abs(grams / (box.get_volume() * 1e-24) - 1.0) < 0.01
+        check = structure_check(box.numbers, [box.positions], np.asarray(box.cell))
+        assert check["molecules"] == waters + (1 if extra_atoms else 0) and check["closest_intermolecular_A"] >= 1.7
+        assert np.allclose(rebuild().positions, box.positions, atol=1e-6)
+        data = ase.io.read(ROOT / "lammps" / "examples" / f"{name}.data", format="lammps-data", atom_style="atomic")
+        assert len(data) == len(box) and np.allclose(data.cell.lengths(), box.cell.lengths())
