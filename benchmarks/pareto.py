@@ -29,11 +29,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import math
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time

@@ -97,7 +97,6 @@ def temperature_of(kinetic_ev: float, atoms: int) -> float:
 
 
 def run_openmm(artifact: Path, structure, state: RunState, md: dict, steps: int) -> None:
-    import openmm
     from openmm import unit
 
     from transip.export.contract import KJ_PER_MOL_PER_EV
@@ -119,11 +118,9 @@ def run_openmm(artifact: Path, structure, state: RunState, md: dict, steps: int)
         state.temperatures.append(temperature_of(kinetic, len(structure.numbers)))
     state.positions = np.asarray(positions)
     state.velocities = np.asarray(snap.getVelocities(asNumpy=True).value_in_unit(unit.angstrom / unit.picosecond))
-    del openmm
 
 
 def run_lammps(artifact: Path, structure, state: RunState, md: dict, steps: int, threads: int) -> None:
-    from ase import Atoms
     from ase.data import atomic_masses, chemical_symbols
 
     species = sorted(set(int(z) for z in structure.numbers))
