@@ -23,25 +23,18 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import folder_name, write_json  # noqa: E402
 SPLITS = ("test_scaffolds", "test_clusters", "test_frames", "condensed")
 
 
 def row_dir(config: dict, row: dict) -> Path:
-    return ROOT / config["output"] / "".join(c if c.isalnum() or c in "-_" else "_" for c in row["name"])
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    return ROOT / config["output"] / folder_name(row["name"])
 
 
 def train_config(config: dict, row: dict, seed: int, folder: Path):

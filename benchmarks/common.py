@@ -146,6 +146,18 @@ def machine() -> dict:
 
 
 # ------------------------------------------------------------------------------------------ output
+def write_json(path: Path, payload: dict) -> None:
+    """Write JSON through a temporary name, so that a file that exists is complete (resumable studies skip it)."""
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+def folder_name(name: str) -> str:
+    """A study row's or model's name as a folder name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
 def write_results(out, payload: dict, lines: list) -> None:
     """<out>.json (every number) and <out>.md (the table), and the table on standard output."""
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,18 +41,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import folder_name, write_json  # noqa: E402
 SPLITS = ("test_scaffolds", "test_clusters", "test_frames", "condensed")
 FAMILIES = ("transip", "mace")
 
 
 def model_dir(config: dict, entry: dict) -> Path:
-    return ROOT / config["output"] / "".join(c if c.isalnum() or c in "-_" else "_" for c in entry["name"])
-
-
-def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    return ROOT / config["output"] / folder_name(entry["name"])
 
 
 def load_config(path: Path) -> dict:
