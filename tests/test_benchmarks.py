@@ -115,6 +115,10 @@ def test_accuracy_study_smoke(tmp_path):
         # MACE is equivariant by construction; a barely trained TransIP is not
         assert rotation_error < 1e-6 if r["method"] == "mace" else rotation_error > 1e-4
     assert (tmp_path / "study.png").stat().st_size > 10_000 and (tmp_path / "study.csv").exists()
+    from transip.checkpoint import load_checkpoint
+
+    trained = load_checkpoint(tmp_path / "transip" / "n16-seed0" / "best.ckpt")["train_config"]
+    assert (trained["force_loss"], trained["ema_decay"]) == ("huber", 0.9)  # the config's "training" fields
     stamps = {p: p.stat().st_mtime for p in tmp_path.glob("*/*/result.json")}
     assert len(stamps) == 8
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -57,3 +57,23 @@ def test_radial_distribution_of_uniform_points_is_one():
     frames = rng.uniform(0, 20.0, size=(20, 400, 3))
     r, g = radial_distribution(frames, cell, np.ones(400, bool), 8.0, bin_width=0.5)
     assert np.abs(g[r > 3.0] - 1.0).max() < 0.1
+
+
+@pytest.mark.slow
+def test_shipped_model_keeps_every_system_physical_in_both_engines(tmp_path):
+    """The stability check at reduced length (configs/stability_smoke.json: 0.1 ps of 300 K NVT) on the model the
+    README ships: water, methanol and a held-out drug-like molecule in water stay intact in OpenMM and in LAMMPS,
+    with no two molecules closer than 1.2 A; the report and the g(r) plot are written."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--config",
+               str(ROOT / "configs" / "stability_smoke.json"), "--output", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
+    report = json.loads((tmp_path / "stability.json").read_text())
+    runs = {(r["system"], r["engine"]): r for r in report["runs"]}
+    assert set(runs) == {(s, e) for s in ("water", "methanol", "solvated") for e in ("openmm", "lammps")}
+    for key, r in runs.items():
+        assert r["time_ps"] == pytest.approx(0.1) and r["frames_checked"] == 11, key
+        assert r["intact"] and r["closest_intermolecular_A"] >= 1.2, (key, r)
+        assert r["passes"], (key, r)
+    assert runs[("water", "openmm")]["molecules"] == 96 and runs[("solvated", "lammps")]["molecules"] == 101
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "stability_rdf.png").stat().st_size > 10_000
