@@ -153,6 +153,12 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def shown_path(path: Path) -> str:
+    """A path as a command line in a report shows it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def folder_name(name: str) -> str:
     """A study row's or model's name as a folder name."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

@@ -41,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import folder_name, write_json  # noqa: E402
+from common import folder_name, shown_path, write_json  # noqa: E402
 SPLITS = ("test_scaffolds", "test_clusters", "test_frames", "condensed")
 FAMILIES = ("transip", "mace")
 
@@ -391,7 +391,7 @@ def write_report(config: dict, config_path: Path, rows: list) -> None:
     cost = config["cost"]
     result = verdict(config, rows)
     lines = [
-        f"Command: `python benchmarks/pareto.py --config {config_path.relative_to(ROOT)}` (then `--cost`). Data "
+        f"Command: `python benchmarks/pareto.py --config {shown_path(config_path)}` (then `--cost`). Data "
         f"`{config['data']}`, the same seeded subset of its training split "
         f"({config.get('max_train_structures') or 'all'} structures); every model "
         f"trained with the same budget of {config['budget_hours']} h of process CPU time on {config['threads']} "

@@ -107,6 +107,10 @@ def run_openmm(artifact: Path, structure, state: RunState, md: dict, steps: int)
     simulation.context.setPositions(state.positions * NM_PER_ANGSTROM)
     if state.velocities is not None and len(state.velocities):
         simulation.context.setVelocities(state.velocities * NM_PER_ANGSTROM)  # A/ps -> nm/ps
+    else:  # a fresh start: relax the packed box first, as a user would, then draw velocities
+        tolerance = md["minimize_fmax_ev_per_A"] * KJ_PER_MOL_PER_EV * 10.0  # kJ/mol/nm
+        simulation.minimizeEnergy(tolerance=tolerance, maxIterations=md["minimize_iterations"])
+        simulation.context.setVelocitiesToTemperature(md["temperature_K"] * unit.kelvin, md["seed"])
     done = 0
     while done < steps:
         simulation.step(md["snapshot_every"])
@@ -137,6 +141,9 @@ def run_lammps(artifact: Path, structure, state: RunState, md: dict, steps: int,
                                                in enumerate(state.velocities)]
         (tmp / "system.data").write_text("\n".join(lines) + "\n")
         fresh = state.velocities is None or not len(state.velocities)
+        # A fresh start relaxes the packed box first, as a user would (then the step count starts again at 0).
+        minimize = (f"minimize 0.0 {md['minimize_fmax_ev_per_A']} {md['minimize_iterations']} "
+                    f"{10 * md['minimize_iterations']}\nreset_timestep 0")
         every = md["snapshot_every"]
         (tmp / "in.stability").write_text(f"""units metal
 atom_style atomic
@@ -144,6 +151,7 @@ boundary p p p
 read_data system.data
 pair_style transip {artifact}
 pair_coeff * * {' '.join(chemical_symbols[z] for z in species)}
+{minimize if fresh else ""}
 {f"velocity all create {md['temperature_K']} {md['seed'] + 1} loop geom" if fresh else ""}
 fix thermostat all langevin {md['temperature_K']} {md['temperature_K']} 1.0 {md['seed'] + 1 + state.step}
 fix integrate all nve
@@ -241,6 +249,11 @@ def run_reference(config: dict) -> dict:
         atoms.set_velocities(state.velocities / (1000 * units.fs))  # A/ps -> ASE units
     else:
         MaxwellBoltzmannDistribution(atoms, temperature_K=md["temperature_K"], rng=np.random.default_rng(1))
+    if state.step == 0:  # relax the packed box first, as for the model's runs
+        from ase.optimize import FIRE
+
+        FIRE(atoms, logfile=None).run(fmax=md["minimize_fmax_ev_per_A"], steps=md["minimize_iterations"])
+        state.positions = atoms.positions.copy()
     total = int(round(ref["time_ps"] * 1000 / ref["timestep_fs"]))
     every = ref["snapshot_every"]
     from tqdm import tqdm
@@ -281,11 +294,11 @@ def summarise_reference(config: dict, state: RunState) -> dict:
 
 # ------------------------------------------------------------------------------------------------- report
 def write_report(config: dict, config_path: Path, runs: list, reference) -> None:
-    from common import machine, write_results
+    from common import machine, shown_path, write_results
 
     md = config["md"]
     lines = [
-        f"Command: `python benchmarks/stability.py --config {config_path.relative_to(ROOT)}`. Model "
+        f"Command: `python benchmarks/stability.py --config {shown_path(config_path)}`. Model "
         f"`{config['model']}` ({config['dtype']}), {md['temperature_K']} K NVT for {md['time_ps']} ps at "
         f"{md['timestep_fs']} fs (OpenMM: LangevinMiddleIntegrator, 1/ps; LAMMPS: `fix langevin` with a 1 ps damping "
         f"time and `fix nve`), {config['threads']} thread(s), snapshots every {md['snapshot_every']} steps. Intact: the "
