@@ -102,15 +102,15 @@ def run_openmm(artifact: Path, structure, state: RunState, md: dict, steps: int)
     from transip.export.contract import KJ_PER_MOL_PER_EV
     from transip.openmm_plugin.md import NM_PER_ANGSTROM, build_simulation
 
+    fresh = state.velocities is None or not len(state.velocities)
+    # A fresh start relaxes the packed box first, as a user would; a resumed one continues from its saved state.
     simulation = build_simulation(artifact, structure, md["timestep_fs"], md["temperature_K"], platform="CPU",
-                                  thermostat=True, seed=md["seed"] + state.step)
-    simulation.context.setPositions(state.positions * NM_PER_ANGSTROM)
-    if state.velocities is not None and len(state.velocities):
+                                  thermostat=True, seed=md["seed"] + state.step,
+                                  minimize_fmax=md["minimize_fmax_ev_per_A"] if fresh else None,
+                                  minimize_iterations=md["minimize_iterations"])
+    if not fresh:
+        simulation.context.setPositions(state.positions * NM_PER_ANGSTROM)
         simulation.context.setVelocities(state.velocities * NM_PER_ANGSTROM)  # A/ps -> nm/ps
-    else:  # a fresh start: relax the packed box first, as a user would, then draw velocities
-        tolerance = md["minimize_fmax_ev_per_A"] * KJ_PER_MOL_PER_EV * 10.0  # kJ/mol/nm
-        simulation.minimizeEnergy(tolerance=tolerance, maxIterations=md["minimize_iterations"])
-        simulation.context.setVelocitiesToTemperature(md["temperature_K"] * unit.kelvin, md["seed"])
     done = 0
     while done < steps:
         simulation.step(md["snapshot_every"])

@@ -13,6 +13,9 @@ def add_arguments(md) -> None:
     md.add_argument("--platform", default="CPU", help="OpenMM platform (Reference, CPU, ...)")
     md.add_argument("--thermostat", action="store_true", help="OpenMM: Langevin at --temperature instead of NVE")
     md.add_argument("--report-every", type=int, default=50, help="OpenMM: steps between reports")
+    md.add_argument("--minimize", type=float, nargs="?", const=0.05, metavar="FMAX",
+                    help="OpenMM: relax the structure first with OpenMM's minimiser, until the RMS of the force "
+                         "components is FMAX eV/A (default 0.05); a packed box needs this before dynamics")
 
 
 def run(args, structure) -> int:
@@ -33,7 +36,7 @@ def run(args, structure) -> int:
                              structure.spin, args.allow_untrained, "cli")
         summary = run_md(artifact, structure, args.steps, args.timestep_fs, args.temperature, args.platform,
                          args.thermostat, trajectory, args.report_every, args.seed,
-                         allow_untrained=args.allow_untrained)
+                         allow_untrained=args.allow_untrained, minimize_fmax=args.minimize)
     print(f"OpenMM ({args.platform}): {summary['atoms']} atoms, {summary['steps_per_second']:.1f} steps/s, "
           f"{summary['ns_per_day']:.3f} ns/day; total-energy change {1000 * summary['energy_drift_per_atom_ev']:.4f} "
           f"meV/atom, std {1000 * summary['energy_std_per_atom_ev']:.4f} meV/atom; trajectory {trajectory}")

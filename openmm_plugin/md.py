@@ -50,7 +50,11 @@ def platform_by_name(name: str):
 
 
 def build_simulation(artifact, structure, timestep_fs: float = 0.5, temperature: float = 300.0,
-                     platform: str = "CPU", thermostat: bool = False, seed: int = 0, allow_untrained: bool = False):
+                     platform: str = "CPU", thermostat: bool = False, seed: int = 0, allow_untrained: bool = False,
+                     minimize_fmax: Optional[float] = None, minimize_iterations: int = 500):
+    """A Simulation of the structure with the TransIP force only, velocities drawn at `temperature`. With
+    `minimize_fmax` (eV/A) the structure is first relaxed by OpenMM's minimiser until the RMS of the force
+    components is that small (or for `minimize_iterations`), as a packed box needs before dynamics."""
     import openmm
     import openmm.app as app
     from openmm import unit
@@ -75,13 +79,16 @@ def build_simulation(artifact, structure, timestep_fs: float = 0.5, temperature:
         integrator = openmm.VerletIntegrator(step)
     simulation = app.Simulation(topology, system, integrator, platform_by_name(platform))
     simulation.context.setPositions(np.asarray(structure.positions) * NM_PER_ANGSTROM)
+    if minimize_fmax is not None:
+        simulation.minimizeEnergy(tolerance=minimize_fmax * KJ_PER_MOL_PER_EV * ANGSTROM_PER_NM,  # kJ/mol/nm
+                                  maxIterations=minimize_iterations)
     simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, seed)
     return simulation
 
 
 def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: float = 300.0,
         platform: str = "CPU", thermostat: bool = False, trajectory: Optional[str] = None, report_every: int = 50,
-        seed: int = 0, stream=sys.stdout, allow_untrained: bool = False) -> dict:
+        seed: int = 0, stream=sys.stdout, allow_untrained: bool = False, minimize_fmax: Optional[float] = None) -> dict:
     """Run MD and return `transip.md_summary.md_summary`: steps per second, ns/day, total-energy drift and
     fluctuation per atom in eV, and whether the molecules stayed whole over the reported frames (the keys the ASE
     driver returns too).
@@ -90,7 +97,7 @@ def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: 
     from openmm import unit
 
     simulation = build_simulation(artifact, structure, timestep_fs, temperature, platform, thermostat, seed,
-                                  allow_untrained)
+                                  allow_untrained, minimize_fmax)
     n = len(structure.numbers)
     simulation.reporters.append(app.StateDataReporter(stream, report_every, step=True, potentialEnergy=True,
                                                       kineticEnergy=True, totalEnergy=True, temperature=True,
@@ -115,5 +122,7 @@ def run(artifact, structure, steps: int, timestep_fs: float = 0.5, temperature: 
         done += chunk
         totals.append(total_energy())
     seconds = time.perf_counter() - start
+    # The structure check starts from the input, so whatever the minimiser changed counts too.
+    frames.insert(0, np.asarray(structure.positions))
     return md_summary(np.array(totals) / KJ_PER_MOL_PER_EV, n, steps, seconds, timestep_fs, structure.numbers, frames,
                       np.asarray(structure.cell) if structure.periodic else None)

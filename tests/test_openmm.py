@@ -66,6 +66,25 @@ def test_openmm_equals_the_artifact(artifact, platform, system):
     np.testing.assert_allclose(forces, expected_forces, rtol=0, atol=1e-9 * np.abs(expected_forces).max())
 
 
+def test_minimize_relaxes_a_strained_molecule_to_the_tolerance(artifact):
+    """`transip md --minimize` (build_simulation's minimize_fmax): aspirin with every atom displaced by up to
+    0.1 A relaxes, its energy falls, and the RMS force component reaches the tolerance."""
+    s = structure(ASPIRIN)
+    strained = Structure(s.numbers, s.positions + np.random.default_rng(0).uniform(-0.1, 0.1, s.positions.shape))
+
+    def energy_and_rms_force(simulation):
+        state = simulation.context.getState(getEnergy=True, getForces=True)
+        forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+        return (state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / KJ_PER_MOL_PER_EV,
+                float(np.sqrt(np.mean(forces ** 2))) / KJ_PER_MOL_PER_EV / 10)  # eV, eV/A
+
+    before, rms_before = energy_and_rms_force(build_simulation(artifact, strained, platform="Reference"))
+    after, rms_after = energy_and_rms_force(build_simulation(artifact, strained, platform="Reference",
+                                                             minimize_fmax=0.05, minimize_iterations=2000))
+    assert rms_before > 0.5 and after < before - 0.5
+    assert rms_after <= 0.05
+
+
 def test_nve_energy_conservation(artifact):
     """VerletIntegrator, 0.5 fs, 2000 steps of aspirin from 300 K: total-energy change below the README's bound."""
     summary = run(artifact, structure(ASPIRIN), NVE_STEPS, timestep_fs=0.5, temperature=300.0, platform="CPU",
