@@ -138,8 +138,15 @@ def train_mace(config: dict, entry: dict, structures, splits, folder: Path) -> P
         return model
     write_mace_files(config, structures, splits, folder)
     budget = 3600 * config["budget_hours"]
-    ledger = folder / "budget.json"  # CPU seconds spent by earlier (interrupted) runs, and the epochs validated
+    # CPU seconds spent so far (across interrupted runs), and the total at each validated epoch.
+    ledger = folder / "budget.json"
     spent = json.loads(ledger.read_text()) if ledger.exists() else {"cpu_seconds": 0.0, "finished": False}
+    spent.setdefault("epochs", {})
+    if not spent["finished"]:  # a resumed run restarts from MACE's latest checkpoint: later work is lost, not spent
+        saved = [int(m) for p in (folder / "checkpoints").glob("*_epoch-*.pt")
+                 for m in re.findall(r"_epoch-(\d+)\.pt$", p.name)]
+        # (An epoch saved after the ledger's last write keeps all the time spent: never more budget than used.)
+        spent["cpu_seconds"] = spent["epochs"].get(str(max(saved)), spent["cpu_seconds"]) if saved else 0.0
     log_path = folder / "train.log"
     elements = sorted({int(z) for s in structures for z in s.numbers})
     env = {**os.environ, "OMP_NUM_THREADS": str(config["threads"]), "MKL_NUM_THREADS": str(config["threads"])}
@@ -148,7 +155,7 @@ def train_mace(config: dict, entry: dict, structures, splits, folder: Path) -> P
         with open(log_path, "a") as log:
             process = subprocess.Popen(mace_command(config, entry, folder, 100000, elements), cwd=folder, stdout=log,
                                        stderr=subprocess.STDOUT, env=env)
-            before, over_at = spent["cpu_seconds"], None
+            before = spent["cpu_seconds"]
             while process.poll() is None:
                 time.sleep(2.0)
                 try:
@@ -156,11 +163,12 @@ def train_mace(config: dict, entry: dict, structures, splits, folder: Path) -> P
                 except (FileNotFoundError, ProcessLookupError):
                     break
                 spent["cpu_seconds"] = now
+                epochs = re.findall(r"Epoch (\d+):", log_path.read_text()[start_log:])
+                for epoch in epochs:
+                    spent["epochs"].setdefault(epoch, now)
                 write_json(ledger, spent)
-                validated = len(re.findall(r"Epoch \d+:", log_path.read_text()[start_log:]))
-                if over_at is None and now >= budget:
-                    over_at = validated  # budget spent: let the epoch under way be validated, then stop
-                if over_at is not None and validated > over_at:
+                # Stop once an epoch is validated with the budget spent: the epoch under way when it ran out.
+                if any(spent["epochs"][epoch] >= budget for epoch in epochs):
                     process.send_signal(signal.SIGTERM)
                     process.wait()
                     break
