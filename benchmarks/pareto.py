@@ -212,20 +212,27 @@ def predictor_for(family: str, model_path: Path):
     return predict_mace, sum(p.numel() for p in calculator.models[0].parameters())
 
 
-def evaluate(config: dict, family: str, model_path: Path, structures, splits) -> dict:
-    from transip.metrics import accuracy, spread_subset
+def evaluation_sets(config: dict, structures, splits) -> dict:
+    """Up to `evaluation.structures` structures spread over each held-out split, and over the held-out frames
+    without charge or unpaired electrons (the only split with ions and radicals: MACE has no input for either)."""
+    from transip.metrics import spread_subset
+
+    count = config["evaluation"]["structures"]
+    sets = {split: spread_subset([structures[i] for i in splits.get(split, [])], count) for split in SPLITS}
+    sets["test_frames_neutral"] = spread_subset([structures[i] for i in splits["test_frames"]
+                                                 if structures[i].charge == 0 and structures[i].spin == 1], count)
+    return {name: chosen for name, chosen in sets.items() if chosen}
+
+
+def evaluate(config: dict, family: str, model_path: Path, structures, splits, only=None) -> dict:
+    """Parameters and accuracy on every evaluation set (or on the sets named in `only`)."""
+    from transip.metrics import accuracy
 
     predict, parameters = predictor_for(family, model_path)
-    count = config["evaluation"]["structures"]
     result = {"parameters": parameters}
-    for split in SPLITS:
-        chosen = spread_subset([structures[i] for i in splits.get(split, [])], count)
-        if chosen:
-            result[split] = {"structures": len(chosen), **accuracy(None, chosen, predictor=predict)}
-    neutral = [structures[i] for i in splits["test_scaffolds"]
-               if structures[i].charge == 0 and structures[i].spin == 1]
-    chosen = spread_subset(neutral, count)
-    result["test_scaffolds_neutral"] = {"structures": len(chosen), **accuracy(None, chosen, predictor=predict)}
+    for name, chosen in evaluation_sets(config, structures, splits).items():
+        if only is None or name in only:
+            result[name] = {"structures": len(chosen), **accuracy(None, chosen, predictor=predict)}
     return result
 
 
@@ -235,8 +242,15 @@ def run_model(config: dict, entry: dict) -> dict:
     torch.set_num_threads(config["threads"])
     folder = model_dir(config, entry)
     done = folder / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    if done.exists():  # finished; an evaluation set added since is evaluated now, without retraining
+        result = json.loads(done.read_text())
+        structures, splits = dataset_and_splits(config)
+        missing = set(evaluation_sets(config, structures, splits)) - set(result)
+        if missing:
+            result.update(evaluate(config, entry["family"], folder / result["model_file"], structures, splits,
+                                   missing))
+            write_json(done, result)
+        return result
     folder.mkdir(parents=True, exist_ok=True)
     structures, splits = dataset_and_splits(config)
     if entry["family"] == "transip":
@@ -408,17 +422,18 @@ def write_report(config: dict, config_path: Path, rows: list) -> None:
         "`transip train` (Huber force loss, weight EMA, plateau schedule, ZBL repulsion, geometry in blocks); MACE: "
         "mace-torch's `mace_run_train` (weighted loss, EMA, `--pair_repulsion`). Force MAE in meV/A and energy MAE "
         "in meV/atom, float64, on up to "
-        f"{config['evaluation']['structures']} structures per split; `scaffolds (neutral)` is the held-out scaffolds "
-        "without charge or unpaired electrons (MACE has no input for either).", "",
-        "| model | parameters | epochs | training CPU h | F scaffolds | F scaffolds (neutral) | F clusters | F frames | "
-        "F condensed | E scaffolds | E condensed |", "| --- " * 11 + "|"]
+        f"{config['evaluation']['structures']} structures per split. Held-out scaffolds, clusters and boxes are all "
+        "neutral closed-shell; the held-out frames hold ions and radicals too, so `frames (neutral)` compares on "
+        "those without (MACE has no input for charge or spin).", "",
+        "| model | parameters | epochs | training CPU h | F scaffolds | F clusters | F frames | F frames (neutral) | "
+        "F condensed | E scaffolds | E frames | E condensed |", "| --- " * 12 + "|"]
     for r in rows:
         f = lambda split: f"{1000 * r[split]['force_mae']:.1f}" if split in r else "-"
         e = lambda split: f"{1000 * r[split]['energy_mae_per_atom']:.2f}" if split in r else "-"
         lines.append(f"| {r['name']} | {r['parameters']} | {r['training']['epochs']} | "
-                     f"{r['training']['cpu_hours']:.2f} | {f('test_scaffolds')} | "
-                     f"{f('test_scaffolds_neutral')} | {f('test_clusters')} | {f('test_frames')} | {f('condensed')} | "
-                     f"{e('test_scaffolds')} | {e('condensed')} |")
+                     f"{r['training']['cpu_hours']:.2f} | {f('test_scaffolds')} | {f('test_clusters')} | "
+                     f"{f('test_frames')} | {f('test_frames_neutral')} | {f('condensed')} | {e('test_scaffolds')} | "
+                     f"{e('test_frames')} | {e('condensed')} |")
     pairs = [(s, d) for s in ("water", "solvated") for d in cost["dtypes"]]
     atoms = {}
     for r in rows:
@@ -473,7 +488,8 @@ def plot_error_against_cost(config: dict, rows: list, path: Path) -> None:
         ax.set_xlabel(f"OpenMM ms per MD step, water box, {dtype}, {config['cost']['threads']} threads")
         ax.set_ylabel("force MAE, held-out scaffolds (meV/A)")
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     if plotted:
         fig.suptitle(f"Error against cost, same data and {config['budget_hours']} h CPU training budget", fontsize=10)
         fig.tight_layout()

@@ -164,7 +164,7 @@ def test_pareto_smoke(suite):
     assert set(rows) == {"transip", "mace"}
     budget = report["config"]["budget_hours"]
     for family, r in rows.items():
-        for split in ("test_scaffolds", "test_scaffolds_neutral", "test_clusters", "test_frames", "condensed"):
+        for split in ("test_scaffolds", "test_clusters", "test_frames", "test_frames_neutral", "condensed"):
             assert 0 < r[split]["force_mae"] < 10 and r[split]["structures"] > 0
         # The budget is spent, and at most one more epoch (tiny here) follows it.
         assert budget <= r["training"]["cpu_hours"] < budget + 0.01 and r["training"]["epochs"] >= 1
