@@ -60,10 +60,10 @@ def test_radial_distribution_of_uniform_points_is_one():
 
 
 @pytest.mark.slow
-def test_shipped_model_keeps_every_system_physical_in_both_engines(tmp_path):
-    """The stability check at reduced length (configs/stability_smoke.json: 0.1 ps of 300 K NVT) on the model the
-    README ships: water, methanol and a held-out drug-like molecule in water stay intact in OpenMM and in LAMMPS,
-    with no two molecules closer than 1.2 A; the report and the g(r) plot are written."""
+def test_model_keeps_every_system_physical_in_both_engines(tmp_path):
+    """The stability check at reduced length (configs/stability_smoke.json: relaxation, then 0.1 ps of 300 K NVT)
+    on the model that config names: water, methanol and a held-out drug-like molecule in water stay intact in
+    OpenMM and in LAMMPS, with no two molecules closer than 1.2 A; the report and the g(r) plot are written."""
     command = [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--config",
                str(ROOT / "configs" / "stability_smoke.json"), "--output", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
