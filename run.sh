@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${TRANSIP_VENV:-.venv}
 PY="$VENV/bin/python"
-SHIPPED_MODEL=models/transip-xtb-small/best.ckpt
+SHIPPED_MODEL=$(cat models/SHIPPED)  # the default model: one line, read by the tests and benchmarks too
 SHIPPED_ARTIFACT=lammps/examples/model.pt
 
 setup() {

@@ -30,9 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, machine, median_seconds, rss_kib, run_task, water_system, write_results
+from common import MODEL, ROOT, machine, median_seconds, rss_kib, run_task, water_system, write_results
 
-MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 BIN = Path(sys.executable).parent
 FULL_SIZES = (1000, 3000, 10000, 30000, 100000)
 SMOKE_SIZES = (300,)

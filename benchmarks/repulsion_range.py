@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,8 @@ from transip.kernels import smooth_step_down  # noqa: E402
 from transip.metrics import predict  # noqa: E402
 from transip.repulsion import repulsion_tables, zbl_pair_energy, zbl_screening_function  # noqa: E402
 
-SHIPPED = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
+# The model this study adds the repulsion to: the first shipped model, trained before the repulsion existed.
+BASE_MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
 BONDS = [("C-H", 6, 1, 1.09), ("O-H", 8, 1, 0.96), ("C-C aromatic", 6, 6, 1.40), ("C=O", 6, 8, 1.23),
          ("C-N", 6, 7, 1.47)]
 
@@ -52,7 +52,7 @@ def term_at(zi: int, zj: int, r: float, switch_range: float) -> dict:
 
 
 def with_repulsion(folder: Path, switch_range: float) -> Path:
-    payload = load_checkpoint(SHIPPED)
+    payload = load_checkpoint(BASE_MODEL)
     payload["model_config"] = {**payload["model_config"], "repulsion": "zbl", "repulsion_range": switch_range}
     path = folder / f"range-{switch_range}.ckpt"
     save_checkpoint(path, {k: v for k, v in payload.items() if k not in ("format", "version")})

@@ -7,7 +7,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DATA = ROOT / "data" / "xtb_organics.extxyz.xz"
-SHIPPED_MODEL = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
+SHIPPED_MODEL = ROOT / (ROOT / "models" / "SHIPPED").read_text().strip()  # the default model (run.sh reads it too)
 SMALL_MOLECULES = ("water", "methanol", "formaldehyde", "acetate", "methyl_radical", "ammonia", "ethylene",
                    "hydroxyl_radical")
 
