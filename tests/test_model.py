@@ -263,8 +263,9 @@ def test_repulsion_settings_are_checked_and_old_checkpoints_keep_none():
     with pytest.raises(ValueError, match="repulsion_range=5.0 switches the repulsion off at 7.60 A \\(C-C\\), "
                                          "which must lie within the cutoff 6.0 A"):
         ModelConfig(elements=[1, 6], repulsion_range=5.0)
-    from conftest import SHIPPED_MODEL
+    from conftest import ROOT
     from transip.checkpoint import model_from_checkpoint
 
     assert ModelConfig(elements=[1]).repulsion == "zbl"  # new models have it
-    assert model_from_checkpoint(SHIPPED_MODEL).config.repulsion == "none"  # trained before it existed
+    first_model = ROOT / "models" / "transip-xtb-small" / "best.ckpt"
+    assert model_from_checkpoint(first_model).config.repulsion == "none"  # trained before it existed
