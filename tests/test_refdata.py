@@ -13,7 +13,8 @@ from transip.data import read_structures, split_indices
 TINY = dict(moses_train=3, moses_test=2, protonated=1, deprotonated=1, radicals=1, small_molecules=False,
             clusters=3, cluster_test_fraction=0.34, boxes_per_kind=1, box_waters=4, box_methanols=2,
             box_solvating_waters=3, wall_per_task=2, optimisation_steps=4, equilibration_steps=2,
-            frames_per_task=2, stride=2, box_frames=1, max_heavy_atoms=14, shard_size=3, seed=8)  # a seed whose plan has every variant
+            frames_per_task=2, stride=2, box_frames=1, max_heavy_atoms=14, shard_size=3, seed=8,
+            train_boxes=2, train_box_molecules=(3, 3), train_box_frames=1, train_box_stride=2)  # a seed whose plan has every variant
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,34 @@ def test_plan_holds_out_whole_scaffolds_and_covers_charges_and_spins():
     assert any(t.split == "test_clusters" for t in clusters) and any(t.variant == "solvated" for t in clusters)
 
 
+def test_training_boxes_leave_the_rest_of_the_plan_as_it_is():
+    plain, _ = refdata.plan(refdata.Recipe.scaled(0.05))
+    recipe = refdata.Recipe.scaled(0.05, train_boxes=8)
+    tasks, sources = refdata.plan(recipe)
+    assert tasks[:len(plain)] == plain and sources["training_boxes"]["count"] == 8
+    boxes = tasks[len(plain):]
+    assert [t.variant for t in boxes] == ["water", "solvent", "mixture", "solvated"] * 2
+    assert all(t.kind == "box" and t.split == "train" for t in boxes)
+    assert all(recipe.train_box_temperature_range[0] <= t.temperature <= recipe.train_box_temperature_range[1]
+               for t in boxes)
+    water = [t for t in boxes if t.variant == "water"]
+    assert all(set(t.smiles) == {"O"} and 12 <= len(t.smiles) <= 24 for t in water)
+    solvated = [t for t in boxes if t.variant == "solvated"]
+    held = {refdata.murcko_scaffold(t.smiles[0]) for t in tasks if t.split == "test_scaffolds"}
+    assert all(t.smiles[0] != "O" and set(t.smiles[1:]) == {"O"} for t in solvated)
+    assert not held & {refdata.murcko_scaffold(t.smiles[0]) for t in solvated}
+    only, _ = refdata.plan(refdata.Recipe.condensed(4))
+    assert [t.kind for t in only] == ["box"] * 4
+
+
+def test_datasets_recorded_before_a_recipe_field_existed_still_resume():
+    recorded = {k: v for k, v in json.loads(json.dumps(refdata.dataclasses.asdict(refdata.Recipe()))).items()
+                if not k.startswith("train_box")}
+    assert refdata.same_recipe(recorded, refdata.Recipe())
+    assert not refdata.same_recipe(recorded, refdata.Recipe(train_boxes=3))
+    assert not refdata.same_recipe({**recorded, "clusters": 7}, refdata.Recipe())
+
+
 def test_variant_editing():
     rng = np.random.default_rng(0)
     assert refdata.protonated("CCN(C)C", rng) == "CC[NH+](C)C"
@@ -66,7 +95,9 @@ def test_tiny_generation_covers_every_kind(tiny_dataset):
     assert set(summary["charges"]) >= {"-1", "0", "1"} and set(summary["spins"]) == {"1", "2"}
     structures = read_structures(folder)
     boxes = [s for s in structures if s.kind == "box"]
-    assert boxes and all(s.periodic and s.split == "condensed" for s in boxes)
+    assert boxes and all(s.periodic for s in boxes)
+    assert {s.split for s in boxes} == {"condensed", "train"}
+    assert sorted(s.name for s in boxes if s.split == "train") == ["train_box_0000_water", "train_box_0001_solvent"]
     # the wall reaches down to the recipe's closest approaches
     wall = [s for s in structures if s.kind == "wall"]
     closest = min(np.linalg.norm(s.positions[:, None] - s.positions[None], axis=-1)[np.triu_indices(len(s.numbers), 1)]
@@ -177,4 +208,5 @@ def test_data_info_reports_splits_and_composition(tiny_dataset):
     assert set(report["splits"]) >= {"train", "val", "test_frames", "test_scaffolds", "test_clusters", "condensed"}
     assert report["kinds"] == summary["frames_by_kind"]
     assert report["charges"] == summary["charges"] and report["spins"] == summary["spins"]
-    assert report["splits_by_kind"]["condensed"] == {"box": summary["frames_by_kind"]["box"]}
+    train_boxes = TINY["train_boxes"] * TINY["train_box_frames"]  # in the training pool, not held out
+    assert report["splits_by_kind"]["condensed"] == {"box": summary["frames_by_kind"]["box"] - train_boxes}

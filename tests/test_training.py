@@ -388,3 +388,24 @@ def test_joint_views_give_the_same_losses_as_separate_calls(small_dataset, tmp_p
                                             trainer.dtype), generator) for i in range(2)]
         losses[joint] = [[step[key] for key in sorted(step)] for step in steps]
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-10)
+
+
+def test_extra_data_trains_beside_the_dataset_without_changing_its_splits(small_dataset, tmp_path):
+    import ase.io
+
+    extra = tmp_path / "boxes.extxyz"
+    frames = ase.io.read(small_dataset, ":3")
+    for atoms in frames:  # an element the main dataset lacks: the model must know it
+        atoms.numbers[0] = 9
+    ase.io.write(extra, frames)
+    plain = Trainer(tiny(small_dataset, tmp_path))
+    both = Trainer(tiny(small_dataset, tmp_path / "b", extra_data=[str(extra)], extra_data_repeats=2))
+    assert both.splits == plain.splits and len(both.val_set) == len(plain.val_set)
+    assert all(np.array_equal(a.positions, b.positions) for a, b in zip(both.val_set, plain.val_set))
+    assert len(both.train_set) == len(plain.train_set) + 6
+    assert 9 in both.model.config.elements and 9 not in plain.model.config.elements
+    assert "F" in both.trained_domain["elements"]
+    provenance = both.payload()["provenance"]
+    assert list(provenance["extra_datasets"]) == [str(extra)] and provenance["train_structures"] == len(both.train_set)
+    with pytest.raises(ValueError, match="extra_data_repeats must be at least 1, got 0"):
+        tiny(small_dataset, tmp_path, extra_data=[str(extra)], extra_data_repeats=0)

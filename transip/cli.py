@@ -32,13 +32,16 @@ def _add_data(sub) -> None:
     gen = data.add_parser("generate", help="GFN2-xTB reference data: MD of a SMILES list (recipe md) or the "
                           "drug-like / charged / cluster / wall / periodic dataset (recipe chemistry)")
     gen.add_argument("-o", "--output", required=True,
-                     help="recipe md: output file (.extxyz, .extxyz.xz, ...); recipe chemistry: output folder "
+                     help="recipe md: output file (.extxyz, .extxyz.xz, ...); recipes chemistry, condensed: output folder "
                           "(shards, manifest.json, README.md data card; rerun to resume)")
-    gen.add_argument("--recipe", choices=("md", "chemistry"), default="md")
+    gen.add_argument("--recipe", choices=("md", "chemistry", "condensed"), default="md",
+                     help="condensed: periodic training boxes only (liquids, mixtures, a molecule in water), to "
+                          "train on beside a chemistry dataset (transip train --extra-data)")
+    gen.add_argument("--train-boxes", type=int, default=40, help="recipe condensed: number of boxes")
     gen.add_argument("--scale", type=float, default=1.0,
                      help="recipe chemistry: multiply every count of the default recipe (about 2 h on 2 cores)")
-    gen.add_argument("--shard-size", type=int, help="recipe chemistry: tasks per shard (default 25)")
-    gen.add_argument("--max-hours", type=float, help="recipe chemistry: stop after the shard that crosses this")
+    gen.add_argument("--shard-size", type=int, help="recipes chemistry, condensed: tasks per shard (default 25)")
+    gen.add_argument("--max-hours", type=float, help="recipes chemistry, condensed: stop after the shard that crosses this")
     gen.add_argument("--no-progress", action="store_true")
     gen.add_argument("--smiles", help="file with lines 'name SMILES' (default: the built-in list)")
     gen.add_argument("--temperatures", type=float, nargs="+", default=[300.0, 600.0, 900.0])
@@ -66,7 +69,9 @@ def _add_train(sub) -> None:
         if field.name in ("data", "output", "objective", "model", "progress"):
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(field.type).replace("Optional[", "").rstrip("]"))
-        train.add_argument("--" + field.name.replace("_", "-"), type=kind or str, dest=field.name)
+        many = str(field.type).startswith(("List", "typing.List"))  # e.g. --extra-data A B
+        train.add_argument("--" + field.name.replace("_", "-"), type=kind or str, dest=field.name,
+                           nargs="+" if many else None)
     train.add_argument("--model", help="JSON object of ModelConfig fields, e.g. '{\"d_model\": 64}'")
     train.add_argument("--no-progress", action="store_true")
 
@@ -117,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_data(args) -> int:
     from . import datagen
 
-    if args.data_command == "generate" and args.recipe == "chemistry":
+    if args.data_command == "generate" and args.recipe in ("chemistry", "condensed"):
         return _generate_chemistry(args)
     if args.data_command == "generate":
         molecules = datagen.MOLECULES
@@ -161,7 +166,14 @@ def _generate_chemistry(args) -> int:
     from . import refdata
 
     overrides = {"seed": args.seed} | ({"shard_size": args.shard_size} if args.shard_size else {})
-    recipe = refdata.Recipe.scaled(args.scale, **overrides) if args.scale != 1.0 else refdata.Recipe(**overrides)
+    if args.recipe == "condensed":
+        if args.train_boxes < 1:
+            raise SystemExit(f"transip data generate: --train-boxes must be at least 1, got {args.train_boxes}")
+        recipe = refdata.Recipe.condensed(args.train_boxes, **overrides)
+    elif args.scale != 1.0:
+        recipe = refdata.Recipe.scaled(args.scale, **overrides)
+    else:
+        recipe = refdata.Recipe(**overrides)
     command = " ".join(["transip", *sys.argv[1:]])
     summary = refdata.generate(Path(args.output), recipe, args.workers, command=command,
                                progress=not args.no_progress,

@@ -91,10 +91,24 @@ class Recipe:
     frames_per_task: int = 5
     stride: int = 20
     box_frames: int = 3
+    # Periodic boxes for training (the recipe `condensed`: a dataset of these alone, trained on beside this one
+    # through TrainConfig.extra_data): liquids of the solvents and training-split drug-like molecules in water.
+    train_boxes: int = 0
+    train_box_molecules: tuple = (12, 24)  # solvent molecules per box, drawn in this range
+    train_box_frames: int = 6
+    train_box_stride: int = 10
+    train_box_temperature_range: tuple = (280.0, 420.0)  # the liquid range: no boiling boxes at fixed density
     timestep_fs: float = 0.5
     max_heavy_atoms: int = 30
     shard_size: int = 25
     seed: int = 0
+
+    @classmethod
+    def condensed(cls, boxes: int, **overrides) -> "Recipe":
+        """A dataset of `boxes` periodic training boxes and nothing else."""
+        nothing = dict(moses_train=0, moses_test=0, protonated=0, deprotonated=0, radicals=0, small_molecules=False,
+                       clusters=0, boxes_per_kind=0)
+        return cls(**{**nothing, "train_boxes": boxes, **overrides})
 
     @classmethod
     def scaled(cls, scale: float, **overrides) -> "Recipe":
@@ -263,12 +277,47 @@ def plan(recipe: Recipe) -> tuple[list[Task], dict]:
         add("box", f"box_solvated_{b}", "condensed", [_smallest(test, rng)] + ["O"] * recipe.box_solvating_waters,
             "solvated")
     order = rng.permutation(len(tasks))
+    tasks = [tasks[i] for i in order] + training_boxes(recipe, train_pool)
     sources = {"moses": {"package": MOSES_PACKAGE, "version": _installed_version(MOSES_PACKAGE), "files": MOSES_FILES, "train_pool": len(train_pool),
                          "test_scaffolds_pool": len(test_pool), "sampled_train": len(train),
                          "sampled_test_scaffolds": len(test), "seed": recipe.seed},
                "small_molecules": len(MOLECULES) if recipe.small_molecules else 0,
                "solvents": [name for name, _ in SOLVENTS]}
-    return [tasks[i] for i in order], sources
+    if recipe.train_boxes:
+        sources["training_boxes"] = {"count": recipe.train_boxes, "molecules_from": "moses train pool"}
+    return tasks, sources
+
+
+def training_boxes(recipe: Recipe, train_pool: list[str]) -> list[Task]:
+    """The periodic training boxes, from their own random stream (so that they leave the rest of the plan as it
+    is): in turn a water box, a box of one solvent of the list, a water-solvent mixture and a drug-like molecule
+    of the MOSES training pool (scaffolds disjoint from the held-out ones) in water."""
+    from rdkit import Chem
+
+    if not recipe.train_boxes:
+        return []
+    rng = np.random.default_rng([recipe.seed, 1])
+    low, high = recipe.train_box_temperature_range
+    solutes = _sample(train_pool, recipe.train_boxes // 4 + 1, min(recipe.max_heavy_atoms, 12), rng)
+    solvent_p = SOLVENT_WEIGHTS[1:] / SOLVENT_WEIGHTS[1:].sum()  # the solvents other than water
+    tasks = []
+    for b in range(recipe.train_boxes):
+        count = int(rng.integers(recipe.train_box_molecules[0], recipe.train_box_molecules[1] + 1))
+        other = SOLVENTS[1 + int(rng.choice(len(SOLVENTS) - 1, p=solvent_p))][1]
+        # Every box holds about as many atoms as `count` waters: xTB's cost grows steeply with atoms.
+        other_atoms = Chem.AddHs(Chem.MolFromSmiles(other)).GetNumAtoms()
+        kind = ("water", "solvent", "mixture", "solvated")[b % 4]
+        if kind == "water":
+            members = ["O"] * count
+        elif kind == "solvent":
+            members = [other] * max(3, round(3 * count / other_atoms))
+        elif kind == "mixture":
+            members = ["O"] * (count - count // 3) + [other] * max(1, round(count / other_atoms))
+        else:
+            members = [solutes[b // 4 % len(solutes)]] + ["O"] * count
+        tasks.append(Task("box", f"train_box_{b:04d}_{kind}", "train", tuple(members), kind,
+                          float(np.round(rng.uniform(low, high), 1)), int(rng.integers(2**31))))
+    return tasks
 
 
 def _installed_version(package: str) -> str:
@@ -478,6 +527,10 @@ def run_chemistry_task(task: Task, recipe: Recipe) -> tuple[list, list[str]]:
     info = dict(name=task.key, charge=charge, spin=spin, kind=task.kind, split=task.split, variant=task.variant)
     atoms.info = {}
     atoms.calc = xtb_calculator(charge, spin)
+    if task.kind == "box" and task.split == "train":
+        return sample_md(atoms, task.temperature, rng, recipe.train_box_frames, recipe.train_box_stride,
+                         recipe.equilibration_steps, recipe.timestep_fs,
+                         optimisation_steps=recipe.optimisation_steps // 4, fmax=0.2, **info), []
     if task.kind == "box":
         frames = sample_md(atoms, task.temperature, rng, recipe.box_frames, 5, 0, recipe.timestep_fs,
                            optimisation_steps=recipe.optimisation_steps // 4, fmax=0.2, **info)
@@ -529,6 +582,13 @@ def completed_shards(folder: Path) -> dict[int, dict]:
     return done
 
 
+def same_recipe(recorded: dict, recipe: Recipe) -> bool:
+    """Whether a manifest's recipe is `recipe`; a manifest written before a recipe field existed has that
+    field's default (so older datasets still resume)."""
+    as_json = lambda fields: json.loads(json.dumps(fields))  # noqa: E731 (tuples become lists, as stored)
+    return {**as_json(dataclasses.asdict(Recipe())), **recorded} == as_json(dataclasses.asdict(recipe))
+
+
 def generate(folder, recipe: Recipe = Recipe(), workers: int = 2, command: str = "", progress: bool = True,
              max_seconds: Optional[float] = None) -> dict:
     """Generate (or resume) the dataset in `folder`; returns the summary also written to its manifest.
@@ -544,7 +604,7 @@ def generate(folder, recipe: Recipe = Recipe(), workers: int = 2, command: str =
     manifest_path = folder / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     recipe_fields = dataclasses.asdict(recipe)
-    if manifest and manifest["recipe"] != json.loads(json.dumps(recipe_fields)):
+    if manifest and not same_recipe(manifest["recipe"], recipe):
         raise ValueError(f"{folder} holds a dataset started with another recipe ({manifest['recipe']}); "
                          "resume it with the same options or generate into a new folder")
     tasks, sources = plan(recipe)
@@ -654,9 +714,10 @@ def write_data_card(folder: Path, manifest: dict) -> None:
     recipe, summary, sources = manifest["recipe"], manifest.get("summary", {}), manifest["sources"]
     moses = sources["moses"]
     runs = manifest["runs"]
+    name = "condensed" if recipe.get("train_boxes") and not recipe["moses_train"] else "chemistry"
     lines = [
-        f"# {folder.name}: GFN2-xTB reference data (recipe 'chemistry')", "",
-        "Made by `transip data generate --recipe chemistry` (transip/refdata.py); this card is written by the same "
+        f"# {folder.name}: GFN2-xTB reference data (recipe '{name}')", "",
+        f"Made by `transip data generate --recipe {name}` (transip/refdata.py); this card is written by the same "
         "command from `manifest.json`.", "",
         "## Command", "", "```bash", manifest.get("command") or "(not recorded)", "```", "",
         f"State: {'complete' if summary.get('complete') else 'in progress (rerun the command to resume)'}; "
@@ -688,6 +749,15 @@ def write_data_card(folder: Path, manifest: dict) -> None:
         f"{recipe['box_solvating_waters']} waters, packed at about liquid density "
         f"(no intermolecular contact under 1.7 A), relaxed for up to {recipe['optimisation_steps'] // 4} BFGS "
         f"steps and sampled for {recipe['box_frames']} frames by periodic GFN2-xTB MD.",
+        *([f"- Periodic training boxes: {recipe['train_boxes']} boxes, in turn water, one solvent of the list, "
+           "a water-solvent mixture and a drug-like molecule of the MOSES training pool (at most 12 heavy atoms) "
+           f"in water, each about as many atoms as {recipe['train_box_molecules'][0]}-"
+           f"{recipe['train_box_molecules'][1]} waters, packed as above, relaxed for up to "
+           f"{recipe['optimisation_steps'] // 4} BFGS steps, then Langevin MD at "
+           f"{recipe['train_box_temperature_range'][0]:.0f}-{recipe['train_box_temperature_range'][1]:.0f} K: "
+           f"{recipe['equilibration_steps']} steps, then {recipe['train_box_frames']} frames every "
+           f"{recipe['train_box_stride']} steps. Every frame is for training (`transip train --extra-data`)."]
+          if recipe.get("train_boxes") else []),
         "- Labels: energy (eV) and forces (eV/A) at exactly the stored positions (rounded to 1e-5 A before the "
         "single point); total charge and spin multiplicity per structure.", "",
         "## Splits", "",

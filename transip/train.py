@@ -44,6 +44,11 @@ RESUME_MUST_MATCH = ("objective", "seed", "data", "batch_size", "max_train_struc
 class TrainConfig:
     data: str
     output: str
+    # Datasets every frame of which is for training, beside `data` (whose splits, validation and held-out sets
+    # are unchanged by them): e.g. periodic boxes (`transip data generate --recipe condensed`). Each of their
+    # frames appears `extra_data_repeats` times per epoch.
+    extra_data: List[str] = dataclasses.field(default_factory=list)
+    extra_data_repeats: int = 1
     objective: str = "transip"
     seed: int = 0
     epochs: int = 20
@@ -108,6 +113,10 @@ class TrainConfig:
                              f"and {self.huber_delta}")
         if self.kernel not in ("reference", "fused", "auto"):
             raise ValueError(f"kernel must be reference, fused or auto, got {self.kernel!r}")
+        if isinstance(self.extra_data, str):
+            self.extra_data = [self.extra_data]
+        if self.extra_data_repeats < 1:
+            raise ValueError(f"extra_data_repeats must be at least 1, got {self.extra_data_repeats}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ValueError("batch_size and epochs must be at least 1")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -281,14 +290,16 @@ class Trainer:
         if not self.splits["train"]:
             raise ValueError(f"dataset {config.data}: the training split is empty ({len(structures)} structures)")
         train = training_subset(self.splits["train"], config.max_train_structures, config.seed)
-        self.train_set = [structures[i] for i in train]
+        extra = [s for path in config.extra_data for s in read_structures(path)]
+        self.train_set = [structures[i] for i in train] + extra * config.extra_data_repeats
         self.trained_domain = domain_of(self.train_set)
         val = self.splits["val"] or self.splits["test_frames"]
         val_pick = np.random.default_rng(config.seed + 1).permutation(len(val))[:config.val_structures]
         self.val_set = [structures[val[i]] for i in sorted(val_pick)]
         self.structures = structures
         self.dataset_sha256 = file_digest(config.data)  # once: checkpoints are written every epoch
-        elements = sorted({int(z) for s in structures for z in s.numbers})
+        elements = sorted({int(z) for s in structures + extra for z in s.numbers})
+        self.extra_sha256 = [file_digest(path) for path in config.extra_data]
 
         torch.manual_seed(config.seed)
         # The force loss differentiates the forces again (create_graph): only twice-differentiable ops may run.
@@ -331,6 +342,7 @@ class Trainer:
             "trained_domain": self.trained_domain,
             "splits": {k: v for k, v in self.splits.items()},
             "provenance": {"dataset": str(self.config.data), "dataset_sha256": self.dataset_sha256,
+                           "extra_datasets": dict(zip(map(str, self.config.extra_data), self.extra_sha256)),
                            "objective": self.config.objective, "parameters": count_parameters(self.model),
                            "train_structures": len(self.train_set)},
         }
