@@ -752,7 +752,8 @@ def write_data_card(folder: Path, manifest: dict) -> None:
         *([f"- Periodic training boxes: {recipe['train_boxes']} boxes, in turn water, one solvent of the list, "
            "a water-solvent mixture and a drug-like molecule of the MOSES training pool (at most 12 heavy atoms) "
            f"in water, each about as many atoms as {recipe['train_box_molecules'][0]}-"
-           f"{recipe['train_box_molecules'][1]} waters, packed as above, relaxed for up to "
+           f"{recipe['train_box_molecules'][1]} waters, packed at about liquid density (no intermolecular "
+           f"contact under 1.7 A), relaxed for up to "
            f"{recipe['optimisation_steps'] // 4} BFGS steps, then Langevin MD at "
            f"{recipe['train_box_temperature_range'][0]:.0f}-{recipe['train_box_temperature_range'][1]:.0f} K: "
            f"{recipe['equilibration_steps']} steps, then {recipe['train_box_frames']} frames every "
@@ -771,4 +772,7 @@ def write_data_card(folder: Path, manifest: dict) -> None:
         f"Wall time recorded in the manifest: {summary.get('generation_seconds', 0) / 3600:.2f} h in {len(runs)} "
         f"run(s) ({', '.join(str(r['workers']) for r in runs)} worker(s)); runs stopped from outside before the "
         "manifest recorded each run's time after every shard are not in it.", ""]
+    if name == "condensed":  # every count of the chemistry recipe is zero: only the boxes and labels apply
+        lines = [line for line in lines
+                 if not line.startswith("- ") or line.startswith(("- Periodic training boxes", "- Labels"))]
     write_atomically(folder / "README.md", lambda p: p.write_text("\n".join(lines)))
