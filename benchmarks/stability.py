@@ -268,8 +268,7 @@ def run_reference(config: dict) -> dict:
                             friction=friction, fixcm=False,  # the centre of mass may drift
                             rng=np.random.default_rng(state.step + 1))
         start = time.perf_counter()
-        chunk = min(ref["chunk_steps"], total - state.step, *([equilibration - state.step]
-                                                              if state.step < equilibration else []))
+        chunk = min(ref["chunk_steps"], (equilibration if state.step < equilibration else total) - state.step)
         for _ in range(max(1, chunk // every)):
             dynamics.run(every)
             state.frames.append(atoms.positions.copy())
@@ -295,7 +294,8 @@ def summarise_reference(config: dict, state: RunState) -> dict:
             "atoms": len(state.numbers), "time_ps": state.step * ref["timestep_fs"] / 1000,
             "frames_in_rdf": len(kept), "ms_per_step": 1000 * state.seconds / max(1, state.step),
             **check_trajectory(state.numbers, frames, state.cell),
-            "temperature_mean_K": float(np.mean(state.temperatures[skipped:] or state.temperatures)), "rdf_oo": {"r": r.tolist(), "g": g.tolist()},
+            "temperature_mean_K": float(np.mean(state.temperatures[skipped:] or state.temperatures)),
+            "rdf_oo": {"r": r.tolist(), "g": g.tolist()},
             "rdf_oo_first_peak": {"r_A": float(r[np.argmax(g)]), "g": float(g.max())}}
 
 

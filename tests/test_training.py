@@ -309,7 +309,8 @@ def test_old_configs_and_checkpoints_load_with_the_defaults_that_reproduce_them(
     payload = {k: v for k, v in trainer.payload().items() if k != "train_seconds"}
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     payload["scheduler_state"] = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0).state_dict()
-    new_fields = {"lr_schedule", "plateau_patience", "plateau_factor", "plateau_threshold", "ema_decay", "max_hours"}
+    new_fields = {"lr_schedule", "plateau_patience", "plateau_factor", "plateau_threshold", "ema_decay", "max_hours",
+                  "extra_data", "extra_data_repeats"}
     payload["train_config"] = {k: v for k, v in payload["train_config"].items() if k not in new_fields}
     save_checkpoint(tmp_path / "old.ckpt", payload)
     resumed = Trainer(c)
@@ -317,6 +318,8 @@ def test_old_configs_and_checkpoints_load_with_the_defaults_that_reproduce_them(
     assert resumed.step == 3 and resumed.train_seconds == 0.0 and resumed.schedule.at(3) == trainer.schedule.at(3)
     with pytest.raises(ValueError, match="ema_decay"):  # its weights are raw: an EMA run cannot continue it
         Trainer(tiny(small_dataset, tmp_path, ema_decay=0.9)).resume(tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="extra_data"):  # trained without extra data: a run that adds some
+        Trainer(tiny(small_dataset, tmp_path, extra_data=[str(small_dataset)])).resume(tmp_path / "old.ckpt")
 
 
 @pytest.mark.parametrize("field, value", [("lr_schedule", "step"), ("ema_decay", 1.0), ("plateau_factor", 1.0),

@@ -715,14 +715,7 @@ def write_data_card(folder: Path, manifest: dict) -> None:
     moses = sources["moses"]
     runs = manifest["runs"]
     name = "condensed" if recipe.get("train_boxes") and not recipe["moses_train"] else "chemistry"
-    lines = [
-        f"# {folder.name}: GFN2-xTB reference data (recipe '{name}')", "",
-        f"Made by `transip data generate --recipe {name}` (transip/refdata.py); this card is written by the same "
-        "command from `manifest.json`.", "",
-        "## Command", "", "```bash", manifest.get("command") or "(not recorded)", "```", "",
-        f"State: {'complete' if summary.get('complete') else 'in progress (rerun the command to resume)'}; "
-        f"shards {summary.get('shards', '?')}, tasks {summary.get('tasks', '?')}.", "",
-        "## Sources and sampling", "",
+    chemistry = [  # what the chemistry recipe samples (every count is zero in the recipe condensed)
         f"- Drug-like molecules: MOSES benchmark set (ZINC, MIT licence) from the PyPI package "
         f"`{moses['package']}=={moses.get('version', '?')}` "
         f"(files {', '.join(moses['files'].values())}): {moses['sampled_train']} of {moses['train_pool']:,} "
@@ -749,6 +742,16 @@ def write_data_card(folder: Path, manifest: dict) -> None:
         f"{recipe['box_solvating_waters']} waters, packed at about liquid density "
         f"(no intermolecular contact under 1.7 A), relaxed for up to {recipe['optimisation_steps'] // 4} BFGS "
         f"steps and sampled for {recipe['box_frames']} frames by periodic GFN2-xTB MD.",
+    ]
+    lines = [
+        f"# {folder.name}: GFN2-xTB reference data (recipe '{name}')", "",
+        f"Made by `transip data generate --recipe {name}` (transip/refdata.py); this card is written by the same "
+        "command from `manifest.json`.", "",
+        "## Command", "", "```bash", manifest.get("command") or "(not recorded)", "```", "",
+        f"State: {'complete' if summary.get('complete') else 'in progress (rerun the command to resume)'}; "
+        f"shards {summary.get('shards', '?')}, tasks {summary.get('tasks', '?')}.", "",
+        "## Sources and sampling", "",
+        *(chemistry if name == "chemistry" else []),
         *([f"- Periodic training boxes: {recipe['train_boxes']} boxes, in turn water, one solvent of the list, "
            "a water-solvent mixture and a drug-like molecule of the MOSES training pool (at most 12 heavy atoms) "
            f"in water, each about as many atoms as {recipe['train_box_molecules'][0]}-"
@@ -772,7 +775,4 @@ def write_data_card(folder: Path, manifest: dict) -> None:
         f"Wall time recorded in the manifest: {summary.get('generation_seconds', 0) / 3600:.2f} h in {len(runs)} "
         f"run(s) ({', '.join(str(r['workers']) for r in runs)} worker(s)); runs stopped from outside before the "
         "manifest recorded each run's time after every shard are not in it.", ""]
-    if name == "condensed":  # every count of the chemistry recipe is zero: only the boxes and labels apply
-        lines = [line for line in lines
-                 if not line.startswith("- ") or line.startswith(("- Periodic training boxes", "- Labels"))]
     write_atomically(folder / "README.md", lambda p: p.write_text("\n".join(lines)))

@@ -36,8 +36,8 @@ OBJECTIVES = ("transip", "augment", "none")
 LR_SCHEDULES = ("cosine", "plateau")
 # Fields a resumed run must share with its checkpoint: they fix the data order, the networks, the saved state's
 # layout (EMA or not) or the meaning of the schedule's state.
-RESUME_MUST_MATCH = ("objective", "seed", "data", "batch_size", "max_train_structures", "model", "ema_decay",
-                     "lr_schedule")
+RESUME_MUST_MATCH = ("objective", "seed", "data", "extra_data", "extra_data_repeats", "batch_size",
+                     "max_train_structures", "model", "ema_decay", "lr_schedule")
 
 
 @dataclasses.dataclass
@@ -357,7 +357,8 @@ class Trainer:
     def resume(self, path) -> None:
         payload = load_checkpoint(path)
         saved = payload.get("train_config", {})
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                    for f in dataclasses.fields(TrainConfig)}
         for key in RESUME_MUST_MATCH:
             # A checkpoint older than a field was trained with that field's default.
             if saved.get(key, defaults[key]) != getattr(self.config, key):
