@@ -17,8 +17,12 @@ resumes. Every `snapshot_every` steps the positions and the temperature are reco
   reference MD of a small periodic water box (`--reference`, ASE Langevin with periodic GFN2-xTB by tblite).
 
 A run `passes` when its molecules stay intact, no two molecules come closer than `min_contact_A`, and the mean
-temperature is within `temperature_tolerance_K` of the target. Results: `stability.{json,md}` and
-`stability_rdf.png` under the config's `report`.
+temperature is within `temperature_tolerance_K` of the target.
+
+Energy conservation (the config's `nve`): NVE (VerletIntegrator) in OpenMM with the model exported in float64, for
+each of its systems (a periodic box relaxed first, as above); the total energy's change from the first to the last
+step per atom must stay within `max_drift_mev_per_atom`. Results: `stability.{json,md}` and `stability_rdf.png`
+under the config's `report`.
 """
 
 from __future__ import annotations
@@ -226,6 +230,44 @@ def summarise_run(config: dict, name: str, engine: str, state: RunState) -> dict
     return result
 
 
+# ------------------------------------------------------------------------------------------------------ NVE
+def run_nve(config: dict, artifact: Path, name: str) -> dict:
+    """NVE in OpenMM (float64 artifact): the total energy's change and fluctuation per atom over the run, saved to
+    runs/nve-NAME.json so that a later report (e.g. after --reference) shows it without running it again."""
+    import torch
+    from common import write_json
+
+    from transip.data import read_structures
+    from transip.openmm_plugin.md import run
+
+    torch.set_num_threads(config["threads"])
+    nve, md = config["nve"], config["md"]
+    saved = ROOT / config["output"] / "runs" / f"nve-{name}.json"
+    if saved.exists():
+        return json.loads(saved.read_text())
+    structure = read_structures(ROOT / nve["systems"][name], require_labels=False, index="0")[0]
+    with open(os.devnull, "w") as quiet:
+        summary = run(artifact, structure, nve["steps"], timestep_fs=nve["timestep_fs"],
+                      temperature=md["temperature_K"], platform="CPU", report_every=nve["report_every"],
+                      seed=md["seed"], stream=quiet,
+                      minimize_fmax=md["minimize_fmax_ev_per_A"] if structure.periodic else None)
+    drift = 1000 * summary["energy_drift_per_atom_ev"]
+    result = {"system": name, "engine": "openmm", "atoms": summary["atoms"], "steps": nve["steps"],
+              "timestep_fs": nve["timestep_fs"], "steps_per_second": summary["steps_per_second"],
+              "energy_drift_mev_per_atom": drift,
+              "energy_std_mev_per_atom": 1000 * summary["energy_std_per_atom_ev"], "intact": summary["intact"],
+              "passes": bool(abs(drift) <= nve["max_drift_mev_per_atom"] and summary["intact"])}
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    write_json(saved, result)
+    return result
+
+
+def saved_nve(config: dict) -> list:
+    folder = ROOT / config["output"] / "runs"
+    names = config.get("nve", {}).get("systems", {})
+    return [json.loads((folder / f"nve-{n}.json").read_text()) for n in names if (folder / f"nve-{n}.json").exists()]
+
+
 # ----------------------------------------------------------------------------------------------- reference
 def run_reference(config: dict) -> dict:
     """GFN2-xTB (tblite, periodic) Langevin MD of a small water box: the O-O g(r) the model's is compared to."""
@@ -300,7 +342,7 @@ def summarise_reference(config: dict, state: RunState) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- report
-def write_report(config: dict, config_path: Path, runs: list, reference) -> None:
+def write_report(config: dict, config_path: Path, runs: list, reference, nve: list) -> None:
     from common import machine, shown_path, write_results
 
     md = config["md"]
@@ -329,10 +371,20 @@ def write_report(config: dict, config_path: Path, runs: list, reference) -> None
                      f"{reference['frames_in_rdf']} frames after {config['reference']['equilibration_ps']} ps): "
                      f"{reference['rdf_oo_first_peak']['r_A']:.2f} A, {reference['rdf_oo_first_peak']['g']:.2f}"
                      if reference else "; GFN2-xTB reference not run yet (`--reference`)") + "."]
+    if nve:
+        bound = config["nve"]["max_drift_mev_per_atom"]
+        lines += ["", f"Energy conservation: NVE in OpenMM (VerletIntegrator, {config['nve']['timestep_fs']} fs, from "
+                  f"{md['temperature_K']} K; float64 artifact; a periodic box relaxed first). Passes when the total "
+                  f"energy changes by at most {bound} meV/atom from the first to the last step.", "",
+                  "| system | atoms | steps | steps/s | total-energy change (meV/atom) | fluctuation (meV/atom) | "
+                  "passes |", "| --- " * 7 + "|"]
+        lines += [f"| {r['system']} | {r['atoms']} | {r['steps']} | {r['steps_per_second']:.1f} | "
+                  f"{r['energy_drift_mev_per_atom']:+.3f} | {r['energy_std_mev_per_atom']:.3f} | "
+                  f"{'yes' if r['passes'] else '**no**'} |" for r in nve]
     out = ROOT / config["report"] / "stability"
     out.parent.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "rdf_oo"} for r in runs]
-    write_results(out, {"config": config, "runs": slim, "reference": reference, "machine": machine(),
+    write_results(out, {"config": config, "runs": slim, "nve": nve, "reference": reference, "machine": machine(),
                         "rdf": {f"{r['system']}-{r['engine']}": r["rdf_oo"] for r in water}}, lines)
     plot_rdf(water, reference, ROOT / config["report"] / "stability_rdf.png")
 
@@ -409,21 +461,27 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     if args.reference:
         reference = run_reference(config)
-        write_report(config, config_path, saved_runs(config), reference)
+        write_report(config, config_path, saved_runs(config), reference, saved_nve(config))
         return 0
-    artifact = folder / f"model-{config['dtype']}.pt"
-    if not artifact.exists():
-        export_checkpoint(ROOT / config["model"], artifact, dtype=config["dtype"], kernel="fused")
+    artifacts = {}
+    for dtype in {config["dtype"], "float64"} if config.get("nve") else {config["dtype"]}:
+        artifacts[dtype] = folder / f"model-{dtype}.pt"
+        if not artifacts[dtype].exists():
+            export_checkpoint(ROOT / config["model"], artifacts[dtype], dtype=dtype, kernel="fused")
     torch.set_num_threads(config["threads"])
     jobs = [(name, engine) for name in config["systems"] for engine in config["engines"]]
+    nve_jobs = list(config.get("nve", {}).get("systems", {}))
     with concurrent.futures.ProcessPoolExecutor(config.get("parallel", 1)) as pool:
-        futures = {pool.submit(run_system, config, artifact, name, engine): (name, engine) for name, engine in jobs}
+        futures = {pool.submit(run_system, config, artifacts[config["dtype"]], name, engine): (name, engine)
+                   for name, engine in jobs}
+        futures.update({pool.submit(run_nve, config, artifacts["float64"], name): ("nve", name) for name in nve_jobs})
         done = {}
         for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="stability runs"):
             done[futures[future]] = future.result()
     runs = [done[job] for job in jobs]
-    write_report(config, config_path, runs, saved_reference(config))
-    return 0 if all(r["passes"] for r in runs) else 1
+    nve = [done["nve", name] for name in nve_jobs]
+    write_report(config, config_path, runs, saved_reference(config), nve)
+    return 0 if all(r["passes"] for r in runs + nve) else 1
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ def test_radial_distribution_of_uniform_points_is_one():
 def test_model_keeps_every_system_physical_in_both_engines(tmp_path):
     """The stability check at reduced length (configs/stability_smoke.json: relaxation, then 0.1 ps of 300 K NVT)
     on the model that config names: water, methanol and a held-out drug-like molecule in water stay intact in
-    OpenMM and in LAMMPS, with no two molecules closer than 1.2 A; the report and the g(r) plot are written."""
+    OpenMM and in LAMMPS, with no two molecules closer than 1.2 A; NVE conserves the total energy; the report and
+    the g(r) plot are written."""
     command = [sys.executable, str(ROOT / "benchmarks" / "stability.py"), "--config",
                str(ROOT / "configs" / "stability_smoke.json"), "--output", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
@@ -75,5 +76,12 @@ def test_model_keeps_every_system_physical_in_both_engines(tmp_path):
         assert r["intact"] and r["closest_intermolecular_A"] >= 1.2, (key, r)
         assert r["passes"], (key, r)
     assert runs[("water", "openmm")]["molecules"] == 96 and runs[("solvated", "lammps")]["molecules"] == 101
+    # Energy conservation: NVE in OpenMM, float64, aspirin in vacuum and the relaxed water box.
+    nve = {r["system"]: r for r in report["nve"]}
+    assert set(nve) == {"aspirin", "water"} and nve["water"]["atoms"] == 288
+    for name, r in nve.items():
+        assert r["steps"] == 200 and abs(r["energy_drift_mev_per_atom"]) <= 0.5 and r["intact"], (name, r)
+        assert r["passes"], (name, r)
+    assert "Energy conservation: NVE in OpenMM" in (tmp_path / "stability.md").read_text()
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "stability_rdf.png").stat().st_size > 10_000
