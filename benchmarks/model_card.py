@@ -22,6 +22,11 @@ SPLIT_NAMES = {"test_frames": "held-out frames (molecules seen in training)",
                "condensed": "periodic boxes (water, methanol, drug in water)"}
 
 
+def extra_frames(dataset: str):
+    manifest = ROOT / dataset / "manifest.json"
+    return json.loads(manifest.read_text())["summary"].get("frames", "?") if manifest.exists() else "?"
+
+
 def card(model_dir: Path, config_path: Path, metrics: dict, stability) -> str:
     from transip.checkpoint import config_of, load_checkpoint
 
@@ -37,7 +42,8 @@ def card(model_dir: Path, config_path: Path, metrics: dict, stability) -> str:
         f"# Model card: {name}", "",
         "A TransIP potential (learned rotational equivariance, [docs/model.md](../../docs/model.md)) with a "
         "screened nuclear repulsion and geometry in every attention block, trained on GFN2-xTB labels of drug-like "
-        "molecules, their ions and radicals, solvent clusters and a repulsive wall. It is the project's default "
+        "molecules, their ions and radicals, solvent clusters and a repulsive wall"
+        + (", and periodic liquid boxes" if train.get("extra_data") else "") + ". It is the project's default "
         "model: the README demo, the examples, the benchmarks and the tests run it.", "",
         "| | |", "| --- | --- |",
         "| files | `best.ckpt` (lowest validation force MAE, EMA weights: the one to use), `train.log`, "
@@ -47,7 +53,10 @@ def card(model_dir: Path, config_path: Path, metrics: dict, stability) -> str:
         f"repulsion `{arch['repulsion']}`, geometry in blocks `{arch['block_geometry']}`; "
         f"{best['provenance']['parameters']} parameters |",
         f"| data | `{train['data']}`" + (f" ({frames} frames)" if frames else "") + "; its card: "
-        f"[{train['data']}/README.md](../../{train['data']}/README.md) |",
+        f"[{train['data']}/README.md](../../{train['data']}/README.md)"
+        + "".join(f"; plus every frame of `{extra}` ({extra_frames(extra)} frames, repeated "
+                  f"{train.get('extra_data_repeats', 1)}x per epoch; [its card](../../{extra}/README.md))"
+                  for extra in train.get("extra_data") or []) + " |",
         f"| trained domain | elements {' '.join(domain['elements'])}; total charges {domain['charges']}; spin "
         f"multiplicities {domain['spins']} (recorded in the checkpoint; every front end refuses anything else unless "
         "told to allow it) |",
@@ -79,6 +88,12 @@ def card(model_dir: Path, config_path: Path, metrics: dict, stability) -> str:
             lines.append(f"| {r['system']} | {r['engine']} | {r['atoms']} | {r['time_ps']:.1f} | "
                          f"{'yes' if r['intact'] else 'no'} | {r['closest_intermolecular_A']:.2f} | "
                          f"{r['temperature_mean_K']:.1f} |")
+        if stability.get("nve"):
+            lines += ["", f"Energy conservation (NVE in OpenMM, float64, {stability['config']['nve']['timestep_fs']} fs, "
+                      "same report):", "", "| system | atoms | steps | total-energy change (meV/atom) | fluctuation "
+                      "(meV/atom) |", "| --- | --- | --- | --- | --- |"]
+            lines += [f"| {r['system']} | {r['atoms']} | {r['steps']} | {r['energy_drift_mev_per_atom']:+.3f} | "
+                      f"{r['energy_std_mev_per_atom']:.3f} |" for r in stability["nve"]]
     lines += ["", "## Where not to use it", "",
               f"- Outside its trained domain: other elements than {' '.join(domain['elements'])}, charges other "
               f"than {domain['charges']}, multiplicities other than {domain['spins']}. The front ends refuse them.",
