@@ -8,6 +8,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DATA = ROOT / "data" / "xtb_organics.extxyz.xz"
 SHIPPED_MODEL = ROOT / (ROOT / "models" / "SHIPPED").read_text().strip()  # the default model (run.sh reads it too)
+
+
+def shipped_model_facts() -> dict:
+    """What messages about the shipped model name: its trained elements as the front ends list them, its cutoff,
+    and whether it has the repulsion and geometry in every block (models trained before them do not)."""
+    from transip.checkpoint import config_of, load_checkpoint
+
+    payload = load_checkpoint(SHIPPED_MODEL)
+    config = config_of(payload)
+    return {"elements": " ".join(payload["trained_domain"]["elements"]), "cutoff": config["cutoff"],
+            "repulsion": config.get("repulsion", "none"), "block_geometry": bool(config.get("block_geometry"))}
+
+
+SHIPPED = shipped_model_facts()
 SMALL_MOLECULES = ("water", "methanol", "formaldehyde", "acetate", "methyl_radical", "ammonia", "ethylene",
                    "hydroxyl_radical")
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, SHIPPED_MODEL
+from conftest import ROOT, SHIPPED, SHIPPED_MODEL
 from transip import native
 from transip.checkpoint import model_from_checkpoint
 from transip.data import Structure, collate, evaluate_batch, structure_from_atoms, write_extxyz_exact
@@ -216,18 +216,20 @@ def test_metadata_says_what_an_engine_needs(artifacts, tmp_path):
             assert contract.metadata_path(fused, getattr(contract, name)) is not None, name
     assert contract.metadata_path(fused, contract.KEY_NATIVE_OPS_VERSION) == native.version()
     assert contract.metadata_path(reference, contract.KEY_NATIVE_OPS_VERSION) is None
-    assert fused["elements"] == ["H", "C", "N", "O", "F", "S", "Cl"]
-    assert fused["cutoff"] == 6.0 and fused["num_layers"] == 2 and fused["receptive_field"] == 18.0
+    assert fused["elements"] == SHIPPED["elements"].split()
+    assert fused["cutoff"] == SHIPPED["cutoff"] and fused["receptive_field"] == SHIPPED["cutoff"] * (1 + fused["num_layers"])
     assert fused["units"]["energy"] == "eV" and fused["units"]["length"] == "angstrom"
     assert fused["native_ops"]["version"] == native.version() and "transip::neighbor_attention" in fused["native_ops"]["ops"]
     assert reference["native_ops"] is None and reference["dtype"] == "float32"
     assert fused["provenance"]["objective"] == "transip" and fused["provenance"]["dataset_sha256"]
     assert fused["model_config"]["repulsion"] == "zbl" and fused["model_config"]["repulsion_range"] == 1.0
     assert fused["model_config"]["block_geometry"] is True
-    # the test metrics written beside a checkpoint travel with it; the shipped model predates the repulsion
+    # the test metrics written beside a checkpoint travel with it
     shipped = export_checkpoint(SHIPPED_MODEL, tmp_path / "shipped.pt")
-    assert abs(shipped["metrics"]["test"]["test_frames"]["force_mae"] - 0.0824) < 1e-3
-    assert shipped["model_config"]["repulsion"] == "none" and shipped["model_config"]["block_geometry"] is False
+    card = json.loads((SHIPPED_MODEL.parent / "test_metrics.json").read_text())
+    assert shipped["metrics"]["test"]["test_frames"]["force_mae"] == card["test_frames"]["force_mae"]
+    assert shipped["model_config"]["repulsion"] == SHIPPED["repulsion"]
+    assert shipped["model_config"]["block_geometry"] is SHIPPED["block_geometry"]
     assert fused["created"].endswith("+00:00")
 
 
@@ -334,12 +336,17 @@ def test_export_and_inspect_commands(tmp_path):
                           "--dtype", "float32", "--kernel", "reference"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     shown = subprocess.run([sys.executable, "-m", "transip", "inspect", str(out)], capture_output=True, text=True)
-    assert "elements          H C N O F S Cl" in shown.stdout
+    assert f"elements          {SHIPPED['elements']}\n" in shown.stdout
     assert "dtype / kernel    float32 / reference" in shown.stdout and "native ops        none" in shown.stdout
-    assert "repulsion         none" in shown.stdout and "block geometry    none" in shown.stdout  # trained before
+    if SHIPPED["repulsion"] == "zbl":
+        assert "repulsion         zbl, switched off at" in shown.stdout
+    else:
+        assert "repulsion         none" in shown.stdout
+    geometry = "edge features in every block" if SHIPPED["block_geometry"] else "none"
+    assert f"block geometry    {geometry}" in shown.stdout
     as_json = json.loads(subprocess.run([sys.executable, "-m", "transip", "inspect", str(out), "--json"],
                                         capture_output=True, text=True).stdout)
-    assert as_json["receptive_field"] == 18.0
+    assert as_json["receptive_field"] == SHIPPED["cutoff"] * (1 + as_json["num_layers"])
     bad = subprocess.run([sys.executable, "-m", "transip", "inspect", str(tmp_path / "nope.pt")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nope.pt does not exist" in bad.stderr

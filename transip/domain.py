@@ -93,21 +93,29 @@ def domain_for(payload: dict, config) -> dict:
 
 
 def domain_from_training_data(payload: dict, checkpoint: Path) -> dict:
-    """Recompute a checkpoint's domain from its training split (the dataset it names, verified by SHA-256)."""
+    """Recompute a checkpoint's domain from what it trained on: its dataset's training split and every frame of its
+    extra datasets (each found by the name it recorded and verified by SHA-256; a dataset is a file or a folder of
+    shards)."""
     from .data import file_digest, read_structures
     from .train import training_subset
 
     provenance, config = payload.get("provenance") or {}, payload.get("train_config") or {}
-    dataset = Path(provenance.get("dataset", ""))
-    candidates = [dataset, checkpoint.parent / dataset, Path(__file__).resolve().parents[1] / dataset]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise FileNotFoundError(f"checkpoint {checkpoint}: its training dataset {dataset} was not found")
-    if file_digest(path) != provenance.get("dataset_sha256"):
-        raise ValueError(f"checkpoint {checkpoint}: {path} is not the dataset it was trained on (SHA-256 differs)")
-    structures = read_structures(path)
+
+    def located(name: str, digest) -> Path:
+        dataset = Path(name)
+        candidates = [dataset, checkpoint.parent / dataset, Path(__file__).resolve().parents[1] / dataset]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint {checkpoint}: its training dataset {dataset} was not found")
+        if file_digest(path) != digest:
+            raise ValueError(f"checkpoint {checkpoint}: {path} is not the dataset it was trained on (SHA-256 differs)")
+        return path
+
+    structures = read_structures(located(provenance.get("dataset", ""), provenance.get("dataset_sha256")))
     train = training_subset(payload["splits"]["train"], config.get("max_train_structures"), config.get("seed", 0))
-    return domain_of(structures[i] for i in train)
+    extra = [s for name, digest in (provenance.get("extra_datasets") or {}).items()
+             for s in read_structures(located(name, digest))]
+    return domain_of([structures[i] for i in train] + extra)
 
 
 def record_trained_domain(checkpoint) -> dict:
