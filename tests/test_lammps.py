@@ -17,7 +17,7 @@ import torch
 from ase import Atoms
 from ase.io.lammpsdata import write_lammps_data
 
-from conftest import ROOT, SHIPPED, SHIPPED_MODEL
+from conftest import ROOT, SHIPPED
 from transip.checkpoint import save_checkpoint
 from transip.data import Structure, read_structures
 from transip.export import FORMAT_VERSION, export_checkpoint, load
