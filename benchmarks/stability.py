@@ -16,7 +16,7 @@ resumes. Every `snapshot_every` steps the positions and the temperature are reco
 - for water: the O-O radial distribution function over the second half of the run, plotted against a GFN2-xTB
   reference MD of a small periodic water box (`--reference`, ASE Langevin with periodic GFN2-xTB by tblite).
 
-A run `passes` when its molecules stay intact, no two molecules come closer than `min_contact_A`, and the mean
+The config's `model` is a checkpoint, or `shipped` for the default model (`models/SHIPPED`). A run `passes` when its molecules stay intact, no two molecules come closer than `min_contact_A`, and the mean
 temperature is within `temperature_tolerance_K` of the target.
 
 Energy conservation (the config's `nve`): NVE (VerletIntegrator) in OpenMM with the model exported in float64, for
@@ -370,7 +370,8 @@ def write_report(config: dict, config_path: Path, runs: list, reference, nve: li
                   + (f"; GFN2-xTB reference ({reference['atoms']} atoms, {reference['time_ps']:.2f} ps, "
                      f"{reference['frames_in_rdf']} frames after {config['reference']['equilibration_ps']} ps): "
                      f"{reference['rdf_oo_first_peak']['r_A']:.2f} A, {reference['rdf_oo_first_peak']['g']:.2f}"
-                     if reference else "; GFN2-xTB reference not run yet (`--reference`)") + "."]
+                     if reference else "; GFN2-xTB reference not run or not past its equilibration yet (`--reference`, "
+                     "resumable)") + "."]
     if nve:
         bound = config["nve"]["max_drift_mev_per_atom"]
         lines += ["", f"Energy conservation: NVE in OpenMM (VerletIntegrator, {config['nve']['timestep_fs']} fs, from "
@@ -436,7 +437,8 @@ def saved_reference(config: dict):
     from make_solvated_box import water_box
 
     box = water_box(config["reference"]["waters"], seed=1)
-    return summarise_reference(config, RunState(saved, box.numbers, None, np.asarray(box.cell[:])))
+    reference = summarise_reference(config, RunState(saved, box.numbers, None, np.asarray(box.cell[:])))
+    return reference if reference["frames_in_rdf"] else None  # still equilibrating: no g(r) yet
 
 
 def main(argv=None) -> int:
@@ -455,6 +457,10 @@ def main(argv=None) -> int:
 
     config_path = args.config.resolve()
     config = json.loads(config_path.read_text())
+    if config["model"] == "shipped":  # the default model (models/SHIPPED), whichever it is: what CI checks
+        from common import MODEL, shown_path
+
+        config["model"] = shown_path(MODEL)
     if args.output is not None:
         config["output"] = config["report"] = str(args.output.resolve())
     folder = ROOT / config["output"]

@@ -39,7 +39,8 @@ def run(args, structure) -> int:
                          allow_untrained=args.allow_untrained, minimize_fmax=args.minimize)
     print(f"OpenMM ({args.platform}): {summary['atoms']} atoms, {summary['steps_per_second']:.1f} steps/s, "
           f"{summary['ns_per_day']:.3f} ns/day; total-energy change {1000 * summary['energy_drift_per_atom_ev']:.4f} "
-          f"meV/atom, std {1000 * summary['energy_std_per_atom_ev']:.4f} meV/atom; trajectory {trajectory}")
+          f"meV/atom, std {1000 * summary['energy_std_per_atom_ev']:.4f} meV/atom"
+          f"{' (Langevin thermostat: not conserved)' if args.thermostat else ''}; trajectory {trajectory}")
     print(describe_check(summary))
     print(json.dumps(summary))
     return 0

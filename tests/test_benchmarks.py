@@ -184,3 +184,34 @@ def test_pareto_smoke(suite):
                             str(ROOT / "configs" / "pareto_smoke.json"), "--output", str(out)],
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps
+
+
+def test_model_card_comes_from_the_checkpoint_and_results_files(tmp_path):
+    """benchmarks/model_card.py writes the shipped model's card from its checkpoint, its metrics file and the
+    stability report: their numbers appear in its tables, the trained domain in its limits."""
+    import shutil
+
+    from conftest import SHIPPED, SHIPPED_MODEL
+
+    shipped = SHIPPED_MODEL.parent
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(SHIPPED_MODEL, model / "best.ckpt")
+    metrics = json.loads((shipped / "test_metrics.json").read_text())
+    stability = {"config": {"md": {"temperature_K": 300.0, "time_ps": 0.1, "timestep_fs": 0.5},
+                            "nve": {"timestep_fs": 0.5}},
+                 "runs": [{"system": "water", "engine": "lammps", "atoms": 288, "time_ps": 0.1, "intact": True,
+                           "closest_intermolecular_A": 1.4567, "temperature_mean_K": 301.23}],
+                 "nve": [{"system": "aspirin", "atoms": 21, "steps": 200, "energy_drift_mev_per_atom": -0.0123,
+                          "energy_std_mev_per_atom": 0.0456}]}
+    (tmp_path / "stability.json").write_text(json.dumps(stability))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "model_card.py"), str(model), "--config",
+                           str(ROOT / "configs" / "chemistry_model.json"), "--metrics", str(shipped / "test_metrics.json"),
+                           "--stability", str(tmp_path / "stability.json")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = (model / "README.md").read_text()
+    for split, m in metrics.items():
+        assert f"| {m['structures']} | {1000 * m['energy_mae_per_atom']:.2f} | {1000 * m['force_mae']:.1f} |" in card, split
+    assert f"elements {SHIPPED['elements']};" in card and f"other elements than {SHIPPED['elements']}," in card
+    assert "| water | lammps | 288 | 0.1 | yes | 1.46 | 301.2 |" in card
+    assert "| aspirin | 21 | 200 | -0.012 | 0.046 |" in card
