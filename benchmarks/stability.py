@@ -354,7 +354,8 @@ def write_report(config: dict, config_path: Path, runs: list, reference, nve: li
         "bond graph (pairs within 1.2x their covalent radii) is the starting one in every snapshot. Closest contact: "
         "atoms of different molecules, minimum image. Temperature after the first picosecond. A run passes when its "
         f"molecules stay intact, no contact is closer than {config['min_contact_A']} A and the mean temperature is "
-        f"within {config['temperature_tolerance_K']} K of the target.", "",
+        f"within {config['temperature_tolerance_K']} K of the target. ms/step is wall-clock time with the runs sharing "
+        "the machine (and any pause counted): not a speed benchmark.", "",
         "| system | engine | atoms | ps | ms/step | molecules | intact | most bonds broken / formed | closest contact "
         "(A) | T mean (K) | T std (K) | passes |", "| --- " * 12 + "|"]
     for r in runs:
