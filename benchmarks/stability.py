@@ -3,6 +3,7 @@
     python benchmarks/stability.py --config configs/stability.json           # hours, resumable
     python benchmarks/stability.py --config configs/stability_smoke.json     # minutes (CI)
     python benchmarks/stability.py --config configs/stability.json --reference   # GFN2-xTB water MD (hours)
+    python benchmarks/stability.py --config configs/stability.json --report-only # the report from saved runs
 
 For every system of the config (a water box, a methanol box, a held-out drug-like molecule in water) and every
 engine (OpenMM: LangevinMiddleIntegrator; LAMMPS: `fix langevin` + `fix nve`; both with a 1 ps damping time),
@@ -448,6 +449,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=None, help="runs and report here instead of the config's")
     parser.add_argument("--reference", action="store_true",
                         help="run (or resume) only the GFN2-xTB water MD; the report shows the model runs saved so far")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the runs saved so far (finished or not: see their ps) and exit")
     args = parser.parse_args(argv)
     import concurrent.futures
 
@@ -466,6 +469,9 @@ def main(argv=None) -> int:
         config["output"] = config["report"] = str(args.output.resolve())
     folder = ROOT / config["output"]
     folder.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        write_report(config, config_path, saved_runs(config), saved_reference(config), saved_nve(config))
+        return 0
     if args.reference:
         reference = run_reference(config)
         write_report(config, config_path, saved_runs(config), reference, saved_nve(config))

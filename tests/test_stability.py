@@ -85,3 +85,9 @@ def test_model_keeps_every_system_physical_in_both_engines(tmp_path):
     assert "Energy conservation: NVE in OpenMM" in (tmp_path / "stability.md").read_text()
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "stability_rdf.png").stat().st_size > 10_000
+    # --report-only rebuilds the same report from the saved runs without running anything
+    (tmp_path / "stability.json").unlink()
+    again = subprocess.run(command + ["--report-only"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rebuilt = json.loads((tmp_path / "stability.json").read_text())
+    assert rebuilt["runs"] == report["runs"] and rebuilt["nve"] == report["nve"]
