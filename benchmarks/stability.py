@@ -438,9 +438,12 @@ def saved_reference(config: dict):
     sys.path.insert(0, str(ROOT / "examples" / "boxes"))
     from make_solvated_box import water_box
 
-    box = water_box(config["reference"]["waters"], seed=1)
-    reference = summarise_reference(config, RunState(saved, box.numbers, None, np.asarray(box.cell[:])))
-    return reference if reference["frames_in_rdf"] else None  # still equilibrating: no g(r) yet
+    ref = config["reference"]
+    box = water_box(ref["waters"], seed=1)
+    state = RunState(saved, box.numbers, None, np.asarray(box.cell[:]))
+    if state.step * ref["timestep_fs"] / 1000 <= ref["equilibration_ps"]:
+        return None  # still equilibrating: no g(r) yet
+    return summarise_reference(config, state)
 
 
 def main(argv=None) -> int:
