@@ -22,9 +22,10 @@ SPLIT_NAMES = {"test_frames": "held-out frames (molecules seen in training)",
                "condensed": "periodic boxes (water, methanol, drug in water)"}
 
 
-def extra_frames(dataset: str):
+def dataset_frames(dataset: str):
+    """The frame count a sharded dataset's manifest records (None for a single file or an unrecorded count)."""
     manifest = ROOT / dataset / "manifest.json"
-    return json.loads(manifest.read_text())["summary"].get("frames", "?") if manifest.exists() else "?"
+    return json.loads(manifest.read_text())["summary"].get("frames") if manifest.exists() else None
 
 
 def training_time(last: dict, train: dict) -> str:
@@ -51,11 +52,9 @@ def card(model_dir: Path, config_path: Path, metrics: dict, stability) -> str:
     best = load_checkpoint(model_dir / "best.ckpt")
     arch, train, domain = config_of(best), best["train_config"], best["trained_domain"]
     history = best["history"]
-    manifest = json.loads((ROOT / train["data"] / "manifest.json").read_text()) if (
-        ROOT / train["data"] / "manifest.json").exists() else None
     name = model_dir.name
     rel = model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir
-    frames = manifest["summary"]["frames"] if manifest and "frames" in manifest.get("summary", {}) else None
+    frames = dataset_frames(train["data"])
     lines = [
         f"# Model card: {name}", "",
         "A TransIP potential (learned rotational equivariance, [docs/model.md](../../docs/model.md)) with a "
@@ -73,7 +72,7 @@ def card(model_dir: Path, config_path: Path, metrics: dict, stability) -> str:
         f"{best['provenance']['parameters']} parameters |",
         f"| data | `{train['data']}`" + (f" ({frames} frames)" if frames else "") + "; its card: "
         f"[{train['data']}/README.md](../../{train['data']}/README.md)"
-        + "".join(f"; plus every frame of `{extra}` ({extra_frames(extra)} frames, repeated "
+        + "".join(f"; plus every frame of `{extra}` ({dataset_frames(extra) or '?'} frames, repeated "
                   f"{train.get('extra_data_repeats', 1)}x per epoch; [its card](../../{extra}/README.md))"
                   for extra in train.get("extra_data") or []) + " |",
         f"| trained domain | elements {' '.join(domain['elements'])}; total charges {domain['charges']}; spin "

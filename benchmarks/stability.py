@@ -17,8 +17,9 @@ resumes. Every `snapshot_every` steps the positions and the temperature are reco
 - for water: the O-O radial distribution function over the second half of the run, plotted against a GFN2-xTB
   reference MD of a small periodic water box (`--reference`, ASE Langevin with periodic GFN2-xTB by tblite).
 
-The config's `model` is a checkpoint, or `shipped` for the default model (`models/SHIPPED`). A run `passes` when its molecules stay intact, no two molecules come closer than `min_contact_A`, and the mean
-temperature is within `temperature_tolerance_K` of the target.
+The config's `model` is a checkpoint, or `shipped` for the default model (`models/SHIPPED`). A run `passes` when
+its molecules stay intact, no two molecules come closer than `min_contact_A`, and the mean temperature is within
+`temperature_tolerance_K` of the target.
 
 Energy conservation (the config's `nve`): NVE (VerletIntegrator) in OpenMM with the model exported in float64, for
 each of its systems (a periodic box relaxed first, as above); the total energy's change from the first to the last

@@ -58,9 +58,9 @@ def engine_checkpoint(tmp_path_factory) -> Path:
     from transip.checkpoint import config_of, load_checkpoint, save_checkpoint
     from transip.model import ModelConfig, TransIP
 
-    payload = load_checkpoint(SHIPPED_MODEL)
-    if config_of(payload).get("repulsion") == "zbl" and config_of(payload).get("block_geometry"):
+    if SHIPPED["repulsion"] == "zbl" and SHIPPED["block_geometry"]:
         return SHIPPED_MODEL
+    payload = load_checkpoint(SHIPPED_MODEL)
     config = {**config_of(payload), "repulsion": "zbl", "block_geometry": True}
     torch.manual_seed(1234)
     model = TransIP(ModelConfig(**config))
