@@ -1,6 +1,8 @@
 """Hand-derived derivatives for training against plain autograd: the radial functions of transip/analytic.py
 and the fused training edge encoder (native ops): values, first and second derivatives, and refusals."""
 
+import math
+
 import pytest
 import torch
 
@@ -149,3 +151,23 @@ def test_training_edge_encoder_computes_weight_gradients_only_in_passes_that_nee
     called = ops_called(lambda: (energy + (forces[0] ** 2).sum()).backward())
     assert "transip::edge_encoder_train_backward" in called and "transip::edge_encoder_double_backward" in called
     assert all(p.grad is not None for p in (weights.w1, weights.w2, weights.w_bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_radial_basis_tails_are_zero_not_denormal(dtype):
+    """The Gaussian basis's far tails would be denormal (slow in every product): below exp_floor, which is
+    ceil(log(tiny / eps)) of the type, the basis is exactly 0, gradient included; above it, exp itself."""
+    info = torch.finfo(dtype)
+    assert analytic.exp_floor(dtype) == float(math.ceil(math.log(info.tiny / info.eps)))
+    centers = torch.linspace(0.0, 5.0, 16, dtype=dtype)
+    lengths = torch.linspace(0.0, 5.0, 2001, dtype=dtype).requires_grad_(True)
+    width = 5.0 / 16 / 4  # narrow, so that the tails reach far below the floor
+    basis = analytic.gaussian_basis(lengths, centers, width)
+    exponent = -0.5 * ((lengths.detach()[:, None] - centers) / width) ** 2
+    below = exponent < analytic.exp_floor(dtype)
+    assert below.any() and (~below).any()
+    assert bool((basis[below] == 0).all())
+    torch.testing.assert_close(basis[~below], torch.exp(exponent[~below]), rtol=0, atol=0)
+    (gradient,) = torch.autograd.grad(basis.sum(), lengths)
+    for values in (basis.detach(), gradient):
+        assert not bool(((values != 0) & (values.abs() < info.tiny)).any()), "denormal values"

@@ -113,11 +113,30 @@ def smooth_step_down_derivatives(x: torch.Tensor, scale) -> Tuple[torch.Tensor, 
     return value, slope, curvature
 
 
+def exp_floor(dtype: torch.dtype) -> float:
+    """The argument below which exp(x) counts as zero in `dtype`: there exp(x) times a number of relative size
+    epsilon would be denormal (under the type's smallest normal number), and every operation on a denormal takes
+    the CPU's slow path (measured: the radial basis's far tails made the float32 model slower than float64).
+    `gaussian_basis` gives 0 there, as the native kernels' exp does. ceil(log(tiny / eps)) of torch.finfo(dtype),
+    written out because TorchScript has no finfo (a test checks both values against finfo; cpp/src
+    kernels_impl.h derives its kExpFloor the same way from std::numeric_limits)."""
+    return -71.0 if dtype == torch.float32 else -672.0
+
+
+def gaussian_basis(lengths: torch.Tensor, centers: torch.Tensor, width: float) -> torch.Tensor:
+    """exp(-u^2 / 2), u = (length - centre) / width, (E, K); exactly 0 where it would be denormal."""
+    u = (lengths[:, None] - centers) / width
+    exponent = -0.5 * u * u
+    floor = exp_floor(exponent.dtype)
+    # The clamp keeps exp itself from producing a denormal; `where` then zeroes those entries, gradient included.
+    return torch.where(exponent < floor, torch.zeros_like(exponent), torch.exp(exponent.clamp(min=floor)))
+
+
 def gaussian_basis_derivatives(lengths: torch.Tensor, centers: torch.Tensor,
                                width: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """exp(-u^2 / 2), u = (length - centre) / width, (E, K), with its first and second length derivatives."""
+    """`gaussian_basis` (E, K) with its first and second length derivatives."""
     u = (lengths[:, None] - centers) / width
-    value = torch.exp(-0.5 * u * u)
+    value = gaussian_basis(lengths, centers, width)
     return value, -u / width * value, (u * u - 1.0) / (width * width) * value
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from .analytic import gaussian_basis
 from .attention import neighbor_attention_reference
 
 
@@ -58,8 +59,7 @@ class EdgeWeights(NamedTuple):
 def edge_features(vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
                   cutoff: float) -> torch.Tensor:
     """Edge features (E, 3 + num_rbf): [r / cutoff, Gaussian radial basis of |r|] (not rotation invariant)."""
-    rbf = torch.exp(-0.5 * ((lengths[:, None] - centers) / width) ** 2)
-    return torch.cat([vectors / cutoff, rbf], dim=1)
+    return torch.cat([vectors / cutoff, gaussian_basis(lengths, centers, width)], dim=1)
 
 
 def reference_edge_embedding(vectors: torch.Tensor, lengths: torch.Tensor, w: EdgeWeights) -> torch.Tensor:

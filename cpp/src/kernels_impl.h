@@ -43,16 +43,25 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   return acc[0] + rest;
 }
 
+// exp(x) below this argument counts as zero: there exp(x) times a number of relative size epsilon would be
+// denormal (under the type's smallest normal number), and every operation on a denormal takes the CPU's slow
+// path. exp_array gives 0 there (-71 for float, -672 for double); transip/analytic.py (exp_floor) uses the same
+// floors, so the Python radial basis and the kernels agree.
+template <typename T>
+const T kExpFloor =
+    static_cast<T>(std::ceil(std::log(std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon())));
+
 // y = exp(x) for an array, written as plain arithmetic so that the compiler vectorises it (std::exp is a scalar
 // library call). Range reduction x = n ln2 + r with |r| <= ln2 / 2, a degree-13 Taylor polynomial for exp(r)
-// (truncation error below 2e-16 relative), and 2^n assembled in the exponent bits; computed in double for
-// both precisions. Arguments below -708 give 0 (as exp underflows), above 709 are clamped (never reached here).
+// (truncation error below 2e-16 relative), and 2^n assembled in the exponent bits; computed in double.
+// Arguments below kExpFloor give 0, above 709 are clamped (never reached here).
 template <typename T>
 void exp_array(const T* x, T* y, int64_t n) {
   constexpr double log2e = 1.4426950408889634, ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+  const double floor = kExpFloor<T>;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const double xi = std::min(std::max(static_cast<double>(x[i]), -708.0), 709.0);
+    const double xi = std::min(std::max(static_cast<double>(x[i]), floor), 709.0);
     const double k = std::nearbyint(xi * log2e);
     const double r = (xi - k * ln2_hi) - k * ln2_lo;
     double p = 1.0 / 6227020800.0;  // 1/13!
@@ -72,22 +81,23 @@ void exp_array(const T* x, T* y, int64_t n) {
     const int64_t bits = (static_cast<int64_t>(k) + 1023) << 52;
     double scale;
     std::memcpy(&scale, &bits, sizeof(scale));
-    y[i] = static_cast<T>(x[i] < T(-708) ? 0.0 : p * scale);
+    y[i] = static_cast<T>(x[i] < floor ? 0.0 : p * scale);
   }
 }
 
 // The float32 version, in float throughout: mixing in doubles halves the vector width and (measured) made the
 // float32 kernels slower than the float64 ones. Same scheme with float's constants: ln 2 split in two (its high
 // part has few mantissa bits, so k * ln2_hi is exact), a degree-7 Taylor polynomial (truncation below 3e-9
-// relative for |r| <= ln2 / 2, under float's rounding), 2^k in float's exponent bits. Arguments below -87 give 0
-// (the result would be denormal), above 88 are clamped (never reached here).
+// relative for |r| <= ln2 / 2, under float's rounding), 2^k in float's exponent bits. Arguments below
+// kExpFloor give 0, above 88 are clamped (never reached here).
 template <>
 void exp_array<float>(const float* x, float* y, int64_t n) {
   constexpr float log2e = 1.44269504f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  const float floor = kExpFloor<float>;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     // Ternaries, not std::min/max: those take references to constants, which kept this loop from vectorising.
-    const float xi = x[i] < -87.0f ? -87.0f : (x[i] > 88.0f ? 88.0f : x[i]);
+    const float xi = x[i] < floor ? floor : (x[i] > 88.0f ? 88.0f : x[i]);
     const float k = std::nearbyint(xi * log2e);
     const float r = (xi - k * ln2_hi) - k * ln2_lo;
     float p = 1.0f / 5040.0f;
@@ -101,7 +111,7 @@ void exp_array<float>(const float* x, float* y, int64_t n) {
     const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof(scale));
-    y[i] = x[i] < -87.0f ? 0.0f : p * scale;
+    y[i] = x[i] < floor ? 0.0f : p * scale;
   }
 }
 
