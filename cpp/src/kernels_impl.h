@@ -22,7 +22,8 @@ constexpr int64_t kGrainAtoms = 16;
 
 // One 512-bit vector's worth of lanes per partial sum, then a tree over the lanes. `omp simd reduction` on a
 // short runtime-length loop compiled, for float, to scalar multiply-adds followed by sixteen serial adds from the
-// stack (found with perf: the float32 attention was slower than the float64 one).
+// stack (found with perf: the float32 attention was slower than the float64 one). The remainder (fewer than a
+// vector's lanes: all of a 12-wide head in float) is one masked step, not a serial chain of scalar adds.
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
   constexpr int kLanes = 64 / sizeof(T);
@@ -34,13 +35,14 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
 #pragma omp simd
     for (int l = 0; l < kLanes; ++l) acc[l] += a[d + l] * b[d + l];
   }
-  T rest = 0;
-  for (; d < n; ++d) rest += a[d] * b[d];
+  const int64_t left = n - d;
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) acc[l] += l < left ? a[d + l] * b[d + l] : T(0);
   for (int width = kLanes / 2; width > 0; width /= 2) {
 #pragma omp simd
     for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
   }
-  return acc[0] + rest;
+  return acc[0];
 }
 
 // exp(x) below this argument counts as zero: there exp(x) times a number of relative size epsilon would be
