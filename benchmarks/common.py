@@ -90,11 +90,17 @@ def run_task(task: dict, timeout: float, script: str) -> dict:
     """Run `script --worker TASK` in a fresh process (clean heap, own peak-memory mark); its last line of output
     is the result as JSON."""
     env = dict(os.environ, OMP_NUM_THREADS=str(task["threads"]))
-    try:
-        out = subprocess.run([sys.executable, script, "--worker", json.dumps(task)], capture_output=True, text=True,
-                             env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(task, skipped=f"took longer than {timeout:.0f} s")
+    # Its own process group, killed whole on a timeout: a worker's mpirun and LAMMPS ranks would otherwise
+    # outlive it and run on beside the next measurements (seen: an orphaned rank for the rest of a suite run).
+    with subprocess.Popen([sys.executable, script, "--worker", json.dumps(task)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+            return dict(task, skipped=f"took longer than {timeout:.0f} s")
+    out = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if out.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer does: a limit, not a bug
         return dict(task, skipped="out of memory (killed)", out_of_memory=True)
     if out.returncode != 0:

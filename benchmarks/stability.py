@@ -482,9 +482,10 @@ def main(argv=None) -> int:
         return 0
     artifacts = {}
     for dtype in {config["dtype"], "float64"} if config.get("nve") else {config["dtype"]}:
+        # Exported on every start (seconds), never reused: an artifact left by an earlier run may come from
+        # another checkpoint or older code.
         artifacts[dtype] = folder / f"model-{dtype}.pt"
-        if not artifacts[dtype].exists():
-            export_checkpoint(ROOT / config["model"], artifacts[dtype], dtype=dtype, kernel="fused")
+        export_checkpoint(ROOT / config["model"], artifacts[dtype], dtype=dtype, kernel="fused")
     torch.set_num_threads(config["threads"])
     jobs = [(name, engine) for name in config["systems"] for engine in config["engines"]]
     nve_jobs = list(config.get("nve", {}).get("systems", {}))
