@@ -2,6 +2,7 @@
 
     python benchmarks/suite.py            # about an hour here; results in benchmarks/results/, BENCHMARKS.md
     python benchmarks/suite.py --smoke    # minutes: every script at toy size, into a temporary folder (CI)
+    python benchmarks/suite.py --report-only   # BENCHMARKS.md again from benchmarks/results (one script rerun)
 
 Runs, in this order and one at a time (so that none disturbs another's timing): native_ops (whole model,
 fused vs reference, to 100 000 atoms), attention_kernels (one layer: fused, reference, dense SDPA),
@@ -167,12 +168,15 @@ def main(argv=None) -> int:
                                                       "a temporary folder with --smoke)")
     parser.add_argument("--benchmarks-md", type=Path, help="where to write BENCHMARKS.md (default: the repository's; "
                                                            "with --smoke, inside the results folder)")
+    parser.add_argument("--report-only", action="store_true", help="write BENCHMARKS.md from the results already "
+                                                                      "there (after rerunning one script by hand)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         results = (args.results or (Path(tmp) if args.smoke else ROOT / "benchmarks" / "results")).resolve()
         results.mkdir(parents=True, exist_ok=True)
         target = args.benchmarks_md or (results / "BENCHMARKS.md" if args.smoke else ROOT / "BENCHMARKS.md")
-        run_scripts(results, args.smoke)
+        if not args.report_only:
+            run_scripts(results, args.smoke)
         write_benchmarks(results, target, args.smoke)
         print(target.read_text())
     return 0
