@@ -88,9 +88,10 @@ class TrainConfig:
     # "auto" is fused when the native library is loaded. The same function either way (equal to round-off).
     kernel: str = "auto"
     threads: int = 0  # torch threads; 0 leaves the default
-    # Flush denormal floats to zero in this process (torch.set_flush_denormal). The radial basis's far tails
-    # (exp(-u^2/2) near 1e-40) are denormal in float32, and every product with them takes the CPU's slow path.
-    # Values below 1.2e-38 become 0; nothing else changes. This and the next two fields together:
+    # Flush denormal floats to zero in this process (torch.set_flush_denormal): every operation on a denormal
+    # takes the CPU's slow path. The radial basis is 0 where it would be denormal (transip.analytic.exp_floor);
+    # softmax tails and products of small gradients can still produce them. Values below 1.2e-38 (float32)
+    # become 0; nothing else changes. This and the next two fields together:
     # benchmarks/training_speed.py's middle row.
     flush_denormals: bool = True
     # Keep freed memory in this process's heap (transip.native.keep_freed_memory, glibc): every step allocates and
