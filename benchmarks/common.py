@@ -100,13 +100,12 @@ def run_task(task: dict, timeout: float, script: str) -> dict:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
             return dict(task, skipped=f"took longer than {timeout:.0f} s")
-    out = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    if out.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer does: a limit, not a bug
+    if process.returncode == -signal.SIGKILL:  # what the kernel's out-of-memory killer does: a limit, not a bug
         return dict(task, skipped="out of memory (killed)", out_of_memory=True)
-    if out.returncode != 0:
-        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
-        return dict(task, skipped=f"failed (exit {out.returncode}): {tail}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    if process.returncode != 0:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(task, skipped=f"failed (exit {process.returncode}): {tail}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def rss_kib(field: str) -> int:

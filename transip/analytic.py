@@ -116,28 +116,30 @@ def smooth_step_down_derivatives(x: torch.Tensor, scale) -> Tuple[torch.Tensor, 
 def exp_floor(dtype: torch.dtype) -> float:
     """The argument below which exp(x) counts as zero in `dtype`: there exp(x) times a number of relative size
     epsilon would be denormal (under the type's smallest normal number), and every operation on a denormal takes
-    the CPU's slow path (measured: the radial basis's far tails made the float32 model slower than float64).
-    `gaussian_basis` gives 0 there, as the native kernels' exp does. ceil(log(tiny / eps)) of torch.finfo(dtype),
-    written out because TorchScript has no finfo (a test checks both values against finfo; cpp/src
-    kernels_impl.h derives its kExpFloor the same way from std::numeric_limits)."""
+    the CPU's slow path. `gaussian_basis` gives 0 there, as the native kernels' exp does. ceil(log(tiny / eps))
+    of torch.finfo(dtype), written out because TorchScript has no finfo (a test checks both values against finfo;
+    cpp/src/kernels_impl.h derives its kExpFloor the same way from std::numeric_limits)."""
     return -71.0 if dtype == torch.float32 else -672.0
+
+
+def gaussian_of(u: torch.Tensor) -> torch.Tensor:
+    """exp(-u^2 / 2), exactly 0 where it would be denormal. exp(-inf) is 0, and so is its derivative (exp
+    itself): no tiny value is left anywhere, not even in the graph of a second derivative (clamping to the floor
+    instead left exp(-71) in every tail entry, whose products in training's double backward were denormal)."""
+    exponent = -0.5 * u * u
+    return torch.exp(exponent.masked_fill(exponent < exp_floor(exponent.dtype), float("-inf")))
 
 
 def gaussian_basis(lengths: torch.Tensor, centers: torch.Tensor, width: float) -> torch.Tensor:
     """exp(-u^2 / 2), u = (length - centre) / width, (E, K); exactly 0 where it would be denormal."""
-    u = (lengths[:, None] - centers) / width
-    exponent = -0.5 * u * u
-    # exp(-inf) is exactly 0, and so is its derivative (exp itself): no tiny value is left anywhere, not even in
-    # the graph of a second derivative (clamping to the floor instead left exp(-71) in every tail entry, and its
-    # products in training's double backward were denormal: 58x slower steps without flushing them).
-    return torch.exp(exponent.masked_fill(exponent < exp_floor(exponent.dtype), float("-inf")))
+    return gaussian_of((lengths[:, None] - centers) / width)
 
 
 def gaussian_basis_derivatives(lengths: torch.Tensor, centers: torch.Tensor,
                                width: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`gaussian_basis` (E, K) with its first and second length derivatives."""
     u = (lengths[:, None] - centers) / width
-    value = gaussian_basis(lengths, centers, width)
+    value = gaussian_of(u)
     return value, -u / width * value, (u * u - 1.0) / (width * width) * value
 
 
