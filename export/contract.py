@@ -10,10 +10,12 @@ and float constants cross to C++.
 FORMAT = "transip-artifact"
 # Version 2: `compute_with_neighbors` is gone and each method is named for the engine path that calls it.
 # Version 3: `halo_tokens` also returns the edge values every block reads and the local atoms' short-range
-# repulsion energies; `halo_block` takes the edge values. Readers refuse other
-# versions (an older file lacks, misnames or returns other outputs from methods): the message says to export it
-# again.
-FORMAT_VERSION = 3
+# repulsion energies; `halo_block` takes the edge values.
+# Version 4: the fused edge encoder op also returns the edge values (`transip::edge_encoder(..., features)`),
+# so a version-3 fused artifact calls the op with a signature it no longer has.
+# Readers refuse other versions (an older file lacks, misnames or returns other outputs from methods, or calls
+# native ops differently): the message says to export it again.
+FORMAT_VERSION = 4
 METADATA_FILE = "transip_metadata.json"  # the artifact's extra file holding its metadata (JSON)
 
 # Where engines find what they read in the metadata: a key of the outermost object, or a path of keys through

@@ -51,11 +51,10 @@ class HaloExchange(nn.Module):
         atoms' repulsion energies (num_local,). `numbers` covers local atoms then ghosts; `edge_vectors` =
         x_sender - x_receiver."""
         species = self.model.species(numbers)
-        h0, bias, env = self.model.initial_tokens(edge_vectors, receivers, senders, species, torch.tensor([charge]),
-                                                  torch.tensor([spin]), torch.zeros(num_local, dtype=torch.long),
-                                                  num_local)
-        return (h0, bias, env, self.model.edge_values(edge_vectors),
-                self.model.repulsion_energies(edge_vectors, receivers, senders, species, num_local))
+        h0, bias, env, values = self.model.initial_tokens(edge_vectors, receivers, senders, species,
+                                                          torch.tensor([charge]), torch.tensor([spin]),
+                                                          torch.zeros(num_local, dtype=torch.long), num_local)
+        return h0, bias, env, values, self.model.repulsion_energies(edge_vectors, receivers, senders, species, num_local)
 
     @torch.jit.export
     def halo_block(self, layer: int, tokens: torch.Tensor, bias: torch.Tensor, envelope: torch.Tensor,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transip import analytic, native
-from transip.kernels import EdgeWeights, ReferenceEdgeEncoder, TrainingEdgeEncoder, edge_features, envelope
+from transip.kernels import EdgeWeights, ReferenceEdgeEncoder, TrainingEdgeEncoder, envelope
 from transip.repulsion import repulsion_tables, zbl_pair_energy, zbl_screening_function
 
 
@@ -28,17 +28,14 @@ def second_derivatives(fn, vectors):
     return out.detach(), first.detach(), second
 
 
-@pytest.mark.parametrize("name", ["lengths", "features", "repulsion"])
+@pytest.mark.parametrize("name", ["lengths", "repulsion"])
 def test_radial_functions_equal_autograd_to_second_order(name):
-    cutoff, centers = 4.0, torch.linspace(0.0, 4.0, 8, dtype=torch.float64)
     elements = [1, 6, 8]
     charge_product, inverse_screening, switch_off = (t[1, 2].expand(40) for t in repulsion_tables(elements, 1.0))
     coefficients, exponents = zbl_screening_function()
     length = lambda r: torch.linalg.norm(r, dim=1)
     plain, hand = {
         "lengths": (length, analytic.lengths),
-        "features": (lambda r: edge_features(r, length(r), centers, 0.5, cutoff),
-                     lambda r: analytic.edge_features(r, length(r), centers, 0.5, cutoff)),
         "repulsion": (
             lambda r: 0.5 * zbl_pair_energy(length(r), charge_product, inverse_screening, coefficients, exponents)
             * envelope(length(r) / switch_off, 1.0),
@@ -79,14 +76,16 @@ def encoder_inputs(hidden=16, num_rbf=6, species=3, atoms=7, edges=30, seed=2, d
         torch.randint(0, species, (atoms,), generator=g), atoms, weights
 
 
-def encoder_second_order(encoder, vectors, receivers, senders, species, atoms, weights):
+def encoder_second_order(encoder, vectors, receivers, senders, species, atoms, weights, features=True):
     """Outputs, the geometry gradient (forces) and the gradient of a force-loss-like scalar with respect to the
-    geometry and every weight: what training differentiates."""
+    geometry and every weight: what training differentiates. With `features` the edge features (the blocks' edge
+    values) are an output too, so their gradient takes part in both derivatives."""
     params = [p.clone().requires_grad_(i >= 3) if isinstance(p, torch.Tensor) else p  # not the rbf centres
               for i, p in enumerate(weights)]
     leaves = [p for p in params if isinstance(p, torch.Tensor) and p.requires_grad]
     r = vectors.clone().requires_grad_(True)
-    outputs = encoder(r, receivers, senders, species, atoms, EdgeWeights(*params))
+    outputs = encoder(r, receivers, senders, species, atoms, EdgeWeights(*params), features)
+    assert outputs[3].shape == (vectors.shape[0], 3 + weights.centers.numel() if features else 0)
     energy = sum((torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view_as(o) * o).sum() for o in outputs)
     (forces,) = torch.autograd.grad(energy, r, create_graph=True)
     loss = energy + (forces ** 2).sum()
@@ -95,13 +94,13 @@ def encoder_second_order(encoder, vectors, receivers, senders, species, atoms, w
 
 @pytest.mark.skipif(not native.available(), reason="native ops not built")
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
-@pytest.mark.parametrize("hidden,edges", [(16, 30), (24, 30), (16, 0)])  # 16: compiled width; 24: any width
-def test_training_edge_encoder_equals_reference_to_second_order(dtype, rtol, hidden, edges):
+@pytest.mark.parametrize("hidden,edges,features", [(16, 30, True), (24, 30, True), (16, 0, True), (16, 30, False)])
+def test_training_edge_encoder_equals_reference_to_second_order(dtype, rtol, hidden, edges, features):
     """The native training ops (forward, backward with weight gradients, double backward) against autograd
-    through the reference encoder."""
+    through the reference encoder; hidden 16 is a compiled width, 24 any width."""
     inputs = encoder_inputs(hidden=hidden, edges=edges, dtype=dtype)
-    fused = encoder_second_order(TrainingEdgeEncoder(), *inputs)
-    reference = encoder_second_order(ReferenceEdgeEncoder(), *inputs)
+    fused = encoder_second_order(TrainingEdgeEncoder(), *inputs, features=features)
+    reference = encoder_second_order(ReferenceEdgeEncoder(), *inputs, features=features)
     for x, y in zip(fused, reference):
         scale = max(float(y.abs().max()), 1.0) if y.numel() else 1.0
         assert float((x - y).abs().max()) <= rtol * scale if x.numel() else x.shape == y.shape
@@ -112,7 +111,7 @@ def test_training_edge_encoder_refuses_to_differentiate_weight_gradients():
     vectors, receivers, senders, species, atoms, weights = encoder_inputs()
     w1 = weights.w1.clone().requires_grad_(True)
     r = vectors.clone().requires_grad_(True)
-    bias, messages, env = TrainingEdgeEncoder()(r, receivers, senders, species, atoms, weights._replace(w1=w1))
+    bias, messages, env, _ = TrainingEdgeEncoder()(r, receivers, senders, species, atoms, weights._replace(w1=w1))
     (grad_w1,) = torch.autograd.grad(bias.sum() + messages.sum(), w1, create_graph=True)
     with pytest.raises(RuntimeError, match="does not differentiate its weights' gradients again"):
         torch.autograd.grad(grad_w1.sum(), r)

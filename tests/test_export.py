@@ -205,7 +205,7 @@ def test_energy_offset_checks_its_range(artifacts):
 
 def test_metadata_says_what_an_engine_needs(artifacts, tmp_path):
     fused, reference = read_metadata(artifacts["float64", "fused"]), read_metadata(artifacts["float32", "reference"])
-    assert fused["format"] == "transip-artifact" and fused["format_version"] == FORMAT_VERSION == 3
+    assert fused["format"] == "transip-artifact" and fused["format_version"] == FORMAT_VERSION == 4
     assert fused["methods"] == METHODS == ["compute", "edge_energy_gradients", "energy_offset", "halo_tokens",
                                            "halo_block", "halo_energies"]
     module, _ = load(artifacts["float64", "fused"])

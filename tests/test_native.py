@@ -430,12 +430,13 @@ def test_fused_edge_encoder_matches_reference(dtype, rtol, hidden):
     vectors, receivers, senders, species, n, params = edge_inputs(hidden=hidden, dtype=dtype)
     a = vectors.clone().requires_grad_(True)
     b = vectors.clone().requires_grad_(True)
-    fused = FusedEdgeEncoder()(a, receivers, senders, species, n, EdgeWeights(*params))
-    reference = ReferenceEdgeEncoder()(b, receivers, senders, species, n, EdgeWeights(*params))
+    fused = FusedEdgeEncoder()(a, receivers, senders, species, n, EdgeWeights(*params), True)
+    reference = ReferenceEdgeEncoder()(b, receivers, senders, species, n, EdgeWeights(*params), True)
     weights = [torch.randn_like(x) for x in reference]
     (ga,) = torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, fused)), a)
     (gb,) = torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, reference)), b)
-    for name, x, y in zip(("bias", "messages", "envelope"), fused, reference):
+    assert fused[3].shape == (vectors.shape[0], 3 + params[0].numel())
+    for name, x, y in zip(("bias", "messages", "envelope", "features"), fused, reference):
         assert float((x - y).detach().abs().max()) <= rtol * float(y.detach().abs().max()), name
     assert float((ga - gb).abs().max()) <= rtol * float(gb.abs().max())
     assert torch.isfinite(ga[0]).all()  # the zero-length edge
@@ -447,8 +448,14 @@ def test_fused_edge_encoder_gradcheck_and_refusals():
     slot = receivers[1:] * 3 + species[senders[1:]]
     centers, width, cutoff, w1, b1, w2, b2, wb, bb = params[:9]
     op = torch.ops.transip.edge_encoder
-    assert torch.autograd.gradcheck(lambda v: op(v, slot, n * 3, centers, width, cutoff, w1, b1, w2, b2, wb, bb),
-                                    (vectors.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
+    for features in (False, True):  # with the edge features as a fifth output, whose gradient the backward takes
+        assert torch.autograd.gradcheck(
+            lambda v: op(v, slot, n * 3, centers, width, cutoff, w1, b1, w2, b2, wb, bb, 1, features),
+            (vectors.clone().requires_grad_(True),), eps=1e-6, atol=1e-8)
+    with pytest.raises(RuntimeError, match="grad_features must have shape \\(13, 7\\), got \\[13, 5\\]"):
+        torch.ops.transip.edge_encoder_backward(
+            *op(vectors, slot, n * 3, centers, width, cutoff, w1, b1, w2, b2, wb, bb)[:4], vectors, slot, centers,
+            width, cutoff, w1, b1, w2, b2, wb, bb, 1, torch.zeros(13, 5, dtype=vectors.dtype))
     w1 = w1.clone().requires_grad_(True)
     out = op(vectors, slot, n * 3, centers, width, cutoff, w1, b1, w2, b2, wb, bb)
     with pytest.raises(RuntimeError, match="edge vectors only.*reference kernel"):

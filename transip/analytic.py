@@ -7,9 +7,10 @@ written out, as autograd Functions that are differentiable exactly twice (a thir
 
 - `lengths(vectors)`: |r| per edge;
 - `radial(lengths, value, slope, curvature)`: any function of the edge length, given its value and first two
-  derivatives (the block geometry's radial basis, the repulsion).
+  derivatives (the repulsion).
 
-The edge encoder's own second derivatives are native ops (transip.kernels.TrainingEdgeEncoder). These are plain
+The edge encoder's own second derivatives are native ops (transip.kernels.TrainingEdgeEncoder), those of the
+block geometry's edge features included. `gaussian_basis` lives here because both paths share its floor. These are plain
 PyTorch (any device) and compute the same functions as the reference path; the tests compare values, first and
 second derivatives with it (float64, 1e-10). TorchScript cannot compile autograd Functions, so exported models
 never use them (TransIP.set_kernel leaves them to training).
@@ -133,19 +134,3 @@ def gaussian_of(u: torch.Tensor) -> torch.Tensor:
 def gaussian_basis(lengths: torch.Tensor, centers: torch.Tensor, width: float) -> torch.Tensor:
     """exp(-u^2 / 2), u = (length - centre) / width, (E, K); exactly 0 where it would be denormal."""
     return gaussian_of((lengths[:, None] - centers) / width)
-
-
-def gaussian_basis_derivatives(lengths: torch.Tensor, centers: torch.Tensor,
-                               width: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`gaussian_basis` (E, K) with its first and second length derivatives."""
-    u = (lengths[:, None] - centers) / width
-    value = gaussian_of(u)
-    return value, -u / width * value, (u * u - 1.0) / (width * width) * value
-
-
-def edge_features(vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
-                  cutoff: float) -> torch.Tensor:
-    """transip.kernels.edge_features, [r / cutoff, radial basis], with the basis through `radial`."""
-    with torch.no_grad():
-        basis = gaussian_basis_derivatives(lengths, centers, width)
-    return torch.cat([vectors / cutoff, radial(lengths, *basis)], dim=1)

@@ -64,7 +64,10 @@ def edge_features(vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.T
 
 def reference_edge_embedding(vectors: torch.Tensor, lengths: torch.Tensor, w: EdgeWeights) -> torch.Tensor:
     """Edge features through Linear(w1, b1) -> SiLU -> Linear(w2, b2)."""
-    features = edge_features(vectors, lengths, w.centers, w.width, w.cutoff)
+    return embed_features(edge_features(vectors, lengths, w.centers, w.width, w.cutoff), w)
+
+
+def embed_features(features: torch.Tensor, w: EdgeWeights) -> torch.Tensor:
     return F.linear(F.silu(F.linear(features, w.w1, w.b1)), w.w2, w.b2)
 
 
@@ -89,7 +92,8 @@ def pooled_messages(pooled: torch.Tensor, pooled_weight: torch.Tensor, num_atoms
 
 class ReferenceEdgeEncoder(torch.nn.Module):
     """Everything per neighbour edge except attention, in plain PyTorch. Returns (attention biases of every
-    layer (layers, E, heads), the neighbour sum of the initial tokens (N, d_model), envelope (E,)):
+    layer (layers, E, heads), the neighbour sum of the initial tokens (N, d_model), envelope (E,), and the edge
+    features e_ij (E, 3 + num_rbf) that every block reads when `features`, else (E, 0)):
 
         a_ij = edge MLP(e_ij),   bias_ij = W_bias a_ij,   m_i = sum_j f_c(r_ij) (W_msg a_ij + b_msg) * u[species j]
 
@@ -99,10 +103,12 @@ class ReferenceEdgeEncoder(torch.nn.Module):
     kernel = "reference"
 
     def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
-                num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_atoms: int, w: EdgeWeights,
+                features: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         lengths = torch.linalg.norm(vectors, dim=1)
         env = envelope(lengths, w.cutoff)
-        embedding = reference_edge_embedding(vectors, lengths, w)
+        edge_feature_values = edge_features(vectors, lengths, w.centers, w.width, w.cutoff)
+        embedding = embed_features(edge_feature_values, w)
         slot = message_slots(receivers, senders, species, w)
         num_slots = num_atoms * w.neighbor_embedding.shape[0]
         pooled = torch.zeros(num_slots, embedding.shape[1], dtype=embedding.dtype,
@@ -110,23 +116,29 @@ class ReferenceEdgeEncoder(torch.nn.Module):
         weight = torch.zeros(num_slots, dtype=env.dtype, device=env.device).index_add(0, slot, env)
         heads = w.w_bias.shape[0] // w.bias_groups
         bias = F.linear(embedding, w.w_bias, w.b_bias).view(vectors.shape[0], w.bias_groups, heads).transpose(0, 1)
-        return bias, pooled_messages(pooled, weight, num_atoms, w), env
+        if not features:
+            edge_feature_values = edge_feature_values[:, :0]
+        return bias, pooled_messages(pooled, weight, num_atoms, w), env, edge_feature_values
 
 
 class FusedEdgeEncoder(torch.nn.Module):
     """The same outputs through `torch.ops.transip.edge_encoder`: one pass per edge, nothing hidden-sized per
     edge in memory. The op pools the edges per slot (`message_slots`) and the projection runs on the pooled sums
-    (`pooled_messages`). Same function, other round-off."""
+    (`pooled_messages`); it writes the edge features the blocks read in the same pass, and takes their gradient
+    in its backward. Same function, other round-off."""
 
     kernel = "fused"
 
     def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
-                num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_atoms: int, w: EdgeWeights,
+                features: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         slot = message_slots(receivers, senders, species, w)
-        bias, pooled, weight, env = torch.ops.transip.edge_encoder(
+        bias, pooled, weight, env, edge_feature_values = torch.ops.transip.edge_encoder(
             vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, w.w1, w.b1, w.w2,
-            w.b2, w.w_bias, w.b_bias, w.bias_groups)
-        return bias, pooled_messages(pooled, weight, num_atoms, w), env
+            w.b2, w.w_bias, w.b_bias, w.bias_groups, features)
+        if not features:  # (0, 3 + K) from the op: one (E, 0) shape for every encoder
+            edge_feature_values = vectors[:, :0]
+        return bias, pooled_messages(pooled, weight, num_atoms, w), env, edge_feature_values
 
 
 class TrainingEdgeEncoder(torch.nn.Module):
@@ -139,37 +151,45 @@ class TrainingEdgeEncoder(torch.nn.Module):
     kernel = "fused"
 
     def forward(self, vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor, species: torch.Tensor,
-                num_atoms: int, w: EdgeWeights) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                num_atoms: int, w: EdgeWeights,
+                features: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         slot = message_slots(receivers, senders, species, w)
         weights = (w.w1, w.b1, w.w2, w.b2, w.w_bias, w.b_bias)
         # The autograd nodes the weights' gradients flow into: the backward asks the engine whether this pass
         # will run any of them (the force pass of a training step does not) and skips the weight gradients if not.
         nodes = _autograd_nodes(weights)
-        bias, pooled, weight, env = _TrainingEncoder.apply(
+        bias, pooled, weight, env, edge_feature_values = _TrainingEncoder.apply(
             vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, *weights,
-            (w.bias_groups, nodes))
-        return bias, pooled_messages(pooled, weight, num_atoms, w), env
+            (w.bias_groups, nodes, features))
+        if not features:
+            edge_feature_values = vectors[:, :0]
+        return bias, pooled_messages(pooled, weight, num_atoms, w), env, edge_feature_values
 
 
 class _TrainingEncoder(torch.autograd.Function):
     @staticmethod
     def forward(ctx, vectors, slot, num_slots: int, centers, width: float, cutoff: float, w1, b1, w2, b2, wb, bb,
-                groups_and_nodes):
-        groups, ctx.weight_nodes = groups_and_nodes
+                groups_nodes_features):
+        groups, ctx.weight_nodes, features = groups_nodes_features
         outputs = torch.ops.transip.edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb,
-                                                 bb, groups)
+                                                 bb, groups, features)
         ctx.save_for_backward(vectors, slot, centers, w1, b1, w2, b2, wb, bb)
         ctx.constants = (width, cutoff, groups)
-        ctx.shapes = [o.shape for o in outputs]
+        ctx.shapes = [o.shape for o in outputs[:4]]
+        ctx.features = features
         return outputs
 
     @staticmethod
     def backward(ctx, *grads):
         vectors, slot, centers, *weights = ctx.saved_tensors
-        grads = [torch.zeros(shape, dtype=vectors.dtype, device=vectors.device) if g is None else g
-                 for g, shape in zip(grads, ctx.shapes)]
+        # The four outputs every pass needs (zeros where they did not reach the loss); the features' gradient
+        # stays None when they were not returned or not used.
+        incoming = [torch.zeros(shape, dtype=vectors.dtype, device=vectors.device) if g is None else g
+                    for g, shape in zip(grads[:4], ctx.shapes)]
+        grad_features = grads[4] if ctx.features else None
         with_weights = _engine_needs(ctx.weight_nodes)
-        out = _TrainingEncoderBackward.apply(*grads, vectors, *weights, (slot, centers, ctx.constants, with_weights))
+        out = _TrainingEncoderBackward.apply(*incoming, grad_features, vectors, *weights,
+                                             (slot, centers, ctx.constants, with_weights))
         return (out[0], None, None, None, None, None, *out[1:], None)
 
 
@@ -194,15 +214,15 @@ class _TrainingEncoderBackward(torch.autograd.Function):
     cotangent of dL/dvectors (what a force loss needs)."""
 
     @staticmethod
-    def forward(ctx, grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, w1, b1, w2, b2, wb, bb,
-                constants):
+    def forward(ctx, grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, grad_features, vectors, w1, b1, w2,
+                b2, wb, bb, constants):
         slot, centers, (width, cutoff, groups), with_weights = constants
-        ctx.save_for_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, w1, b1, w2, b2, wb,
-                              bb)
+        ctx.save_for_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, grad_features, vectors, w1,
+                              b1, w2, b2, wb, bb)
         ctx.constants = constants
         ctx.set_materialize_grads(False)
         inputs = (grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot, centers, width, cutoff, w1,
-                  b1, w2, b2, wb, bb, groups)
+                  b1, w2, b2, wb, bb, groups, grad_features)
         if not with_weights:  # a pass that only needs the geometry's gradient (the forces)
             return (torch.ops.transip.edge_encoder_backward(*inputs),) + (None,) * 6
         grad_vectors, flat = torch.ops.transip.edge_encoder_train_backward(*inputs)
@@ -216,13 +236,15 @@ class _TrainingEncoderBackward(torch.autograd.Function):
                                "force loss never needs it); use the reference kernel (TrainConfig.kernel="
                                "'reference' or model.set_kernel('reference')) for that")
         if dot_vectors is None:
-            return (None,) * 12
-        saved = ctx.saved_tensors
+            return (None,) * 13
+        *incoming, grad_features, vectors = ctx.saved_tensors[:6]
+        weights = ctx.saved_tensors[6:]
         slot, centers, (width, cutoff, groups), _ = ctx.constants
-        *incoming, d_vectors, flat = torch.ops.transip.edge_encoder_double_backward(
-            dot_vectors, *saved[:5], slot, centers, width, cutoff, *saved[5:], groups)
-        d_w1, d_b1, d_w2, d_b2, d_wb, _ = _split_weights(flat, saved[5:])
-        return (*incoming, d_vectors, d_w1, d_b1, d_w2, d_b2, d_wb, None, None)
+        *d_incoming, d_vectors, flat, d_features = torch.ops.transip.edge_encoder_double_backward(
+            dot_vectors, *incoming, vectors, slot, centers, width, cutoff, *weights, groups, grad_features)
+        d_w1, d_b1, d_w2, d_b2, d_wb, _ = _split_weights(flat, weights)
+        return (*d_incoming, d_features if grad_features is not None else None, d_vectors, d_w1, d_b1, d_w2, d_b2,
+                d_wb, None, None)
 
 
 def _split_weights(flat: torch.Tensor, like) -> list:

@@ -197,8 +197,8 @@ class TransIP(nn.Module):
         """Switch the edge encoder and every attention layer to 'fused', 'reference' or 'auto' (fused when the
         native library is loaded); returns the model. `twice_differentiable` (training with a force loss, which
         differentiates the forces): the fused attention is differentiable twice, the edge encoder becomes
-        TrainingEdgeEncoder (native weight gradients and double backward), and the block geometry's features and
-        the repulsion run with hand-derived second derivatives (transip.analytic)."""
+        TrainingEdgeEncoder (native weight gradients and double backward, the block geometry's features
+        included), and the repulsion runs with hand-derived second derivatives (transip.analytic)."""
         resolved = native.resolve_kernel(kernel)
         for block in self.blocks:
             block.attention = attention_module(resolved)
@@ -237,14 +237,13 @@ class TransIP(nn.Module):
             return analytic_lengths(edge_vectors)
         return torch.linalg.norm(edge_vectors, dim=1)
 
-    def edge_values(self, edge_vectors: torch.Tensor) -> torch.Tensor:
-        """The edge features every block averages (E, 3 + num_rbf), or (E, 0) without block geometry."""
+    def self_edge_values(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The edge features of the self edge (zero displacement, (3 + num_rbf,), or (0,) without block
+        geometry): constants, so no gradient passes through |0|. The other edges' come from the edge encoder."""
+        zero = torch.zeros(1, 3, dtype=dtype, device=device)
         if self.geometry_width == 0:
-            return edge_vectors[:, :0]
-        lengths = self.edge_lengths(edge_vectors)
-        if self.analytic_derivatives and not torch.jit.is_scripting():
-            return analytic_edge_features(edge_vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff)
-        return edge_features(edge_vectors, lengths, self.rbf_centers, self.rbf_width, self.cutoff)
+            return zero[0, :0]
+        return edge_features(zero, zero[:, 0], self.rbf_centers, self.rbf_width, self.cutoff)[0]
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         if bool((numbers < 1).any()) or bool((numbers >= self.species_of_z.shape[0]).any()):
@@ -257,9 +256,10 @@ class TransIP(nn.Module):
 
     def initial_tokens(self, edge_vectors: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
                        species: torch.Tensor, charge: torch.Tensor, spin: torch.Tensor, token_batch: torch.Tensor,
-                       num_tokens: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       num_tokens: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Initial tokens (num_tokens, d) of the first `num_tokens` atoms, and the per-edge work of every block:
-        attention biases (layers, E, heads) and envelope (E,). Every receiver must be below `num_tokens`;
+        attention biases (layers, E, heads), envelope (E,) and the edge values every block reads (E, 3 + num_rbf;
+        (E, 0) without block geometry), all from one pass of the edge encoder. Every receiver must be below `num_tokens`;
         senders index `species`, which may hold more atoms (atoms that only send)."""
         # The message names the value: callers show it as the reason a model call failed.
         if bool((charge.abs() > self.max_abs_charge).any()):
@@ -270,24 +270,24 @@ class TransIP(nn.Module):
             bad = int(spin[(spin < 1) | (spin > self.max_multiplicity)][0])
             raise ValueError("spin multiplicity " + str(bad) + " is outside the model's range 1.."
                              + str(self.max_multiplicity))
-        edge_bias, messages, env = self.edge_encoder(edge_vectors, receivers, senders, species, num_tokens,
-                                                     self.edge_weights())
+        edge_bias, messages, env, values = self.edge_encoder(edge_vectors, receivers, senders, species, num_tokens,
+                                                             self.edge_weights(), self.geometry_width > 0)
         h = (self.element_embedding(species[:num_tokens])
              + self.charge_embedding(charge + self.max_abs_charge)[token_batch]
              + self.spin_embedding(spin - 1)[token_batch] + messages / self.avg_num_neighbors)
-        return h, edge_bias, env
+        return h, edge_bias, env, values
 
     def apply_block(self, layer: int, h: torch.Tensor, bias: torch.Tensor, env: torch.Tensor, values: torch.Tensor,
                     receivers: torch.Tensor, senders: torch.Tensor, row_ptr: torch.Tensor,
                     num_updated: int) -> torch.Tensor:
-        """Block number `layer` (see AttentionBlock.forward) with the edge values `values` (`edge_values`);
+        """Block number `layer` (see AttentionBlock.forward) with the edge values `values` (`initial_tokens`);
         every atom also attends to itself (zero displacement, envelope 1)."""
         # TorchScript workarounds, both cheap: a ModuleList cannot be indexed with a run-time integer
         # (`self.blocks[layer]` does not compile; enumerating does), so the loop picks the block; and every
         # block's self-edge bias is recomputed here, on each call, so that this method stands alone for callers
         # that call it block by block (a one-row product next to a block over all atoms).
         self_bias = self.self_edge_bias(h.dtype, h.device).view(len(self.blocks), -1)
-        self_values = self.edge_values(torch.zeros(1, 3, dtype=h.dtype, device=h.device))[0]
+        self_values = self.self_edge_values(h.dtype, h.device)
         for index, block in enumerate(self.blocks):
             if index == layer:
                 h = block(h, bias, env, self_bias[layer], receivers, senders, row_ptr, num_updated, values,
@@ -339,8 +339,8 @@ class TransIP(nn.Module):
             order = torch.argsort(receivers, stable=True)
             edge_vectors, receivers, senders = edge_vectors[order], receivers[order], senders[order]
         row_ptr = csr_row_ptr(receivers, n)
-        h, edge_bias, env = self.initial_tokens(edge_vectors, receivers, senders, species, charge, spin, batch, n)
-        values = self.edge_values(edge_vectors)
+        h, edge_bias, env, values = self.initial_tokens(edge_vectors, receivers, senders, species, charge, spin,
+                                                        batch, n)
         for layer in range(len(self.blocks)):
             h = self.apply_block(layer, h, edge_bias[layer], env, values, receivers, senders, row_ptr, n)
         atom_energy, latent = self.atom_energies(h, species)
@@ -383,13 +383,6 @@ class TransIP(nn.Module):
 def analytic_lengths(vectors: torch.Tensor) -> torch.Tensor:
     """|r| per edge with hand-derived second derivatives (training; never compiled into an artifact)."""
     return analytic.lengths(vectors)
-
-
-@torch.jit.unused
-def analytic_edge_features(vectors: torch.Tensor, lengths: torch.Tensor, centers: torch.Tensor, width: float,
-                           cutoff: float) -> torch.Tensor:
-    """`edge_features` with hand-derived second derivatives (training; never compiled into an artifact)."""
-    return analytic.edge_features(vectors, lengths, centers, width, cutoff)
 
 
 @torch.jit.unused

@@ -116,7 +116,9 @@ struct AttentionDoubleBackwardArgs {
 //                                      (groups, E, heads) so that each layer's slice is contiguous)
 //   envelope_e = f_c(|r_e|)            (1 - 10x^3 + 15x^4 - 6x^5, x = |r_e| / cutoff; 0 beyond)
 //   pooled[slot]        += envelope_e a_e,   pooled_weight[slot] += envelope_e
-// The backward returns the gradient with respect to r_e only (all that forces and virial need).
+// and, when asked for, f_e itself (the edge values every attention block reads: the model's block geometry), so
+// that no separate pass builds them. The backward returns the gradient with respect to r_e (all that forces and
+// virial need), with the incoming gradient of f_e, when given, added to the one from the first layer.
 template <typename T>
 struct EdgeEncoderParams {
   int64_t edges;
@@ -148,6 +150,7 @@ struct EdgeEncoderForward {
   T* pooled;                 // (num_slots, hidden)
   T* pooled_weight;          // (num_slots,)
   T* envelope;               // (E,)
+  T* features;               // (E, 3 + num_rbf), or null: not asked for
 };
 
 // The parameters' gradients, laid out one after another in one buffer of weight_grad_size(p) values:
@@ -166,6 +169,7 @@ struct EdgeEncoderBackward {
   const T* grad_pooled;
   const T* grad_pooled_weight;
   const T* grad_envelope;
+  const T* grad_features;  // (E, 3 + num_rbf), or null: the features were not an output
   T* grad_vectors;
   T* grad_weights;  // weight_grad_size values (training), or null: gradient with respect to r_e only
 };
@@ -186,10 +190,12 @@ struct EdgeEncoderDoubleBackward {
   const T* grad_pooled;         // (num_slots, hidden)
   const T* grad_pooled_weight;  // (num_slots,)
   const T* grad_envelope;       // (E,)
+  const T* grad_features;       // (E, 3 + num_rbf), or null
   T* d_grad_bias;               // outputs, shaped as the inputs above
   T* d_grad_pooled;
   T* d_grad_pooled_weight;
   T* d_grad_envelope;
+  T* d_grad_features;           // null exactly when grad_features is
   T* d_vectors;                 // (E, 3)
   T* grad_weights;              // weight_grad_size values
 };

@@ -618,6 +618,7 @@ void edge_forward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T
         T slope;
         const T env = envelope_value(length, p.cutoff, &slope);
         io.envelope[e] = env;
+        if (io.features != nullptr) std::copy(f, f + in, io.features + e * in);
         weight += env;
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) pooled[h] += env * a[h];
@@ -792,8 +793,11 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
       add_rows_hidden<T, kHidden>(gz, ga, p.w2, H, H);
 #pragma omp simd
       for (int64_t k = 0; k < H; ++k) gz[k] *= s[k] * (T(1) + z[k] * (T(1) - s[k]));
-      // dL/df = w1^T dL/dz
-      std::fill(gf, gf + in, T(0));
+      // dL/df = w1^T dL/dz, plus the features' own incoming gradient (the blocks read them).
+      if (io.grad_features != nullptr)
+        std::copy(io.grad_features + e * in, io.grad_features + (e + 1) * in, gf);
+      else
+        std::fill(gf, gf + in, T(0));
       add_rows_any(gf, gz, p.w1, H, in);
       // Through the features: r / cutoff directly; the radial basis and the envelope through |r|.
       T d_length = g_env * slope;
@@ -894,7 +898,12 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
         add_rows_hidden<T, kHidden>(Bv, A, p.w2, H, H);
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) C[h] = Bv[h] * sp[h];
-        std::fill(gf, gf + in, T(0));
+        // dL/df = w1^T C plus the features' own incoming gradient: its radial part meets the basis' second
+        // derivatives below, and its directional derivative is the features' tangent df.
+        if (io.grad_features != nullptr)
+          std::copy(io.grad_features + e * in, io.grad_features + (e + 1) * in, gf);
+        else
+          std::fill(gf, gf + in, T(0));
         add_rows_any(gf, C, p.w1, H, in);
         // The tangent along dot_r.
         const T dlength = length > T(0) ? (r[0] * rd[0] + r[1] * rd[1] + r[2] * rd[2]) / length : T(0);
@@ -903,6 +912,7 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
           rb1[k] = -f[3 + k] * (length - p.centers[k]) * inv_w2;
           df[3 + k] = rb1[k] * dlength;
         }
+        if (io.d_grad_features != nullptr) std::copy(df, df + in, io.d_grad_features + e * in);
         std::fill(dz, dz + H, T(0));
         add_rows_hidden<T, kHidden>(dz, df, p.w1t, in, H);
 #pragma omp simd

@@ -8,14 +8,17 @@
 //   transip::neighbor_attention_backward(grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias?,
 //       edge_values?, self_values?, out, row_max, row_sum)
 //       -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias, grad_edge_values, grad_self_values)
-//   transip::edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups)
-//       -> (bias (groups, E, heads), pooled, pooled_weight, envelope)  (differentiable once, in `vectors` only)
+//   transip::edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups,
+//       features) -> (bias (groups, E, heads), pooled, pooled_weight, envelope, features (E, 3 + num_rbf), or
+//       (0, 3 + num_rbf) unless `features`)  (differentiable once, in `vectors` only)
 //   transip::edge_encoder_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot,
-//                                  centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups) -> grad_vectors
+//                                  centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups, grad_features?)
+//       -> grad_vectors
 //   transip::edge_encoder_train_backward(same arguments) -> (grad_vectors, grad_weights)  (training: the weights'
 //       gradients as one flat tensor, w1, b1, w2, b2, wb, bb in turn)
 //   transip::edge_encoder_double_backward(dot_vectors, same arguments)
-//       -> (d grad_bias, d grad_pooled, d grad_pooled_weight, d grad_envelope, d vectors, grad_weights)
+//       -> (d grad_bias, d grad_pooled, d grad_pooled_weight, d grad_envelope, d vectors, grad_weights,
+//           d grad_features (empty without grad_features))
 //       (the gradients of <dot_vectors, grad_vectors>: what a force loss needs; transip/kernels.py wires both
 //       into autograd for training)
 //   transip::neighbor_list(positions, cell?, pbc?, cutoff) -> (edge_index, shifts)
@@ -545,11 +548,12 @@ void check_bias_groups(int64_t bias_groups, const Tensor& bb) {
               ") must divide the number of biases (", bb.numel(), ")");
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> edge_encoder_cpu(const Tensor& vectors_in, const Tensor& slot_in,
-                                                            int64_t num_slots, const Tensor& centers, double width,
-                                                            double cutoff, const Tensor& w1, const Tensor& b1,
-                                                            const Tensor& w2, const Tensor& b2, const Tensor& wb,
-                                                            const Tensor& bb, int64_t bias_groups) {
+using EdgeEncoderOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+EdgeEncoderOutputs edge_encoder_cpu(const Tensor& vectors_in, const Tensor& slot_in, int64_t num_slots,
+                                    const Tensor& centers, double width, double cutoff, const Tensor& w1,
+                                    const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& wb,
+                                    const Tensor& bb, int64_t bias_groups, bool features) {
   const EdgeTensors t = check_edge_inputs(vectors_in, slot_in, centers, w1, b1, w2, b2, wb, bb);
   check_bias_groups(bias_groups, bb);
   const Tensor vectors = vectors_in.contiguous(), slot = slot_in.contiguous();
@@ -559,32 +563,44 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> edge_encoder_cpu(const Tensor& vector
   Tensor pooled = at::empty({num_slots, t.b1.numel()}, vectors.options());
   Tensor pooled_weight = at::empty({num_slots}, vectors.options());
   Tensor envelope = at::empty({edges}, vectors.options());
+  Tensor edge_features = at::empty({features ? edges : 0, 3 + t.centers.numel()}, vectors.options());
   AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_encoder", [&] {
     const auto p = edge_params<scalar_t>(edges, t, width, cutoff, bias_groups);
     const EdgeEncoderForward<scalar_t> io{vectors.data_ptr<scalar_t>(),  num_slots,
                                           slot_ptr.data_ptr<int64_t>(),  slot_perm.data_ptr<int64_t>(),
                                           bias.data_ptr<scalar_t>(),     pooled.data_ptr<scalar_t>(),
-                                          pooled_weight.data_ptr<scalar_t>(), envelope.data_ptr<scalar_t>()};
+                                          pooled_weight.data_ptr<scalar_t>(), envelope.data_ptr<scalar_t>(),
+                                          features ? edge_features.data_ptr<scalar_t>() : nullptr};
     if (use_avx512())
       avx512::edge_encoder_forward<scalar_t>(p, io);
     else
       generic::edge_encoder_forward<scalar_t>(p, io);
   });
-  return {bias, pooled, pooled_weight, envelope};
+  return {bias, pooled, pooled_weight, envelope, edge_features};
 }
 
-// The incoming gradients of the edge encoder's four outputs, checked against the forward's shapes.
+// The incoming gradients of the edge encoder's outputs, checked against the forward's shapes (features: undefined
+// when the forward did not return them).
 struct EdgeGradients {
-  Tensor bias, pooled, pooled_weight, envelope;
+  Tensor bias, pooled, pooled_weight, envelope, features;
+  template <typename T>
+  const T* features_or_null() const {
+    return features.defined() ? features.data_ptr<T>() : nullptr;
+  }
 };
 
 EdgeGradients check_edge_gradients(const char* op, const Tensor& grad_bias, const Tensor& grad_pooled,
                                    const Tensor& grad_pooled_weight, const Tensor& grad_envelope,
-                                   const Tensor& vectors, const Tensor& slot, const EdgeTensors& t) {
+                                   const std::optional<Tensor>& grad_features, const Tensor& vectors,
+                                   const Tensor& slot, const EdgeTensors& t) {
   const auto dtype = vectors.scalar_type();
   const int64_t edges = vectors.size(0);
   EdgeGradients g{grad_bias.to(dtype).contiguous(), grad_pooled.to(dtype).contiguous(),
-                  grad_pooled_weight.to(dtype).contiguous(), grad_envelope.to(dtype).contiguous()};
+                  grad_pooled_weight.to(dtype).contiguous(), grad_envelope.to(dtype).contiguous(),
+                  grad_features.has_value() ? grad_features->to(dtype).contiguous() : Tensor()};
+  TORCH_CHECK(!g.features.defined() ||
+                  (g.features.dim() == 2 && g.features.size(0) == edges && g.features.size(1) == t.w1.size(1)),
+              op, "grad_features must have shape (", edges, ", ", t.w1.size(1), "), got ", g.features.sizes());
   TORCH_CHECK(g.bias.numel() == edges * t.bb.numel() && g.envelope.numel() == edges && g.pooled.dim() == 2 &&
                   g.pooled.size(1) == t.b1.numel() && g.pooled_weight.numel() == g.pooled.size(0),
               op, "gradient shapes do not match the forward outputs");
@@ -603,12 +619,13 @@ std::tuple<Tensor, Tensor> edge_backward(const char* op, const Tensor& grad_bias
                                          const Tensor& vectors_in, const Tensor& slot_in, const Tensor& centers,
                                          double width, double cutoff, const Tensor& w1, const Tensor& b1,
                                          const Tensor& w2, const Tensor& b2, const Tensor& wb, const Tensor& bb,
-                                         int64_t bias_groups, bool with_weights) {
+                                         int64_t bias_groups, const std::optional<Tensor>& grad_features,
+                                         bool with_weights) {
   const EdgeTensors t = check_edge_inputs(vectors_in, slot_in, centers, w1, b1, w2, b2, wb, bb);
   check_bias_groups(bias_groups, bb);
   const Tensor vectors = vectors_in.contiguous(), slot = slot_in.contiguous();
   const EdgeGradients g = check_edge_gradients(op, grad_bias_in, grad_pooled_in, grad_pooled_weight_in,
-                                               grad_envelope_in, vectors, slot, t);
+                                               grad_envelope_in, grad_features, vectors, slot, t);
   const int64_t edges = vectors.size(0);
   Tensor grad_vectors = at::empty_like(vectors), grad_weights;
   AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_encoder_backward", [&] {
@@ -617,7 +634,7 @@ std::tuple<Tensor, Tensor> edge_backward(const char* op, const Tensor& grad_bias
     const EdgeEncoderBackward<scalar_t> io{vectors.data_ptr<scalar_t>(),      slot.data_ptr<int64_t>(),
                                            g.bias.data_ptr<scalar_t>(),       g.pooled.data_ptr<scalar_t>(),
                                            g.pooled_weight.data_ptr<scalar_t>(), g.envelope.data_ptr<scalar_t>(),
-                                           grad_vectors.data_ptr<scalar_t>(),
+                                           g.features_or_null<scalar_t>(),    grad_vectors.data_ptr<scalar_t>(),
                                            with_weights ? grad_weights.data_ptr<scalar_t>() : nullptr};
     if (use_avx512())
       avx512::edge_encoder_backward<scalar_t>(p, io);
@@ -631,26 +648,28 @@ Tensor edge_encoder_backward_cpu(const Tensor& grad_bias, const Tensor& grad_poo
                                  const Tensor& grad_envelope, const Tensor& vectors, const Tensor& slot,
                                  const Tensor& centers, double width, double cutoff, const Tensor& w1,
                                  const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& wb,
-                                 const Tensor& bb, int64_t bias_groups) {
+                                 const Tensor& bb, int64_t bias_groups, const std::optional<Tensor>& grad_features) {
   return std::get<0>(edge_backward("transip::edge_encoder_backward: ", grad_bias, grad_pooled, grad_pooled_weight,
                                    grad_envelope, vectors, slot, centers, width, cutoff, w1, b1, w2, b2, wb, bb,
-                                   bias_groups, false));
+                                   bias_groups, grad_features, false));
 }
 
 std::tuple<Tensor, Tensor> edge_encoder_train_backward_cpu(
     const Tensor& grad_bias, const Tensor& grad_pooled, const Tensor& grad_pooled_weight, const Tensor& grad_envelope,
     const Tensor& vectors, const Tensor& slot, const Tensor& centers, double width, double cutoff, const Tensor& w1,
-    const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& wb, const Tensor& bb, int64_t bias_groups) {
+    const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& wb, const Tensor& bb, int64_t bias_groups,
+    const std::optional<Tensor>& grad_features) {
   return edge_backward("transip::edge_encoder_train_backward: ", grad_bias, grad_pooled, grad_pooled_weight,
                        grad_envelope, vectors, slot, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups,
-                       true);
+                       grad_features, true);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> edge_encoder_double_backward_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> edge_encoder_double_backward_cpu(
     const Tensor& dot_vectors_in, const Tensor& grad_bias_in, const Tensor& grad_pooled_in,
     const Tensor& grad_pooled_weight_in, const Tensor& grad_envelope_in, const Tensor& vectors_in,
     const Tensor& slot_in, const Tensor& centers, double width, double cutoff, const Tensor& w1, const Tensor& b1,
-    const Tensor& w2, const Tensor& b2, const Tensor& wb, const Tensor& bb, int64_t bias_groups) {
+    const Tensor& w2, const Tensor& b2, const Tensor& wb, const Tensor& bb, int64_t bias_groups,
+    const std::optional<Tensor>& grad_features) {
   const char* op = "transip::edge_encoder_double_backward: ";
   const EdgeTensors t = check_edge_inputs(vectors_in, slot_in, centers, w1, b1, w2, b2, wb, bb);
   check_bias_groups(bias_groups, bb);
@@ -659,12 +678,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> edge_encoder_double_b
   TORCH_CHECK(dot_vectors.sizes() == vectors.sizes(), op, "dot_vectors must have the shape of vectors ",
               vectors.sizes(), ", got ", dot_vectors.sizes());
   const EdgeGradients g = check_edge_gradients(op, grad_bias_in, grad_pooled_in, grad_pooled_weight_in,
-                                               grad_envelope_in, vectors, slot, t);
+                                               grad_envelope_in, grad_features, vectors, slot, t);
   const int64_t edges = vectors.size(0), num_slots = g.pooled.size(0);
   auto [slot_perm, slot_ptr] = csr_order(slot, num_slots);
   Tensor d_bias = at::empty_like(g.bias), d_pooled = at::empty_like(g.pooled),
          d_pooled_weight = at::empty_like(g.pooled_weight), d_envelope = at::empty_like(g.envelope),
-         d_vectors = at::empty_like(vectors), grad_weights;
+         d_vectors = at::empty_like(vectors), grad_weights,
+         d_features = g.features.defined() ? at::empty_like(g.features) : at::empty({0}, vectors.options());
   AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_encoder_double_backward", [&] {
     const auto p = edge_params<scalar_t>(edges, t, width, cutoff, bias_groups);
     grad_weights = at::empty({weight_grad_size(p)}, vectors.options());
@@ -672,14 +692,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> edge_encoder_double_b
         vectors.data_ptr<scalar_t>(),     dot_vectors.data_ptr<scalar_t>(),   num_slots,
         slot_ptr.data_ptr<int64_t>(),     slot_perm.data_ptr<int64_t>(),      g.bias.data_ptr<scalar_t>(),
         g.pooled.data_ptr<scalar_t>(),    g.pooled_weight.data_ptr<scalar_t>(), g.envelope.data_ptr<scalar_t>(),
-        d_bias.data_ptr<scalar_t>(),      d_pooled.data_ptr<scalar_t>(),      d_pooled_weight.data_ptr<scalar_t>(),
-        d_envelope.data_ptr<scalar_t>(),  d_vectors.data_ptr<scalar_t>(),     grad_weights.data_ptr<scalar_t>()};
+        g.features_or_null<scalar_t>(),   d_bias.data_ptr<scalar_t>(),        d_pooled.data_ptr<scalar_t>(),
+        d_pooled_weight.data_ptr<scalar_t>(), d_envelope.data_ptr<scalar_t>(),
+        g.features.defined() ? d_features.data_ptr<scalar_t>() : nullptr,
+        d_vectors.data_ptr<scalar_t>(),   grad_weights.data_ptr<scalar_t>()};
     if (use_avx512())
       avx512::edge_encoder_double_backward<scalar_t>(p, io);
     else
       generic::edge_encoder_double_backward<scalar_t>(p, io);
   });
-  return {d_bias, d_pooled, d_pooled_weight, d_envelope, d_vectors, grad_weights};
+  return {d_bias, d_pooled, d_pooled_weight, d_envelope, d_vectors, grad_weights, d_features};
 }
 
 // Differentiable in the displacements only: forces and virial. Gradients for the parameters (training) are
@@ -690,20 +712,21 @@ class EdgeEncoder : public torch::autograd::Function<EdgeEncoder> {
                                                 const Tensor& slot, int64_t num_slots, const Tensor& centers,
                                                 double width, double cutoff, const Tensor& w1, const Tensor& b1,
                                                 const Tensor& w2, const Tensor& b2, const Tensor& wb,
-                                                const Tensor& bb, int64_t bias_groups) {
+                                                const Tensor& bb, int64_t bias_groups, bool features) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("transip::edge_encoder", "")
-                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-                             const Tensor&, const Tensor&, int64_t, const Tensor&, double, double, const Tensor&,
-                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>();
-    auto [bias, pooled, pooled_weight, envelope] =
-        op.call(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups);
+                         .typed<EdgeEncoderOutputs(const Tensor&, const Tensor&, int64_t, const Tensor&, double,
+                                                   double, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                   const Tensor&, const Tensor&, int64_t, bool)>();
+    auto [bias, pooled, pooled_weight, envelope, edge_features] =
+        op.call(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups, features);
     ctx->save_for_backward({vectors, slot, centers, w1, b1, w2, b2, wb, bb});
     ctx->saved_data["width"] = width;
     ctx->saved_data["cutoff"] = cutoff;
     ctx->saved_data["bias_groups"] = bias_groups;
-    return {bias, pooled, pooled_weight, envelope};
+    ctx->saved_data["features"] = features;
+    return {bias, pooled, pooled_weight, envelope, edge_features};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -730,7 +753,8 @@ class EdgeEncoder : public torch::autograd::Function<EdgeEncoder> {
                          .findSchemaOrThrow("transip::edge_encoder_backward", "")
                          .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                        const Tensor&, const Tensor&, double, double, const Tensor&, const Tensor&,
-                                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+                                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                                       const std::optional<Tensor>&)>();
     const int64_t bias_groups = ctx->saved_data["bias_groups"].toInt();
     Tensor grad_pooled = grads[1], grad_pooled_weight = grads[2];
     if (!grad_pooled.defined() && !grad_pooled_weight.defined()) {
@@ -742,24 +766,26 @@ class EdgeEncoder : public torch::autograd::Function<EdgeEncoder> {
       grad_pooled_weight = or_zeros(grad_pooled_weight, {num_slots});
     }
     const Tensor slot = grads[1].defined() || grads[2].defined() ? saved[1] : at::zeros_like(saved[1]);
+    // The features' gradient, when they were returned and reached the loss (the blocks' edge values).
+    const std::optional<Tensor> grad_features =
+        ctx->saved_data["features"].toBool() && grads[4].defined() ? std::optional<Tensor>(grads[4]) : std::nullopt;
     Tensor grad_vectors = op.call(or_zeros(grads[0], {bias_groups, edges, num_bias / bias_groups}), grad_pooled,
                                   grad_pooled_weight, or_zeros(grads[3], {edges}), vectors, slot, saved[2],
                                   ctx->saved_data["width"].toDouble(), ctx->saved_data["cutoff"].toDouble(), saved[3],
-                                  saved[4], saved[5], saved[6], saved[7], saved[8], bias_groups);
-    torch::autograd::variable_list result(13);
+                                  saved[4], saved[5], saved[6], saved[7], saved[8], bias_groups, grad_features);
+    torch::autograd::variable_list result(14);
     result[0] = grad_vectors;
     return result;
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> edge_encoder_autograd(const Tensor& vectors, const Tensor& slot,
-                                                                 int64_t num_slots, const Tensor& centers,
-                                                                 double width, double cutoff, const Tensor& w1,
-                                                                 const Tensor& b1, const Tensor& w2, const Tensor& b2,
-                                                                 const Tensor& wb, const Tensor& bb,
-                                                                 int64_t bias_groups) {
-  auto out = EdgeEncoder::apply(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups);
-  return {out[0], out[1], out[2], out[3]};
+EdgeEncoderOutputs edge_encoder_autograd(const Tensor& vectors, const Tensor& slot, int64_t num_slots,
+                                         const Tensor& centers, double width, double cutoff, const Tensor& w1,
+                                         const Tensor& b1, const Tensor& w2, const Tensor& b2, const Tensor& wb,
+                                         const Tensor& bb, int64_t bias_groups, bool features) {
+  auto out = EdgeEncoder::apply(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups,
+                                features);
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 }  // namespace
@@ -779,18 +805,20 @@ TORCH_LIBRARY(transip, m) {
         "Tensor? tbias, Tensor? tenvelope, Tensor? tself_bias, Tensor? tedge_values, Tensor? tself_values) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("edge_encoder(Tensor vectors, Tensor slot, int num_slots, Tensor centers, float width, float cutoff, "
-        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1, bool features=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("edge_encoder_backward(Tensor grad_bias, Tensor grad_pooled, Tensor grad_pooled_weight, "
         "Tensor grad_envelope, Tensor vectors, Tensor slot, Tensor centers, float width, float cutoff, Tensor w1, "
-        "Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1) -> Tensor");
+        "Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups=1, Tensor? grad_features=None) "
+        "-> Tensor");
   m.def("edge_encoder_train_backward(Tensor grad_bias, Tensor grad_pooled, Tensor grad_pooled_weight, "
         "Tensor grad_envelope, Tensor vectors, Tensor slot, Tensor centers, float width, float cutoff, Tensor w1, "
-        "Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups) -> (Tensor, Tensor)");
+        "Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups, Tensor? grad_features=None) "
+        "-> (Tensor, Tensor)");
   m.def("edge_encoder_double_backward(Tensor dot_vectors, Tensor grad_bias, Tensor grad_pooled, "
         "Tensor grad_pooled_weight, Tensor grad_envelope, Tensor vectors, Tensor slot, Tensor centers, float width, "
-        "float cutoff, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float cutoff, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor wb, Tensor bb, int bias_groups, "
+        "Tensor? grad_features=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("neighbor_list(Tensor positions, Tensor? cell, Tensor? pbc, float cutoff) -> (Tensor, Tensor)",
         &neighbor_list);
   m.def("csr_order(Tensor index, int num_rows) -> (Tensor, Tensor)", &csr_order);
