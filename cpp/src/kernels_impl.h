@@ -12,6 +12,10 @@
 
 #include "kernels.h"
 
+#ifdef TRANSIP_AVX512_BUILD
+#include <immintrin.h>
+#endif
+
 namespace transip {
 namespace TRANSIP_KERNEL_NAMESPACE {
 
@@ -43,6 +47,73 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
     for (int l = 0; l < width; ++l) acc[l] += acc[l + width];
   }
   return acc[0];
+}
+
+#ifdef TRANSIP_AVX512_BUILD
+// One vector of lane-wise partial sums of a . b (n any length; the tail is a masked step).
+inline __m512 lane_products(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  if (d < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - d)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
+  }
+  return acc;
+}
+
+inline __m512d lane_products(const double* a, const double* b, int64_t n) {
+  __m512d acc = _mm512_setzero_pd();
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) acc = _mm512_fmadd_pd(_mm512_loadu_pd(a + d), _mm512_loadu_pd(b + d), acc);
+  if (d < n) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (n - d)) - 1u);
+    acc = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, a + d), _mm512_maskz_loadu_pd(m, b + d), acc);
+  }
+  return acc;
+}
+
+// The lane sums of four vectors, out[k] = sum of v_k's lanes, through one shuffle network: two rounds that
+// fold 128-bit quarters of two vectors into one (each add serves two or four vectors at once), then the last
+// lanes within each quarter.
+inline void sum_lanes4(__m512 v0, __m512 v1, __m512 v2, __m512 v3, float* out) {
+  const __m512 v01 = _mm512_add_ps(_mm512_shuffle_f32x4(v0, v1, 0x44), _mm512_shuffle_f32x4(v0, v1, 0xEE));
+  const __m512 v23 = _mm512_add_ps(_mm512_shuffle_f32x4(v2, v3, 0x44), _mm512_shuffle_f32x4(v2, v3, 0xEE));
+  // Quarter k now holds four partial sums of v_k.
+  __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(v01, v23, 0x88), _mm512_shuffle_f32x4(v01, v23, 0xDD));
+  c = _mm512_add_ps(c, _mm512_shuffle_ps(c, c, _MM_SHUFFLE(2, 3, 0, 1)));
+  c = _mm512_add_ps(c, _mm512_shuffle_ps(c, c, _MM_SHUFFLE(1, 0, 3, 2)));
+  const __m512 firsts = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), c);
+  _mm_storeu_ps(out, _mm512_castps512_ps128(firsts));
+}
+
+inline void sum_lanes4(__m512d v0, __m512d v1, __m512d v2, __m512d v3, double* out) {
+  const __m512d v01 = _mm512_add_pd(_mm512_shuffle_f64x2(v0, v1, 0x44), _mm512_shuffle_f64x2(v0, v1, 0xEE));
+  const __m512d v23 = _mm512_add_pd(_mm512_shuffle_f64x2(v2, v3, 0x44), _mm512_shuffle_f64x2(v2, v3, 0xEE));
+  // Quarter k now holds two partial sums of v_k.
+  __m512d c = _mm512_add_pd(_mm512_shuffle_f64x2(v01, v23, 0x88), _mm512_shuffle_f64x2(v01, v23, 0xDD));
+  c = _mm512_add_pd(c, _mm512_permute_pd(c, 0x55));
+  const __m512d firsts = _mm512_permutexvar_pd(_mm512_setr_epi64(0, 2, 4, 6, 0, 0, 0, 0), c);
+  _mm256_storeu_pd(out, _mm512_castpd512_pd256(firsts));
+}
+#endif
+
+// out[h] = a_h . b_h with a_h = a + h stride_a, b_h = b + h stride_b (stride 0: the same vector for every head),
+// each n long: the per-head dot products of one edge. With AVX-512 the heads' partial-sum vectors are reduced
+// four at a time (sum_lanes4): a short dot's cost is mostly its reduction tree, not its multiply-adds.
+template <typename T>
+inline void head_dots(const T* a, int64_t stride_a, const T* b, int64_t stride_b, int64_t heads, int64_t n, T* out) {
+  int64_t h = 0;
+#ifdef TRANSIP_AVX512_BUILD
+  for (; h + 4 <= heads; h += 4) {
+    const T* ah = a + h * stride_a;
+    const T* bh = b + h * stride_b;
+    sum_lanes4(lane_products(ah, bh, n), lane_products(ah + stride_a, bh + stride_b, n),
+               lane_products(ah + 2 * stride_a, bh + 2 * stride_b, n),
+               lane_products(ah + 3 * stride_a, bh + 3 * stride_b, n), out + h);
+  }
+#endif
+  for (; h < heads; ++h) out[h] = dot(a + h * stride_a, b + h * stride_b, n);
 }
 
 // exp(x) below this argument counts as zero: there exp(x) times a number of relative size epsilon would be
@@ -130,7 +201,9 @@ int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t H, int64_t D
     const bool is_self = x < self;
     const T* kj = in.k + (is_self ? i : in.senders[e0 + x - self]) * HD;
     const T* bias = is_self ? in.self_bias : in.bias + (e0 + x - self) * H;
-    for (int64_t h = 0; h < H; ++h) s[x * H + h] = dot(qi + h * D, kj + h * D, D) * scale + bias[h];
+    T* sx = s.data() + x * H;
+    head_dots(qi, D, kj, D, H, D, sx);
+    for (int64_t h = 0; h < H; ++h) sx[h] = sx[h] * scale + bias[h];
   }
   return count;
 }
@@ -199,9 +272,11 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
   //   dL/d envelope_e = sum_h t_e exp(s_e - m_i),   dL/ds_e = t_e w_e,   dL/dq_i = sum_e dL/ds_e k_j / sqrt(D),
   //   dL/du_e = sum_h (w_e / Z_i) g_i[D:]  (each edge belongs to one row: no two threads write it).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    std::vector<T> p, t, state(2 * H);  // per row: exp(s - m) and t, (self edge first) x heads
+    std::vector<T> p, t, state(4 * H);  // per row: exp(s - m) and t, (self edge first) x heads
     T* g_dot_out = state.data();
     T* inv_z = g_dot_out + H;
+    T* g_dot_v = inv_z + H;
+    T* g_dot_u = g_dot_v + H;
     for (int64_t i = begin; i < end; ++i) {
       const T* gi = args.grad_out + i * HW;
       const T* oi = args.out + i * HW;
@@ -218,10 +293,11 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
       for (int64_t x = 0; x < count; ++x) {
         const T* vj = in.v + (x < self ? i : in.senders[e0 + x - self]) * HD;
         const T* u = F == 0 ? nullptr : x < self ? in.self_values : in.edge_values + (e0 + x - self) * F;
+        head_dots(gi, W, vj, D, H, D, g_dot_v);
+        if (F > 0) head_dots(gi + D, W, u, 0, H, F, g_dot_u);
         for (int64_t h = 0; h < H; ++h) {
           p[x * H + h] -= mi[h];
-          const T g_dot_u = F == 0 ? T(0) : dot(gi + h * W + D, u, F);
-          t[x * H + h] = (dot(gi + h * W, vj + h * D, D) + g_dot_u - g_dot_out[h]) * inv_z[h];
+          t[x * H + h] = (g_dot_v[h] + (F > 0 ? g_dot_u[h] : T(0)) - g_dot_out[h]) * inv_z[h];
         }
       }
       exp_array(p.data(), p.data(), count * H);
