@@ -397,12 +397,16 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
   const T scale = T(1) / std::sqrt(T(D));
 
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    std::vector<T> a, ts, tw, state(5 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
+    std::vector<T> a, ts, tw, state(9 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
     T* inv_z = state.data();
     T* live = inv_z + H;  // 1 where Z > 0
     T* g_dot_o = live + H;
     T* tz = g_dot_o + H;
     T* g_dot_to = tz + H;
+    T* first = g_dot_to + H;  // one edge's per-head dot products (head_dots), four at a time
+    T* second = first + H;
+    T* third = second + H;
+    T* fourth = third + H;
     for (int64_t i = begin; i < end; ++i) {
       const T* gi = args.grad_out + i * HW;
       const T* qi = in.q + i * HD;
@@ -434,10 +438,11 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         const bool is_self = x < self;
         const int64_t j = sender(x), e = e0 + x - self;
         const T env = is_self ? T(1) : in.envelope[e], tenv = is_self ? T(0) : args.tenvelope[e];
+        head_dots(tqi, D, in.k + j * HD, D, H, D, first);
+        head_dots(qi, D, args.tk + j * HD, D, H, D, second);
         for (int64_t h = 0; h < H; ++h) {
           const T tb = is_self ? args.tself_bias[h] : args.tbias[e * H + h];
-          const T t = (dot(tqi + h * D, in.k + j * HD + h * D, D) + dot(qi + h * D, args.tk + j * HD + h * D, D)) *
-                          scale + tb;
+          const T t = (first[h] + second[h]) * scale + tb;
           ts[x * H + h] = t;
           tz[h] += (tenv + env * t) * a[x * H + h];
         }
@@ -476,12 +481,17 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         T* gu = F == 0 ? nullptr : is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F;
         if (F > 0) std::fill(gu, gu + F, T(0));
         T grad_env = 0;
+        head_dots(gi, W, in.v + j * HD, D, H, D, first);
+        head_dots(gi, W, args.tv + j * HD, D, H, D, second);
+        if (F > 0) {
+          head_dots(gi + D, W, u, 0, H, F, third);
+          head_dots(gi + D, W, tu, 0, H, F, fourth);
+        }
         for (int64_t h = 0; h < H; ++h) {
           const T* gh = gi + h * W;
           const T ax = a[x * H + h], w = env * ax * inv_z[h], twh = tw[x * H + h];
-          const T delta = dot(gh, in.v + j * HD + h * D, D) + (F > 0 ? dot(gh + D, u, F) : T(0)) - g_dot_o[h];
-          const T tdelta =
-              dot(gh, args.tv + j * HD + h * D, D) + (F > 0 ? dot(gh + D, tu, F) : T(0)) - g_dot_to[h];
+          const T delta = first[h] + (F > 0 ? third[h] : T(0)) - g_dot_o[h];
+          const T tdelta = second[h] + (F > 0 ? fourth[h] : T(0)) - g_dot_to[h];
           const T ds = w * delta, tds = twh * delta + w * tdelta;
           T* g = gqi + h * D;
           const T* kh = in.k + j * HD + h * D;
