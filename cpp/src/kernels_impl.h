@@ -50,26 +50,39 @@ inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
 }
 
 #ifdef TRANSIP_AVX512_BUILD
-// One vector of lane-wise partial sums of a . b (n any length; the tail is a masked step).
-inline __m512 lane_products(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= n; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
-  if (d < n) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (n - d)) - 1u);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
-  }
-  return acc;
-}
+// The 512-bit vector of a type: its lanes, and loads of up to a vector's worth (a masked load for the tail).
+template <typename T>
+struct Vec512;
 
-inline __m512d lane_products(const double* a, const double* b, int64_t n) {
-  __m512d acc = _mm512_setzero_pd();
-  int64_t d = 0;
-  for (; d + 8 <= n; d += 8) acc = _mm512_fmadd_pd(_mm512_loadu_pd(a + d), _mm512_loadu_pd(b + d), acc);
-  if (d < n) {
-    const __mmask8 m = static_cast<__mmask8>((1u << (n - d)) - 1u);
-    acc = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(m, a + d), _mm512_maskz_loadu_pd(m, b + d), acc);
+template <>
+struct Vec512<float> {
+  using type = __m512;
+  static constexpr int64_t kLanes = 16;
+  static type zero() { return _mm512_setzero_ps(); }
+  static type load(const float* p, int64_t left) {
+    return left >= kLanes ? _mm512_loadu_ps(p)
+                          : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << left) - 1u), p);
   }
+  static type fma(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+};
+
+template <>
+struct Vec512<double> {
+  using type = __m512d;
+  static constexpr int64_t kLanes = 8;
+  static type zero() { return _mm512_setzero_pd(); }
+  static type load(const double* p, int64_t left) {
+    return left >= kLanes ? _mm512_loadu_pd(p) : _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << left) - 1u), p);
+  }
+  static type fma(type a, type b, type c) { return _mm512_fmadd_pd(a, b, c); }
+};
+
+// One vector of lane-wise partial sums of a . b (n any length; the tail is a masked step).
+template <typename T>
+inline typename Vec512<T>::type lane_products(const T* a, const T* b, int64_t n) {
+  using V = Vec512<T>;
+  typename V::type acc = V::zero();
+  for (int64_t d = 0; d < n; d += V::kLanes) acc = V::fma(V::load(a + d, n - d), V::load(b + d, n - d), acc);
   return acc;
 }
 
