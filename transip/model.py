@@ -122,17 +122,23 @@ class AttentionBlock(nn.Module):
         grouped by receiver and `row_ptr` has a row for every atom of `h`; only the first `num_updated` atoms are
         updated and returned (the rest only send; their rows may be empty)."""
         n = h.shape[0]
-        qkv = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim)
+        # unbind and split, not indexing and slicing: their backward builds each gradient in one piece, where
+        # every index or slice would allocate a zero tensor of the whole input and copy its part in.
+        q, k, v = self.qkv(self.norm_attn(h)).view(n, 3, self.num_heads, self.head_dim).unbind(1)
         geometry = self.geometry
         if geometry is None:  # this block does not read the edge values: do not average them
             edge_values, self_values = edge_values[:, :0], self_values[:0]
-        attended = self.attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], bias, edge_envelope, self_bias, receivers,
-                                  senders, row_ptr, edge_values, self_values)[:num_updated]
-        heads = attended[:, :, :self.head_dim]
-        if geometry is not None:
-            heads = heads + torch.einsum("nhf,hdf->nhd", attended[:, :, self.head_dim:], geometry)
+        attended = self.attention(q, k, v, bias, edge_envelope, self_bias, receivers, senders, row_ptr, edge_values,
+                                  self_values)
+        if num_updated < n:  # atoms that only send (halo): their rows are not needed
+            attended, h = attended[:num_updated], h[:num_updated]
+        if geometry is None:
+            heads = attended
+        else:
+            heads, averaged = attended.split([self.head_dim, edge_values.shape[1]], dim=2)
+            heads = heads + torch.einsum("nhf,hdf->nhd", averaged, geometry)
         # Explicit width, not -1: reshape cannot infer it when no atom is updated (zero atoms).
-        h = h[:num_updated] + self.out(heads.reshape(num_updated, self.num_heads * self.head_dim))
+        h = h + self.out(heads.reshape(num_updated, self.num_heads * self.head_dim))
         return h + self.ffn(self.norm_ffn(h))
 
 
@@ -341,8 +347,8 @@ class TransIP(nn.Module):
         row_ptr = csr_row_ptr(receivers, n)
         h, edge_bias, env, values = self.initial_tokens(edge_vectors, receivers, senders, species, charge, spin,
                                                         batch, n)
-        for layer in range(len(self.blocks)):
-            h = self.apply_block(layer, h, edge_bias[layer], env, values, receivers, senders, row_ptr, n)
+        for layer, bias in enumerate(edge_bias.unbind(0)):  # unbind: one gradient piece, not a zero tensor per layer
+            h = self.apply_block(layer, h, bias, env, values, receivers, senders, row_ptr, n)
         atom_energy, latent = self.atom_energies(h, species)
         atom_energy = atom_energy + self.repulsion_energies(edge_vectors, receivers, senders, species, n)
         energy = torch.zeros(num_structures, dtype=atom_energy.dtype,
