@@ -136,8 +136,6 @@ class FusedEdgeEncoder(torch.nn.Module):
         bias, pooled, weight, env, edge_feature_values = torch.ops.transip.edge_encoder(
             vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, w.w1, w.b1, w.w2,
             w.b2, w.w_bias, w.b_bias, w.bias_groups, features)
-        if not features:  # (0, 3 + K) from the op: one (E, 0) shape for every encoder
-            edge_feature_values = vectors[:, :0]
         return bias, pooled_messages(pooled, weight, num_atoms, w), env, edge_feature_values
 
 
@@ -161,8 +159,6 @@ class TrainingEdgeEncoder(torch.nn.Module):
         bias, pooled, weight, env, edge_feature_values = _TrainingEncoder.apply(
             vectors, slot, num_atoms * w.neighbor_embedding.shape[0], w.centers, w.width, w.cutoff, *weights,
             (w.bias_groups, nodes, features))
-        if not features:
-            edge_feature_values = vectors[:, :0]
         return bias, pooled_messages(pooled, weight, num_atoms, w), env, edge_feature_values
 
 

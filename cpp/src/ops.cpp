@@ -10,7 +10,7 @@
 //       -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias, grad_edge_values, grad_self_values)
 //   transip::edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups,
 //       features) -> (bias (groups, E, heads), pooled, pooled_weight, envelope, features (E, 3 + num_rbf), or
-//       (0, 3 + num_rbf) unless `features`)  (differentiable once, in `vectors` only)
+//       (E, 0) unless `features`)  (differentiable once, in `vectors` only)
 //   transip::edge_encoder_backward(grad_bias, grad_pooled, grad_pooled_weight, grad_envelope, vectors, slot,
 //                                  centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups, grad_features?)
 //       -> grad_vectors
@@ -563,7 +563,7 @@ EdgeEncoderOutputs edge_encoder_cpu(const Tensor& vectors_in, const Tensor& slot
   Tensor pooled = at::empty({num_slots, t.b1.numel()}, vectors.options());
   Tensor pooled_weight = at::empty({num_slots}, vectors.options());
   Tensor envelope = at::empty({edges}, vectors.options());
-  Tensor edge_features = at::empty({features ? edges : 0, 3 + t.centers.numel()}, vectors.options());
+  Tensor edge_features = at::empty({edges, features ? 3 + t.centers.numel() : 0}, vectors.options());
   AT_DISPATCH_FLOATING_TYPES(vectors.scalar_type(), "transip::edge_encoder", [&] {
     const auto p = edge_params<scalar_t>(edges, t, width, cutoff, bias_groups);
     const EdgeEncoderForward<scalar_t> io{vectors.data_ptr<scalar_t>(),  num_slots,
