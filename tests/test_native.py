@@ -92,6 +92,17 @@ def test_fused_attention_matches_reference(dtype, rtol, head_dim, with_self, val
         assert float(out[3].detach().abs().max()) == 0.0 and float(out[5].detach().abs().max()) == 0.0
 
 
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("heads", [10, 17])
+def test_fused_attention_with_many_heads(dtype, rtol, heads):
+    """Rows of heads x head_dim go through whole vectors spanning heads while the heads fit a vector's lanes (16
+    float, 8 double) and per head beyond: 10 heads take each route in one precision, 17 the per-head one in both."""
+    graph = random_graph(30, 300, heads=heads, head_dim=3, dtype=dtype, empty_rows=(4,))
+    fused, reference = fused_and_reference(graph, with_self=True, value_width=5)
+    for index, (a, b) in enumerate(zip(fused, reference)):
+        assert float((a - b).detach().abs().max()) <= rtol * float(b.detach().abs().max()), index
+
+
 def test_fused_attention_gradcheck():
     # No fully enveloped-out row here: at Z = 0 the output jumps (0 -> v_j) as an envelope leaves 0, so finite
     # differences are meaningless there; those rows are checked against the reference above.

@@ -63,6 +63,16 @@ struct Vec512<float> {
     return left >= kLanes ? _mm512_loadu_ps(p)
                           : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << left) - 1u), p);
   }
+  static void store(float* p, type v, int64_t left) {
+    if (left >= kLanes)
+      _mm512_storeu_ps(p, v);
+    else
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << left) - 1u), v);
+  }
+  static type broadcast(float a) { return _mm512_set1_ps(a); }
+  using index = int32_t;  // lane indices of permute
+  static type permute(const index* lanes, type v) { return _mm512_permutexvar_ps(_mm512_loadu_si512(lanes), v); }
+  static type add(type a, type b) { return _mm512_add_ps(a, b); }
   static type fma(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
 };
 
@@ -74,6 +84,16 @@ struct Vec512<double> {
   static type load(const double* p, int64_t left) {
     return left >= kLanes ? _mm512_loadu_pd(p) : _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << left) - 1u), p);
   }
+  static void store(double* p, type v, int64_t left) {
+    if (left >= kLanes)
+      _mm512_storeu_pd(p, v);
+    else
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << left) - 1u), v);
+  }
+  static type broadcast(double a) { return _mm512_set1_pd(a); }
+  using index = int64_t;
+  static type permute(const index* lanes, type v) { return _mm512_permutexvar_pd(_mm512_loadu_si512(lanes), v); }
+  static type add(type a, type b) { return _mm512_add_pd(a, b); }
   static type fma(type a, type b, type c) { return _mm512_fmadd_pd(a, b, c); }
 };
 
@@ -128,6 +148,99 @@ inline void head_dots(const T* a, int64_t stride_a, const T* b, int64_t stride_b
 #endif
   for (; h < heads; ++h) out[h] = dot(a + h * stride_a, b + h * stride_b, n);
 }
+
+// y[0..n) += a x[0..n) and y[0..n) += a x[0..n) + b z[0..n), for the short runtime lengths of the attention (a
+// head's D = 12, the value width): whole vectors and one masked step. The compiler's own loop for these did, in
+// float, eight lanes and then a scalar remainder (perf), so float32 gained nothing over float64 there.
+template <typename T>
+inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+#ifdef TRANSIP_AVX512_BUILD
+  using V = Vec512<T>;
+  const auto va = V::broadcast(a);
+  for (int64_t d = 0; d < n; d += V::kLanes)
+    V::store(y + d, V::fma(va, V::load(x + d, n - d), V::load(y + d, n - d)), n - d);
+#else
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
+#endif
+}
+
+template <typename T>
+inline void axpy2(T* __restrict y, T a, const T* __restrict x, T b, const T* __restrict z, int64_t n) {
+#ifdef TRANSIP_AVX512_BUILD
+  using V = Vec512<T>;
+  const auto va = V::broadcast(a), vb = V::broadcast(b);
+  for (int64_t d = 0; d < n; d += V::kLanes)
+    V::store(y + d, V::fma(vb, V::load(z + d, n - d), V::fma(va, V::load(x + d, n - d), V::load(y + d, n - d))),
+             n - d);
+#else
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d] + b * z[d];
+#endif
+}
+
+// n rounded up to whole 512-bit vectors of T: the size of a local accumulator that is only ever loaded and stored
+// whole (axpy_padded, HeadRow).
+template <typename T>
+inline int64_t padded(int64_t n) {
+  constexpr int64_t kLanes = 64 / sizeof(T);
+  return (n + kLanes - 1) / kLanes * kLanes;
+}
+
+// axpy into a local accumulator of padded(n) values, loaded and stored as whole vectors (x's tail is a masked
+// load, so the padding stays 0). A masked store that the next edge's load of the same accumulator reads cannot
+// be forwarded to it: the load waits for the store to retire, and perf showed the attention rows waiting there.
+template <typename T>
+inline void axpy_padded(T* __restrict y, T a, const T* __restrict x, int64_t n) {
+#ifdef TRANSIP_AVX512_BUILD
+  using V = Vec512<T>;
+  const auto va = V::broadcast(a);
+  for (int64_t d = 0; d < n; d += V::kLanes)
+    V::store(y + d, V::fma(va, V::load(x + d, n - d), V::load(y + d, V::kLanes)), V::kLanes);
+#else
+  axpy(y, a, x, n);
+#endif
+}
+
+// y[d] += c[head of d] x[d] over one row of heads x head_dim values stored head after head (q, k, v and their
+// gradients), y a local accumulator of padded(heads * head_dim) values. With AVX-512 (and heads no more than a
+// vector's lanes) the row goes in whole vectors that span heads, each lane's coefficient picked from c by one
+// permutation: three vectors for four 12-wide heads in float, six in double, where a step per head is one
+// partly masked vector in either. The other builds step per head.
+template <typename T>
+class HeadRow {
+ public:
+  HeadRow(int64_t heads, int64_t head_dim) : heads_(heads), head_dim_(head_dim) {
+#ifdef TRANSIP_AVX512_BUILD
+    if (heads <= Vec512<T>::kLanes) {
+      lane_heads_.resize(padded<T>(heads * head_dim));
+      for (size_t d = 0; d < lane_heads_.size(); ++d)  // padding lanes: any head (x is 0 there)
+        lane_heads_[d] = static_cast<typename Vec512<T>::index>(std::min<int64_t>(d / head_dim, heads - 1));
+    }
+#endif
+  }
+  int64_t size() const { return padded<T>(heads_ * head_dim_); }
+  void add(T* __restrict y, const T* __restrict c, const T* __restrict x) const {
+    const int64_t n = heads_ * head_dim_;
+#ifdef TRANSIP_AVX512_BUILD
+    using V = Vec512<T>;
+    if (!lane_heads_.empty()) {
+      const auto coefficients = V::load(c, heads_);
+      for (int64_t d = 0; d < n; d += V::kLanes)
+        V::store(y + d, V::fma(V::permute(lane_heads_.data() + d, coefficients), V::load(x + d, n - d),
+                               V::load(y + d, V::kLanes)), V::kLanes);
+      return;
+    }
+#endif
+    for (int64_t h = 0; h < heads_; ++h) axpy(y + h * head_dim_, c[h], x + h * head_dim_, head_dim_);
+  }
+
+ private:
+  int64_t heads_, head_dim_;
+#ifdef TRANSIP_AVX512_BUILD
+  std::vector<typename Vec512<T>::index> lane_heads_;
+#endif
+};
 
 // exp(x) below this argument counts as zero: there exp(x) times a number of relative size epsilon would be
 // denormal (under the type's smallest normal number), and every operation on a denormal takes the CPU's slow
@@ -227,12 +340,16 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
   const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
   const int64_t F = shape.value_width, W = D + F, HW = H * W;  // out holds W = D + F per head
   const T scale = T(1) / std::sqrt(T(D));
+  const HeadRow<T> head_row(H, D);
+  const int64_t Fp = padded<T>(F);
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
     // Two passes over each row instead of an online softmax: all scores first, then the row maximum, then
-    // every exp at once (vectorised), so the accumulator is never rescaled.
-    std::vector<T> p, state(2 * H);
+    // every exp at once (vectorised), so the accumulator is never rescaled. The row's sums of v and of the
+    // edge values are kept in local padded accumulators (axpy_padded) and written to `out` once.
+    std::vector<T> p, state(3 * H), acc_v(head_row.size()), acc_u(H * Fp);
     T* m = state.data();
     T* z = m + H;
+    T* w = z + H;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t count = row_scores(in, i, H, D, scale, p), e0 = in.row_ptr[i];
       std::fill(m, m + H, -std::numeric_limits<T>::infinity());
@@ -241,8 +358,8 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
       for (int64_t x = 0; x < count; ++x)
         for (int64_t h = 0; h < H; ++h) p[x * H + h] -= m[h];
       exp_array(p.data(), p.data(), count * H);
-      T* acc = result.out + i * HW;
-      std::fill(acc, acc + HW, T(0));
+      std::fill(acc_v.begin(), acc_v.end(), T(0));
+      std::fill(acc_u.begin(), acc_u.end(), T(0));
       std::fill(z, z + H, T(0));
       for (int64_t x = 0; x < count; ++x) {
         const bool is_self = x < self;
@@ -250,22 +367,17 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
         const T* u = F == 0 ? nullptr : is_self ? in.self_values : in.edge_values + (e0 + x - self) * F;
         const T env = is_self ? T(1) : in.envelope[e0 + x - self];
         for (int64_t h = 0; h < H; ++h) {
-          const T wh = env * p[x * H + h];
-          z[h] += wh;
-          T* a = acc + h * W;
-          const T* vh = vj + h * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += wh * vh[d];
-          T* au = a + D;
-#pragma omp simd
-          for (int64_t f = 0; f < F; ++f) au[f] += wh * u[f];
+          w[h] = env * p[x * H + h];
+          z[h] += w[h];
         }
+        head_row.add(acc_v.data(), w, vj);
+        for (int64_t h = 0; h < H && F > 0; ++h) axpy_padded(acc_u.data() + h * Fp, w[h], u, F);
       }
+      T* out = result.out + i * HW;
       for (int64_t h = 0; h < H; ++h) {
         const T inv = z[h] > T(0) ? T(1) / z[h] : T(0);
-        T* a = acc + h * W;
-#pragma omp simd
-        for (int64_t d = 0; d < W; ++d) a[d] *= inv;
+        for (int64_t d = 0; d < D; ++d) out[h * W + d] = acc_v[h * D + d] * inv;
+        for (int64_t f = 0; f < F; ++f) out[h * W + D + f] = acc_u[h * Fp + f] * inv;
         result.row_max[i * H + h] = std::isfinite(m[h]) ? m[h] : T(0);  // empty row: no maximum
         result.row_sum[i * H + h] = z[h];
       }
@@ -279,27 +391,34 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
   const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
   const int64_t F = shape.value_width, W = D + F, HW = H * W;  // out and grad_out hold W = D + F per head
   const T scale = T(1) / std::sqrt(T(D));
+  const HeadRow<T> head_row(H, D);
+  const int64_t Fp = padded<T>(F);
+  // grad_out's v part, (atoms, H * D) head after head as v itself, for pass 2's whole-row HeadRow sums.
+  std::vector<T> grad_out_v(shape.atoms * HD);
 
   // Pass 1, over receivers. With t_e = dL/dw_e = g_i . ([v_j, u_e] - out_i) / Z_i (or g_i . [v_j, u_e] when
   // Z_i = 0, where the reference path divides by 1):
   //   dL/d envelope_e = sum_h t_e exp(s_e - m_i),   dL/ds_e = t_e w_e,   dL/dq_i = sum_e dL/ds_e k_j / sqrt(D),
   //   dL/du_e = sum_h (w_e / Z_i) g_i[D:]  (each edge belongs to one row: no two threads write it).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    std::vector<T> p, t, state(4 * H);  // per row: exp(s - m) and t, (self edge first) x heads
+    std::vector<T> p, t, state(6 * H);  // per row: exp(s - m) and t, (self edge first) x heads
+    std::vector<T> gq(head_row.size()), gu_sum(Fp);  // local accumulators (axpy_padded)
     T* g_dot_out = state.data();
     T* inv_z = g_dot_out + H;
     T* g_dot_v = inv_z + H;
     T* g_dot_u = g_dot_v + H;
+    T* q_coefficient = g_dot_u + H;
+    T* u_coefficient = q_coefficient + H;
     for (int64_t i = begin; i < end; ++i) {
       const T* gi = args.grad_out + i * HW;
       const T* oi = args.out + i * HW;
       const T* mi = args.row_max + i * H;
-      T* gqi = args.grad_q + i * HD;
-      std::fill(gqi, gqi + HD, T(0));
+      std::fill(gq.begin(), gq.end(), T(0));
       for (int64_t h = 0; h < H; ++h) {
         const T zh = args.row_sum[i * H + h];
         inv_z[h] = zh > T(0) ? T(1) / zh : T(1);
         g_dot_out[h] = zh > T(0) ? dot(gi + h * W, oi + h * W, W) : T(0);
+        std::copy(gi + h * W, gi + h * W + D, grad_out_v.data() + i * HD + h * D);
       }
       const int64_t count = row_scores(in, i, H, D, scale, p), e0 = in.row_ptr[i];
       if (static_cast<int64_t>(t.size()) < count * H) t.resize(count * H);
@@ -320,8 +439,6 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
         const T* kj = in.k + (is_self ? i : in.senders[e]) * HD;
         const T env = is_self ? T(1) : in.envelope[e];
         T grad_env = 0;
-        T* gu = F == 0 ? nullptr : is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F;
-        if (F > 0) std::fill(gu, gu + F, T(0));
         for (int64_t h = 0; h < H; ++h) {
           const T ph = p[x * H + h], th = t[x * H + h], ds = th * env * ph;
           if (is_self) {  // the self edge: its k_i, v_i gradients are added in pass 2
@@ -332,60 +449,40 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
             args.grad_bias[e * H + h] = ds;
             args.edge_weight[e * H + h] = env * ph * inv_z[h];
           }
-          T* g = gqi + h * D;
-          const T* kh = kj + h * D;
-          const T ch = ds * scale;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) g[d] += ch * kh[d];
-          const T weight = env * ph * inv_z[h];  // w_e / Z_i (0 where Z_i = 0: then ph is 0 too)
-          const T* gh = gi + h * W + D;
-#pragma omp simd
-          for (int64_t f = 0; f < F; ++f) gu[f] += weight * gh[f];
+          q_coefficient[h] = ds * scale;
+          u_coefficient[h] = env * ph * inv_z[h];  // w_e / Z_i (0 where Z_i = 0: then ph is 0 too)
+        }
+        head_row.add(gq.data(), q_coefficient, kj);
+        if (F > 0) {
+          std::fill(gu_sum.begin(), gu_sum.end(), T(0));
+          for (int64_t h = 0; h < H; ++h) axpy_padded(gu_sum.data(), u_coefficient[h], gi + h * W + D, F);
+          std::copy(gu_sum.data(), gu_sum.data() + F,
+                    is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F);
         }
         if (!is_self) args.grad_envelope[e] = grad_env;
       }
+      std::copy(gq.data(), gq.data() + HD, args.grad_q + i * HD);
     }
   });
 
   // Pass 2, over senders: dL/dk_j = sum_e dL/ds_e q_i / sqrt(D),  dL/dv_j = sum_e (w_e / Z_i) g_i.
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    std::vector<T> gk(head_row.size()), gv(head_row.size()), k_coefficient(H);
+    const auto add = [&](int64_t i, const T* ds, const T* weight) {
+      for (int64_t h = 0; h < H; ++h) k_coefficient[h] = ds[h] * scale;
+      head_row.add(gk.data(), k_coefficient.data(), in.q + i * HD);
+      head_row.add(gv.data(), weight, grad_out_v.data() + i * HD);
+    };
     for (int64_t j = begin; j < end; ++j) {
-      T* gkj = args.grad_k + j * HD;
-      T* gvj = args.grad_v + j * HD;
-      std::fill(gkj, gkj + HD, T(0));
-      std::fill(gvj, gvj + HD, T(0));
-      if (in.self_bias != nullptr) {
-        const T* qj = in.q + j * HD;
-        const T* gj = args.grad_out + j * HW;
-        for (int64_t h = 0; h < H; ++h) {
-          const T cs = args.self_grad[j * H + h] * scale;
-          const T cw = args.self_weight[j * H + h];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            gkj[h * D + d] += cs * qj[h * D + d];
-            gvj[h * D + d] += cw * gj[h * W + d];
-          }
-        }
-      }
+      std::fill(gk.begin(), gk.end(), T(0));
+      std::fill(gv.begin(), gv.end(), T(0));
+      if (in.self_bias != nullptr) add(j, args.self_grad + j * H, args.self_weight + j * H);
       for (int64_t idx = args.sender_ptr[j]; idx < args.sender_ptr[j + 1]; ++idx) {
         const int64_t e = args.sender_perm[idx];
-        const int64_t i = args.receivers[e];
-        const T* qi = in.q + i * HD;
-        const T* gi = args.grad_out + i * HW;
-        for (int64_t h = 0; h < H; ++h) {
-          const T cs = args.grad_bias[e * H + h] * scale;
-          const T cw = args.edge_weight[e * H + h];
-          T* gk = gkj + h * D;
-          T* gv = gvj + h * D;
-          const T* qh = qi + h * D;
-          const T* gh = gi + h * W;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            gk[d] += cs * qh[d];
-            gv[d] += cw * gh[d];
-          }
-        }
+        add(args.receivers[e], args.grad_bias + e * H, args.edge_weight + e * H);
       }
+      std::copy(gk.data(), gk.data() + HD, args.grad_k + j * HD);
+      std::copy(gv.data(), gv.data() + HD, args.grad_v + j * HD);
     }
   });
 }
@@ -474,12 +571,8 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
           const T twh = ((tenv + env * ts[x * H + h]) * ax - w * tz[h]) * inv_z[h];
           tw[x * H + h] = twh;
           T* toh = to + h * W;
-          const T* vh = in.v + j * HD + h * D;
-          const T* tvh = args.tv + j * HD + h * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) toh[d] += twh * vh[d] + w * tvh[d];
-#pragma omp simd
-          for (int64_t f = 0; f < F; ++f) toh[D + f] += twh * u[f] + w * tu[f];
+          axpy2(toh, twh, in.v + j * HD + h * D, w, args.tv + j * HD + h * D, D);
+          if (F > 0) axpy2(toh + D, twh, u, w, tu, F);
         }
       }
       for (int64_t h = 0; h < H; ++h) g_dot_to[h] = live[h] * dot(gi + h * W, to + h * W, W);
@@ -506,14 +599,9 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
           const T delta = first[h] + (F > 0 ? third[h] : T(0)) - g_dot_o[h];
           const T tdelta = second[h] + (F > 0 ? fourth[h] : T(0)) - g_dot_to[h];
           const T ds = w * delta, tds = twh * delta + w * tdelta;
-          T* g = gqi + h * D;
-          const T* kh = in.k + j * HD + h * D;
-          const T* tkh = args.tk + j * HD + h * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) g[d] += scale * (tds * kh[d] + ds * tkh[d]);
+          axpy2(gqi + h * D, scale * tds, in.k + j * HD + h * D, scale * ds, args.tk + j * HD + h * D, D);
           grad_env += ax * inv_z[h] * ((ts[x * H + h] - tz[h] * inv_z[h]) * delta + tdelta);
-#pragma omp simd
-          for (int64_t f = 0; f < F; ++f) gu[f] += twh * gh[D + f];
+          if (F > 0) axpy(gu, twh, gh + D, F);
           if (is_self) {
             args.self_ds[i * H + h] = ds;
             args.self_dds[i * H + h] = tds;
@@ -537,16 +625,8 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
       std::fill(gkj, gkj + HD, T(0));
       std::fill(gvj, gvj + HD, T(0));
       const auto add = [&](int64_t i, T ds, T tds, T twh, int64_t h) {
-        const T* qh = in.q + i * HD + h * D;
-        const T* tqh = args.tq + i * HD + h * D;
-        const T* gh = args.grad_out + i * HW + h * W;
-        T* gk = gkj + h * D;
-        T* gv = gvj + h * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          gk[d] += scale * (tds * qh[d] + ds * tqh[d]);
-          gv[d] += twh * gh[d];
-        }
+        axpy2(gkj + h * D, scale * tds, in.q + i * HD + h * D, scale * ds, args.tq + i * HD + h * D, D);
+        axpy(gvj + h * D, twh, args.grad_out + i * HW + h * W, D);
       };
       if (self)
         for (int64_t h = 0; h < H; ++h)
@@ -598,9 +678,31 @@ inline void add_rows_width(T* __restrict y, const T* __restrict x, const T* __re
   for (int64_t h = 0; h < width; ++h) y[h] += (part[0][h] + part[1][h]) + (part[2][h] + part[3][h]);
 }
 
-// The same sum for any width, through add_rows_width when the rows fit its buffer.
+#ifdef TRANSIP_AVX512_BUILD
+// add_rows_width for a runtime width: the same four partial sums, held in vector registers one output vector at
+// a time, the last one masked. The compiler's loop for a runtime width (the features' 3 + num_rbf = 19, the
+// biases' groups x heads) ran eight lanes and a scalar remainder in float: no faster than float64 (perf).
+template <typename T>
+inline void add_rows_short(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
+  using V = Vec512<T>;
+  for (int64_t d = 0; d < n; d += V::kLanes) {
+    const int64_t left = n - d;
+    typename V::type part[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    int64_t k = 0;
+    for (; k + 4 <= rows; k += 4)
+      for (int q = 0; q < 4; ++q) part[q] = V::fma(V::broadcast(x[k + q]), V::load(w + (k + q) * n + d, left), part[q]);
+    for (; k < rows; ++k) part[0] = V::fma(V::broadcast(x[k]), V::load(w + k * n + d, left), part[0]);
+    V::store(y + d, V::add(V::load(y + d, left), V::add(V::add(part[0], part[1]), V::add(part[2], part[3]))), left);
+  }
+}
+#endif
+
+// The same sum for any width, through add_rows_short (AVX-512) or add_rows_width when the rows fit its buffer.
 template <typename T>
 inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
+#ifdef TRANSIP_AVX512_BUILD
+  add_rows_short(y, x, w, rows, n);
+#else
   if (n <= kMaxRowWidth) return add_rows_width<T, 0>(y, x, w, rows, n);
   for (int64_t k = 0; k < rows; ++k) {
     const T xk = x[k];
@@ -608,6 +710,7 @@ inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __rest
 #pragma omp simd
     for (int64_t h = 0; h < n; ++h) y[h] += xk * row[h];
   }
+#endif
 }
 
 // A sum whose output is hidden-wide: compile-time width in the kHidden > 0 specialisations.
