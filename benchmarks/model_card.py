@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from stability import rdf_summary
+
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_NAMES = {"test_frames": "held-out frames (molecules seen in training)",
                "test_scaffolds": "held-out scaffolds (drug-like molecules never seen)",
@@ -112,6 +114,9 @@ def card(model_dir: Path, config_path: Path, metrics: dict, stability) -> str:
                       "(meV/atom) |", "| --- | --- | --- | --- | --- |"]
             lines += [f"| {r['system']} | {r['atoms']} | {r['steps']} | {r['energy_drift_mev_per_atom']:+.3f} | "
                       f"{r['energy_std_mev_per_atom']:.3f} |" for r in stability["nve"]]
+        summary = rdf_summary(stability["runs"], stability.get("reference"), stability["config"])
+        if summary:
+            lines += ["", summary + " Plot: `docs/stability/stability_rdf.png`."]
     lines += ["", "## Where not to use it", "",
               f"- Outside its trained domain: other elements than {' '.join(domain['elements'])}, charges other "
               f"than {domain['charges']}, multiplicities other than {domain['spins']}. The front ends refuse them.",

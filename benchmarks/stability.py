@@ -48,6 +48,23 @@ BIN = Path(sys.executable).parent
 
 
 # ---------------------------------------------------------------------------------------------- analysis
+def rdf_summary(runs: list, reference: dict | None, config: dict) -> str:
+    """One sentence: the water O-O RDF's first peak in each engine and in the GFN2-xTB reference (report and
+    model card)."""
+    water = [r for r in runs if "rdf_oo_first_peak" in r]  # the saved report keeps the peak, not the curve
+    if not (water or reference):
+        return ""
+    peaks = [f"{r['engine']}: {r['rdf_oo_first_peak']['r_A']:.2f} A, {r['rdf_oo_first_peak']['g']:.2f}" for r in water]
+    if reference:
+        peaks.append(f"GFN2-xTB reference ({reference['atoms']} atoms, {reference['time_ps']:.2f} ps, "
+                     f"{reference['frames_in_rdf']} frames after {config['reference']['equilibration_ps']} ps, mean "
+                     f"temperature {reference['temperature_mean_K']:.0f} K): {reference['rdf_oo_first_peak']['r_A']:.2f} "
+                     f"A, {reference['rdf_oo_first_peak']['g']:.2f}")
+    else:
+        peaks.append("GFN2-xTB reference not run or not past its equilibration yet (`--reference`, resumable)")
+    return "Water O-O radial distribution function, first peak (position, height): " + "; ".join(peaks) + "."
+
+
 def check_trajectory(numbers: np.ndarray, frames: np.ndarray, cell: np.ndarray) -> dict:
     """transip md's check (bond graph unchanged, closest approach of different molecules) over the frames."""
     from transip.md_summary import structure_check
@@ -366,15 +383,9 @@ def write_report(config: dict, config_path: Path, runs: list, reference, nve: li
                      f"{r['most_bonds_formed']} | {r['closest_intermolecular_A']:.2f} | {r['temperature_mean_K']:.1f} | "
                      f"{r['temperature_std_K']:.1f} | {'yes' if r['passes'] else '**no**'} |")
     water = [r for r in runs if "rdf_oo" in r]
-    if water or reference:
-        lines += ["", "Water O-O radial distribution function, first peak (position, height): "
-                  + "; ".join(f"{r['engine']}: {r['rdf_oo_first_peak']['r_A']:.2f} A, {r['rdf_oo_first_peak']['g']:.2f}"
-                              for r in water)
-                  + (f"; GFN2-xTB reference ({reference['atoms']} atoms, {reference['time_ps']:.2f} ps, "
-                     f"{reference['frames_in_rdf']} frames after {config['reference']['equilibration_ps']} ps): "
-                     f"{reference['rdf_oo_first_peak']['r_A']:.2f} A, {reference['rdf_oo_first_peak']['g']:.2f}"
-                     if reference else "; GFN2-xTB reference not run or not past its equilibration yet (`--reference`, "
-                     "resumable)") + "."]
+    summary = rdf_summary(runs, reference, config)
+    if summary:
+        lines += ["", summary]
     if nve:
         bound = config["nve"]["max_drift_mev_per_atom"]
         lines += ["", f"Energy conservation: NVE in OpenMM (VerletIntegrator, {config['nve']['timestep_fs']} fs, from "

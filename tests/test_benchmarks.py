@@ -201,7 +201,8 @@ def test_model_card_comes_from_the_checkpoint_and_results_files(tmp_path):
     stability = {"config": {"md": {"temperature_K": 300.0, "time_ps": 0.1, "timestep_fs": 0.5},
                             "nve": {"timestep_fs": 0.5}},
                  "runs": [{"system": "water", "engine": "lammps", "atoms": 288, "time_ps": 0.1, "intact": True,
-                           "closest_intermolecular_A": 1.4567, "temperature_mean_K": 301.23}],
+                           "closest_intermolecular_A": 1.4567, "temperature_mean_K": 301.23,
+                           "rdf_oo_first_peak": {"r_A": 2.876, "g": 2.512}}],
                  "nve": [{"system": "aspirin", "atoms": 21, "steps": 200, "energy_drift_mev_per_atom": -0.0123,
                           "energy_std_mev_per_atom": 0.0456}]}
     (tmp_path / "stability.json").write_text(json.dumps(stability))
@@ -215,3 +216,5 @@ def test_model_card_comes_from_the_checkpoint_and_results_files(tmp_path):
     assert f"elements {SHIPPED['elements']};" in card and f"other elements than {SHIPPED['elements']}," in card
     assert "| water | lammps | 288 | 0.1 | yes | 1.46 | 301.2 |" in card
     assert "| aspirin | 21 | 200 | -0.012 | 0.046 |" in card
+    assert ("first peak (position, height): lammps: 2.88 A, 2.51; GFN2-xTB reference not run or not past its "
+            "equilibration yet") in card
