@@ -170,8 +170,10 @@ def folder_name(name: str) -> str:
 
 
 def write_results(out, payload: dict, lines: list) -> None:
-    """<out>.json (every number) and <out>.md (the table), and the table on standard output."""
+    """<out>.json (every number, and the machine unless the payload names it) and <out>.md (the table), and the
+    table on standard output."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, "machine": payload.get("machine") or machine()}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

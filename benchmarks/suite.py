@@ -130,6 +130,12 @@ def pareto_verdict(results: Path, smoke: bool) -> list:
 
 
 
+def ran_on(result: Path) -> str:
+    """'run on <CPU>, <n> cores' from a results file's machine record ('machine not recorded' for older files)."""
+    info = json.loads(result.read_text()).get("machine") if result.exists() else None
+    return f"run on {info['cpu']}, {info['cores']} cores" if info else "machine not recorded"
+
+
 def write_benchmarks(results: Path, target: Path, smoke: bool) -> None:
     info = machine()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
@@ -138,9 +144,10 @@ def write_benchmarks(results: Path, target: Path, smoke: bool) -> None:
     lines = ["# Benchmarks", "",
              f"Written by `python benchmarks/suite.py{' --smoke' if smoke else ''}` on "
              f"{_dt.date.today().isoformat()} at commit {commit or 'unknown'}: {info['cpu']}, {info['cores']} cores, "
-             f"torch {info['torch']}, kernels {info['isa']}. Absolute times are this machine's; the ratios were "
-             "measured in the same run. Every table below is the `.md` file its script wrote into "
-             f"`{relative}/`.", "", "## Targets", "", "| target | measured | met |", "| --- | --- | --- |"]
+             f"torch {info['torch']}, kernels {info['isa']}. Every table below is the `.md` file its script wrote "
+             f"into `{relative}/`, under the machine that script ran on (scripts rerun alone with `--report-only` "
+             "may have run on another one); ratios were measured within one run.", "", "## Targets", "",
+             "| target | measured | met |", "| --- | --- | --- |"]
     lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in verdicts(results) + pareto_verdict(results, smoke)]
     sections = [("Whole model: fused native ops against plain PyTorch", "native_ops"),
                 ("One attention layer: fused, reference and dense masked SDPA", "attention_kernels"),
@@ -149,7 +156,7 @@ def write_benchmarks(results: Path, target: Path, smoke: bool) -> None:
                 ("Engines and a classical floor, to 100 000 atoms", "engines"),
                 ("Training on the fused kernel", "training_speed")]
     for title, name in sections:
-        lines += ["", f"## {title}", "", f"`python benchmarks/{name}.py`", "",
+        lines += ["", f"## {title}", "", f"`python benchmarks/{name}.py`, {ran_on(results / f'{name}.json')}", "",
                   (results / f"{name}.md").read_text().strip()]
         if (results / f"{name}.png").exists():
             lines += ["", f"![{name}]({relative}/{name}.png)"]
