@@ -281,7 +281,9 @@ def summarise(results: list) -> list:
     return rows
 
 
-def write_report(config: dict, rows: list, out: Path, config_path: Path) -> None:
+def write_report(config: dict, rows: list, out: Path, config_path: Path, missing: list = ()) -> None:
+    """The study's table (.md, .csv, .json) and plot; `missing` names the cells not in it (not finished yet or
+    failed)."""
     import platform
 
     import matplotlib
@@ -294,7 +296,8 @@ def write_report(config: dict, rows: list, out: Path, config_path: Path) -> None
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    out.with_suffix(".json").write_text(json.dumps({"config": config, "rows": rows}, indent=1))
+    missing = [{"method": m, "train_size": n, "seed": seed} for m, n, seed in missing]
+    out.with_suffix(".json").write_text(json.dumps({"config": config, "rows": rows, "missing_cells": missing}, indent=1))
     lines = [f"`python benchmarks/accuracy_study.py --config {config_path.relative_to(ROOT)}`, {config['steps']} "
              f"steps, batch {config['batch_size']}, on {platform.processor() or platform.machine()} "
              f"({os.cpu_count()} cores). Mean over seeds, [min, max] in brackets.", "",
@@ -311,6 +314,10 @@ def write_report(config: dict, rows: list, out: Path, config_path: Path) -> None
                 f"{1000 * r[split + '.equivariance_energy_abs_per_atom']:.3f} | "
                 f"{r[split + '.equivariance_force_relative']:.1e} | {r['ms_per_structure']:.1f} | "
                 f"{r['md_stable']}/{r['seeds']} | {r['md_drift_mev_per_atom']:.2f} |")
+    if missing:
+        lines += ["", f"**Partial report: {len(missing)} cells are not in it** (not finished yet, or failed; the command "
+                  "resumes them): " + ", ".join(f"{c['method']} {c['train_size']} seed {c['seed']}" for c in missing)
+                  + "."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -345,6 +352,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--jobs", type=int, default=2, help="cells trained at once, 1 thread each")
     parser.add_argument("--output", type=Path, help="folder for cells and report (default: the config's)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the cells finished so far, training nothing")
     args = parser.parse_args(argv)
     config_path = args.config.resolve()
     config = load_config(config_path)
@@ -355,6 +364,16 @@ def main(argv=None) -> int:
     # Longest first (MACE, then the largest sets) so that the last cells running in parallel end together.
     cells = sorted([(m, n, s) for n in config["train_sizes"] for s in config["seeds"] for m in config["methods"]],
                    key=lambda cell: (cell[0] != "mace", -cell[1], cell[2]))
+    # The report goes where the config says (the full study: docs/, beside the discussion), else the output folder.
+    report = ROOT / config["report"] if "report" in config and not args.output else ROOT / config["output"] / "study"
+    if args.report_only:
+        finished = {cell: cell_dir(config, *cell) / "result.json" for cell in cells}
+        results = [json.loads(path.read_text()) for path in finished.values() if path.exists()]
+        if not results:
+            raise SystemExit(f"no finished cell under {config['output']}: run the study first")
+        write_report(config, summarise(results), report, config_path,
+                     missing=[cell for cell, path in finished.items() if not path.exists()])
+        return 0
     results, failed = [], []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = {pool.submit(run_cell, config, *cell): cell for cell in cells}
@@ -366,9 +385,7 @@ def main(argv=None) -> int:
                 tqdm.write(f"cell {futures[future]} failed: {error}")
     if not results:
         raise SystemExit("no cell finished")
-    # The report goes where the config says (the full study: docs/, beside the discussion), else the output folder.
-    report = ROOT / config["report"] if "report" in config and not args.output else ROOT / config["output"] / "study"
-    write_report(config, summarise(results), report, config_path)
+    write_report(config, summarise(results), report, config_path, missing=failed)
     if failed:
         print(f"{len(failed)} cells failed and are missing from the report: {failed}", file=sys.stderr)
     return 1 if failed else 0

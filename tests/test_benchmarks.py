@@ -123,6 +123,14 @@ def test_accuracy_study_smoke(tmp_path):
     assert len(stamps) == 8
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps
+    # A report of the cells finished so far: one result removed, --report-only names it and trains nothing.
+    (tmp_path / "none" / "n160-seed0" / "result.json").unlink()
+    partial = subprocess.run(command + ["--report-only"], capture_output=True, text=True, timeout=300)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    report = json.loads((tmp_path / "study.json").read_text())
+    assert report["missing_cells"] == [{"method": "none", "train_size": 160, "seed": 0}]
+    assert not (tmp_path / "none" / "n160-seed0" / "result.json").exists()
+    assert "**Partial report: 1 cells are not in it**" in (tmp_path / "study.md").read_text()
 
 
 def test_ablation_smoke(tmp_path):
