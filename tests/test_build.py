@@ -52,9 +52,12 @@ def test_setup_leaves_the_shipped_artifact_where_the_lammps_decks_run_as_they_ar
     artifact = examples / "model.pt"
     assert artifact.exists(), "run `bash run.sh setup` first: it exports the shipped model to " + str(artifact)
     assert read_metadata(artifact)["provenance"]["checkpoint"] == "best.ckpt"
+    # One passive OpenMP thread: on a loaded machine (CI beside background jobs) spinning threads made this
+    # 1-minute run exceed 10 minutes; the deck itself is run unchanged.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "passive"}
     result = subprocess.run([str(Path(sys.executable).with_name("lmp")), "-in", "in.aspirin_nve", "-log",
                              str(tmp_path / "log.lammps"), "-screen", "none"], cwd=examples, capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     log = (tmp_path / "log.lammps").read_text()
     rows = [line.split() for line in log.splitlines() if re.fullmatch(r"\s*\d+(\s+[-+\d.eE]+){4}\s*", line)]
