@@ -152,13 +152,19 @@ inline void head_dots(const T* a, int64_t stride_a, const T* b, int64_t stride_b
 // y[0..n) += a x[0..n) and y[0..n) += a x[0..n) + b z[0..n), for the short runtime lengths of the attention (a
 // head's D = 12, the value width): whole vectors and one masked step. The compiler's own loop for these did, in
 // float, eight lanes and then a scalar remainder (perf), so float32 gained nothing over float64 there.
-template <typename T>
+// kPaddedY: y is a local accumulator of padded(n) values (below), loaded and stored as whole vectors (x's tail
+// is a masked load, so the padding stays 0). A masked store that the next edge's load of the same accumulator
+// reads cannot be forwarded to it: the load waits for the store to retire, and perf showed the attention rows
+// waiting there.
+template <typename T, bool kPaddedY = false>
 inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
 #ifdef TRANSIP_AVX512_BUILD
   using V = Vec512<T>;
   const auto va = V::broadcast(a);
-  for (int64_t d = 0; d < n; d += V::kLanes)
-    V::store(y + d, V::fma(va, V::load(x + d, n - d), V::load(y + d, n - d)), n - d);
+  for (int64_t d = 0; d < n; d += V::kLanes) {
+    const int64_t y_lanes = kPaddedY ? V::kLanes : n - d;
+    V::store(y + d, V::fma(va, V::load(x + d, n - d), V::load(y + d, y_lanes)), y_lanes);
+  }
 #else
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
@@ -180,26 +186,11 @@ inline void axpy2(T* __restrict y, T a, const T* __restrict x, T b, const T* __r
 }
 
 // n rounded up to whole 512-bit vectors of T: the size of a local accumulator that is only ever loaded and stored
-// whole (axpy_padded, HeadRow).
+// whole (axpy<T, true>, HeadRow).
 template <typename T>
 inline int64_t padded(int64_t n) {
   constexpr int64_t kLanes = 64 / sizeof(T);
   return (n + kLanes - 1) / kLanes * kLanes;
-}
-
-// axpy into a local accumulator of padded(n) values, loaded and stored as whole vectors (x's tail is a masked
-// load, so the padding stays 0). A masked store that the next edge's load of the same accumulator reads cannot
-// be forwarded to it: the load waits for the store to retire, and perf showed the attention rows waiting there.
-template <typename T>
-inline void axpy_padded(T* __restrict y, T a, const T* __restrict x, int64_t n) {
-#ifdef TRANSIP_AVX512_BUILD
-  using V = Vec512<T>;
-  const auto va = V::broadcast(a);
-  for (int64_t d = 0; d < n; d += V::kLanes)
-    V::store(y + d, V::fma(va, V::load(x + d, n - d), V::load(y + d, V::kLanes)), V::kLanes);
-#else
-  axpy(y, a, x, n);
-#endif
 }
 
 // y[d] += c[head of d] x[d] over one row of heads x head_dim values stored head after head (q, k, v and their
@@ -345,7 +336,7 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
     // Two passes over each row instead of an online softmax: all scores first, then the row maximum, then
     // every exp at once (vectorised), so the accumulator is never rescaled. The row's sums of v and of the
-    // edge values are kept in local padded accumulators (axpy_padded) and written to `out` once.
+    // edge values are kept in local padded accumulators (axpy<T, true>) and written to `out` once.
     std::vector<T> p, state(3 * H), acc_v(head_row.size()), acc_u(H * Fp);
     T* m = state.data();
     T* z = m + H;
@@ -371,7 +362,8 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
           z[h] += w[h];
         }
         head_row.add(acc_v.data(), w, vj);
-        for (int64_t h = 0; h < H && F > 0; ++h) axpy_padded(acc_u.data() + h * Fp, w[h], u, F);
+        if (F > 0)
+          for (int64_t h = 0; h < H; ++h) axpy<T, true>(acc_u.data() + h * Fp, w[h], u, F);
       }
       T* out = result.out + i * HW;
       for (int64_t h = 0; h < H; ++h) {
@@ -402,7 +394,7 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
   //   dL/du_e = sum_h (w_e / Z_i) g_i[D:]  (each edge belongs to one row: no two threads write it).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
     std::vector<T> p, t, state(6 * H);  // per row: exp(s - m) and t, (self edge first) x heads
-    std::vector<T> gq(head_row.size()), gu_sum(Fp);  // local accumulators (axpy_padded)
+    std::vector<T> gq(head_row.size()), gu_sum(Fp);  // local accumulators (axpy<T, true>)
     T* g_dot_out = state.data();
     T* inv_z = g_dot_out + H;
     T* g_dot_v = inv_z + H;
@@ -455,7 +447,7 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
         head_row.add(gq.data(), q_coefficient, kj);
         if (F > 0) {
           std::fill(gu_sum.begin(), gu_sum.end(), T(0));
-          for (int64_t h = 0; h < H; ++h) axpy_padded(gu_sum.data(), u_coefficient[h], gi + h * W + D, F);
+          for (int64_t h = 0; h < H; ++h) axpy<T, true>(gu_sum.data(), u_coefficient[h], gi + h * W + D, F);
           std::copy(gu_sum.data(), gu_sum.data() + F,
                     is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F);
         }
