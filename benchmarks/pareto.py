@@ -264,6 +264,10 @@ def run_model(config: dict, entry: dict) -> dict:
         epochs = [int(e) for e in re.findall(r"Epoch (\d+):", log)]
         training = {"epochs": (max(epochs) + 1) if epochs else 0,
                     "cpu_hours": json.loads((folder / "budget.json").read_text())["cpu_seconds"] / 3600}
+    from common import machine
+
+    # The machine is kept with each model: a CPU-time budget buys different work on different CPUs.
+    training["machine"] = machine()["cpu"]
     result = {"name": entry["name"], "family": entry["family"], "model_file": model_path.name,
               "training": training, **evaluate(config, entry["family"], model_path, structures, splits)}
     write_json(done, result)
@@ -425,13 +429,14 @@ def write_report(config: dict, config_path: Path, rows: list) -> None:
         f"{config['evaluation']['structures']} structures per split. Held-out scaffolds, clusters and boxes are all "
         "neutral closed-shell; the held-out frames hold ions and radicals too, so `frames (neutral)` compares on "
         "those without (MACE has no input for charge or spin).", "",
-        "| model | parameters | epochs | training CPU h | F scaffolds | F clusters | F frames | F frames (neutral) | "
-        "F condensed | E scaffolds | E frames | E condensed |", "| --- " * 12 + "|"]
+        "| model | parameters | epochs | training CPU h | trained on | F scaffolds | F clusters | F frames | "
+        "F frames (neutral) | F condensed | E scaffolds | E frames | E condensed |", "| --- " * 13 + "|"]
     for r in rows:
         f = lambda split: f"{1000 * r[split]['force_mae']:.1f}" if split in r else "-"
         e = lambda split: f"{1000 * r[split]['energy_mae_per_atom']:.2f}" if split in r else "-"
         lines.append(f"| {r['name']} | {r['parameters']} | {r['training']['epochs']} | "
-                     f"{r['training']['cpu_hours']:.2f} | {f('test_scaffolds')} | {f('test_clusters')} | "
+                     f"{r['training']['cpu_hours']:.2f} | {r['training'].get('machine', 'not recorded')} | "
+                     f"{f('test_scaffolds')} | {f('test_clusters')} | "
                      f"{f('test_frames')} | {f('test_frames_neutral')} | {f('condensed')} | {e('test_scaffolds')} | "
                      f"{e('test_frames')} | {e('condensed')} |")
     pairs = [(s, d) for s in ("water", "solvated") for d in cost["dtypes"]]
