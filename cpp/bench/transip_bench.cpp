@@ -8,7 +8,9 @@
 // pbc="T T T", charge=Q and spin=S when present. Calls the artifact's `compute` method (its own neighbour
 // list; energy and forces) `warmup` times untimed and `repeat` times timed, then prints the time per
 // evaluation, atoms x evaluations per second, peak resident memory, and the energy and forces of the last
-// evaluation as one JSON object (to --json FILE, or to standard output after the summary).
+// evaluation as one JSON object (to --json FILE, or to standard output after the summary). Like the MD
+// engines (pair_style transip, `transip md`), it keeps freed memory in the heap (transip::keep_freed_memory), so
+// its times are those of an engine's steps, not of page faults on every evaluation's large tensors.
 #include <ATen/Parallel.h>
 #include <sys/resource.h>
 #include <torch/script.h>
@@ -29,6 +31,7 @@
 
 namespace transip {
 std::string library_marker();  // from libtransip_ops: linking it registers the native ops
+bool keep_freed_memory();       // see cpp/src/ops.cpp
 }
 
 namespace {
@@ -163,6 +166,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (opt.threads > 0) at::set_num_threads(opt.threads);
+    transip::keep_freed_memory();
     Structure s = read_xyz(opt.structure);
     if (opt.charge != INT64_MIN) s.charge = opt.charge;
     if (opt.spin != INT64_MIN) s.spin = opt.spin;

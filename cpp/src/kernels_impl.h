@@ -185,6 +185,25 @@ inline void axpy2(T* __restrict y, T a, const T* __restrict x, T b, const T* __r
 #endif
 }
 
+// y[h * padded(n) + .] += c[h] x[0..n) for every head h: one edge's value row into every head's local padded
+// accumulator, each vector of x loaded once for all heads (axpy per head loaded it once per head).
+template <typename T>
+inline void add_to_heads(T* __restrict y, const T* __restrict c, const T* __restrict x, int64_t heads, int64_t n,
+                         int64_t padded_n) {
+#ifdef TRANSIP_AVX512_BUILD
+  using V = Vec512<T>;
+  for (int64_t d = 0; d < n; d += V::kLanes) {
+    const auto xd = V::load(x + d, n - d);
+    for (int64_t h = 0; h < heads; ++h) {
+      T* yd = y + h * padded_n + d;
+      V::store(yd, V::fma(V::broadcast(c[h]), xd, V::load(yd, V::kLanes)), V::kLanes);
+    }
+  }
+#else
+  for (int64_t h = 0; h < heads; ++h) axpy(y + h * padded_n, c[h], x, n);
+#endif
+}
+
 // n rounded up to whole 512-bit vectors of T: the size of a local accumulator that is only ever loaded and stored
 // whole (axpy<T, true>, HeadRow).
 template <typename T>
@@ -336,18 +355,21 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
     // Two passes over each row instead of an online softmax: all scores first, then the row maximum, then
     // every exp at once (vectorised), so the accumulator is never rescaled. The row's sums of v and of the
-    // edge values are kept in local padded accumulators (axpy<T, true>) and written to `out` once.
+    // edge values are kept in local padded accumulators (HeadRow, add_to_heads) and written to `out` once.
     std::vector<T> p, state(3 * H), acc_v(head_row.size()), acc_u(H * Fp);
     T* m = state.data();
     T* z = m + H;
     T* w = z + H;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t count = row_scores(in, i, H, D, scale, p), e0 = in.row_ptr[i];
-      std::fill(m, m + H, -std::numeric_limits<T>::infinity());
+      T* __restrict scores = p.data();  // (restrict: m is not in p, so the maximum stays in a register)
+      for (int64_t h = 0; h < H; ++h) {
+        T mh = -std::numeric_limits<T>::infinity();
+        for (int64_t x = 0; x < count; ++x) mh = std::max(mh, scores[x * H + h]);
+        m[h] = mh;
+      }
       for (int64_t x = 0; x < count; ++x)
-        for (int64_t h = 0; h < H; ++h) m[h] = std::max(m[h], p[x * H + h]);
-      for (int64_t x = 0; x < count; ++x)
-        for (int64_t h = 0; h < H; ++h) p[x * H + h] -= m[h];
+        for (int64_t h = 0; h < H; ++h) scores[x * H + h] -= m[h];
       exp_array(p.data(), p.data(), count * H);
       std::fill(acc_v.begin(), acc_v.end(), T(0));
       std::fill(acc_u.begin(), acc_u.end(), T(0));
@@ -362,8 +384,7 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
           z[h] += w[h];
         }
         head_row.add(acc_v.data(), w, vj);
-        if (F > 0)
-          for (int64_t h = 0; h < H; ++h) axpy<T, true>(acc_u.data() + h * Fp, w[h], u, F);
+        if (F > 0) add_to_heads(acc_u.data(), w, u, H, F, Fp);
       }
       T* out = result.out + i * HW;
       for (int64_t h = 0; h < H; ++h) {
