@@ -658,14 +658,13 @@ namespace {
 constexpr int64_t kGrainEdges = 256;
 constexpr int64_t kMaxRowWidth = 64;
 
-// y[0..n) += sum_k x[k] w[k * n + .] over `rows` rows of w, for n <= kMaxRowWidth. One accumulator per output
-// vector makes a chain of `rows` dependent multiply-adds: latency-bound, and as slow in float32 (half as many
-// vectors) as in float64. Four partial sums over alternating rows give four independent chains per vector.
-// N > 0 fixes the width at compile time (n is then ignored), so that the partial sums fit in vector registers.
-template <typename T, int N>
+// y[0..n) += sum_k x[k] w[k * n + .] over `rows` rows of w, for n <= kMaxRowWidth (the portable build's sum).
+// One accumulator per output vector makes a chain of `rows` dependent multiply-adds: latency-bound. Four
+// partial sums over alternating rows give four independent chains per vector.
+template <typename T>
 inline void add_rows_width(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
-  constexpr int64_t kSize = N > 0 ? N : kMaxRowWidth;
-  const int64_t width = N > 0 ? N : n;
+  constexpr int64_t kSize = kMaxRowWidth;
+  const int64_t width = n;
   alignas(64) T part[4][kSize];
   for (int q = 0; q < 4; ++q) {
 #pragma omp simd
@@ -710,13 +709,14 @@ inline void add_rows_short(T* __restrict y, const T* __restrict x, const T* __re
 }
 #endif
 
-// The same sum for any width, through add_rows_short (AVX-512) or add_rows_width when the rows fit its buffer.
+// The same sum for any width, through add_rows_short (AVX-512) or add_rows_width when the rows fit its buffer:
+// tile_rows' route for outputs wider than its register tiles, and the portable build's.
 template <typename T>
 inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows, int64_t n) {
 #ifdef TRANSIP_AVX512_BUILD
   add_rows_short(y, x, w, rows, n);
 #else
-  if (n <= kMaxRowWidth) return add_rows_width<T, 0>(y, x, w, rows, n);
+  if (n <= kMaxRowWidth) return add_rows_width(y, x, w, rows, n);
   for (int64_t k = 0; k < rows; ++k) {
     const T xk = x[k];
     const T* __restrict row = w + k * n;
@@ -724,16 +724,6 @@ inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __rest
     for (int64_t h = 0; h < n; ++h) y[h] += xk * row[h];
   }
 #endif
-}
-
-// A sum whose output is hidden-wide: compile-time width in the kHidden > 0 specialisations.
-template <typename T, int kHidden>
-inline void add_rows_hidden(T* __restrict y, const T* __restrict x, const T* __restrict w, int64_t rows,
-                            int64_t hidden) {
-  if constexpr (kHidden > 0 && kHidden <= kMaxRowWidth)
-    add_rows_width<T, kHidden>(y, x, w, rows, hidden);
-  else
-    add_rows_any(y, x, w, rows, hidden);
 }
 
 // Edges per tile of the edge encoder's forward and backward: a tile's layers run as small matrix products, so
@@ -839,52 +829,7 @@ void edge_tile_layers(const EdgeEncoderParams<T>& p, const T* vectors, const int
   tile_rows(a, hidden, p.w2t, H, H);
 }
 
-// Features of one edge and the first layer: f = [r / cutoff, rbf(|r|)], z = w1 f + b1, s = sigmoid(z).
-// Returns |r|.
-template <typename T, int kHidden>
-T edge_first_layer(const EdgeEncoderParams<T>& p, const T* r, T* __restrict f, T* __restrict z, T* __restrict s) {
-  const int64_t in = 3 + p.num_rbf, H = kHidden > 0 ? kHidden : p.hidden;
-  const T length = std::sqrt(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]);
-  for (int a = 0; a < 3; ++a) f[a] = r[a] / p.cutoff;
-  T* rbf = f + 3;
-#pragma omp simd
-  for (int64_t k = 0; k < p.num_rbf; ++k) {
-    const T u = (length - p.centers[k]) / p.width;
-    rbf[k] = T(-0.5) * u * u;
-  }
-  exp_array(rbf, rbf, p.num_rbf);
-  std::copy(p.b1, p.b1 + H, z);
-  add_rows_hidden<T, kHidden>(z, f, p.w1t, in, H);
-#pragma omp simd
-  for (int64_t h = 0; h < H; ++h) s[h] = -z[h];
-  exp_array(s, s, H);
-#pragma omp simd
-  for (int64_t h = 0; h < H; ++h) s[h] = T(1) / (T(1) + s[h]);  // sigmoid(z)
-  return length;
-}
-
 }  // namespace
-
-// Second layer: a = w2 SiLU(z) + b2, with s = sigmoid(z).
-template <typename T, int kHidden>
-inline void edge_second_layer(const EdgeEncoderParams<T>& p, const T* __restrict z, const T* __restrict s,
-                              T* __restrict a) {
-  const int64_t H = kHidden > 0 ? kHidden : p.hidden;
-  alignas(64) T silu[kMaxRowWidth];
-  std::copy(p.b2, p.b2 + H, a);
-  if (H > kMaxRowWidth) {
-    for (int64_t k = 0; k < H; ++k) {
-      const T sk = z[k] * s[k];
-      const T* __restrict w = p.w2t + k * H;
-#pragma omp simd
-      for (int64_t h = 0; h < H; ++h) a[h] += sk * w[h];
-    }
-    return;
-  }
-#pragma omp simd
-  for (int64_t k = 0; k < H; ++k) silu[k] = z[k] * s[k];
-  add_rows_hidden<T, kHidden>(a, silu, p.w2t, H, H);
-}
 
 // The smooth cutoff envelope and its derivative with respect to |r| (polynomial, zero beyond the cutoff).
 template <typename T>
@@ -1160,137 +1105,155 @@ inline T envelope_curvature(T length, T cutoff) {
 template <typename T, int kHidden>
 void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderDoubleBackward<T>& io) {
   const int64_t H = kHidden > 0 ? kHidden : p.hidden, in = 3 + p.num_rbf, B = p.num_bias, K = p.num_rbf;
-  const int64_t heads = B / p.bias_groups;
+  const int64_t heads = B / p.bias_groups, TH = kEdgeTile * H, TI = kEdgeTile * in, TB = kEdgeTile * B;
   const T inv_w2 = T(1) / (p.width * p.width);
   PerThreadSums<T> sums(weight_grad_size(p));
+  // Slots are split between threads (each owns its slots' sums); a thread's edges run in tiles as in the forward.
   at::parallel_for(0, io.num_slots, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    std::vector<T> buffer(5 * in + 15 * H + 2 * B);
-    T* __restrict f = buffer.data();
-    T* __restrict df = f + in;
-    T* __restrict gf = df + in;      // w1^T C
-    T* __restrict gF = gf + in;      // w1^T dz_S
-    T* __restrict rb1 = gF + in;     // radial basis' first derivatives (K)
-    T* __restrict z = rb1 + in;
-    T* __restrict s = z + H;
-    T* __restrict a = s + H;
-    T* __restrict hidden = a + H;
-    T* __restrict sp = hidden + H;   // SiLU'(z)
-    T* __restrict A = sp + H;
-    T* __restrict Bv = A + H;        // w2^T A
-    T* __restrict C = Bv + H;
-    T* __restrict dz = C + H;
-    T* __restrict dh = dz + H;
-    T* __restrict da = dh + H;
-    T* __restrict q = da + H;
-    T* __restrict w2q = q + H;       // w2^T q
-    T* __restrict dzS = w2q + H;
-    T* __restrict psum = dzS + H;
-    T* __restrict gb = psum + H;
-    T* __restrict dbias = gb + B;
+    EdgeTile<T> tile(p);
+    // Per tile, (kEdgeTile, width) each: H wide A = dL/da, Bv = w2^T A, C = dL/dz, SiLU'(z), dz, dh, da, q,
+    // w2^T q, dz_S; `in` wide w1^T C (gf), the features' tangent (df), w1^T dz_S (gF); the radial basis' first
+    // derivatives (K); B wide bias gradients and their tangents; then six per-edge scalars.
+    std::vector<T> buffer(10 * TH + 3 * TI + kEdgeTile * K + 2 * TB + 6 * kEdgeTile, T(0));
+    T* __restrict A = buffer.data();
+    T* __restrict Bv = A + TH;
+    T* __restrict C = Bv + TH;
+    T* __restrict sp = C + TH;
+    T* __restrict dz = sp + TH;
+    T* __restrict dh = dz + TH;
+    T* __restrict da = dh + TH;
+    T* __restrict q = da + TH;
+    T* __restrict w2q = q + TH;
+    T* __restrict dzS = w2q + TH;
+    T* __restrict gf = dzS + TH;
+    T* __restrict df = gf + TI;
+    T* __restrict gF = df + TI;
+    T* __restrict rb1 = gF + TI;
+    T* __restrict gb = rb1 + kEdgeTile * K;
+    T* __restrict dbias = gb + TB;
+    T* __restrict env = dbias + TB;
+    T* __restrict slope = env + kEdgeTile;
+    T* __restrict g_env = slope + kEdgeTile;
+    T* __restrict dlength = g_env + kEdgeTile;
+    T* __restrict curvature = dlength + kEdgeTile;
+    T* __restrict gp_da = curvature + kEdgeTile;
+    int64_t slots[kEdgeTile];
     const WeightGrads<T> g(sums.mine(), p);
     OuterProductTiles<T, kHidden> tiles(H);
     const int w1_f = tiles.add_term(g.w1t, in), w1_df = tiles.add_term(g.w1t, in), w2_hidden = tiles.add_term(g.w2, H),
               w2_dh = tiles.add_term(g.w2, H), wb_da = tiles.add_term(g.wb, B);
-    for (int64_t slot = begin; slot < end; ++slot) {
-      const T* __restrict gp = io.grad_pooled + slot * H;
-      const T gw = io.grad_pooled_weight[slot];
-      std::fill(psum, psum + H, T(0));
-      T wsum = 0;
-      for (int64_t idx = io.slot_ptr[slot]; idx < io.slot_ptr[slot + 1]; ++idx) {
-        const int64_t e = io.slot_perm[idx];
-        const T* r = io.vectors + 3 * e;
-        const T* rd = io.dot_vectors + 3 * e;
-        const T length = edge_first_layer<T, kHidden>(p, r, f, z, s);
-        edge_second_layer<T, kHidden>(p, z, s, a);
-        T slope;
-        const T env = envelope_value(length, p.cutoff, &slope);
-        const T curvature = envelope_curvature(length, p.cutoff);
-        // The backward's own quantities: A = dL/da, T = dL/d env, C = dL/dz.
-        const T g_env = gw + io.grad_envelope[e] + dot(a, gp, H);
+    std::fill(io.d_grad_pooled + begin * H, io.d_grad_pooled + end * H, T(0));
+    std::fill(io.d_grad_pooled_weight + begin, io.d_grad_pooled_weight + end, T(0));
+    const int64_t first = io.slot_ptr[begin], last = io.slot_ptr[end];
+    int64_t slot = begin;
+    for (int64_t idx = first; idx < last; idx += kEdgeTile) {
+      const int count = static_cast<int>(std::min<int64_t>(kEdgeTile, last - idx));
+      const int64_t* edges = io.slot_perm + idx;
+      edge_tile_layers(p, io.vectors, edges, count, tile);
+      const T *f = tile.f(), *z = tile.z(), *s = tile.s(), *a = tile.a(), *hidden = tile.hidden();
+      // The backward's own quantities: A = dL/da, dL/d env, C = dL/dz; and the tangent along dot_r.
+      for (int t = 0; t < count; ++t) {
+        const int64_t e = edges[t];
+        while (io.slot_ptr[slot + 1] <= idx + t) ++slot;
+        slots[t] = slot;
+        const T* __restrict gp = io.grad_pooled + slot * H;
+        const T length = tile.length()[t];
+        env[t] = envelope_value(length, p.cutoff, slope + t);
+        curvature[t] = envelope_curvature(length, p.cutoff);
+        g_env[t] = io.grad_pooled_weight[slot] + io.grad_envelope[e] + dot(a + t * H, gp, H);
 #pragma omp simd
-        for (int64_t h = 0; h < H; ++h) {
-          A[h] = env * gp[h];
-          hidden[h] = z[h] * s[h];
-          sp[h] = s[h] * (T(1) + z[h] * (T(1) - s[h]));
-        }
-        gather_biases(p, io.grad_bias, e, heads, gb);
-        add_rows_hidden<T, kHidden>(A, gb, p.wb, B, H);
-        std::fill(Bv, Bv + H, T(0));
-        add_rows_hidden<T, kHidden>(Bv, A, p.w2, H, H);
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) C[h] = Bv[h] * sp[h];
+        for (int64_t h = 0; h < H; ++h) A[t * H + h] = env[t] * gp[h];
+        gather_biases(p, io.grad_bias, e, heads, gb + t * B);
         // dL/df = w1^T C plus the features' own incoming gradient: its radial part meets the basis' second
         // derivatives below, and its directional derivative is the features' tangent df.
         if (io.grad_features != nullptr)
-          std::copy(io.grad_features + e * in, io.grad_features + (e + 1) * in, gf);
-        else
-          std::fill(gf, gf + in, T(0));
-        add_rows_any(gf, C, p.w1, H, in);
-        // The tangent along dot_r.
-        const T dlength = length > T(0) ? (r[0] * rd[0] + r[1] * rd[1] + r[2] * rd[2]) / length : T(0);
-        for (int c = 0; c < 3; ++c) df[c] = rd[c] / p.cutoff;
+          std::copy(io.grad_features + e * in, io.grad_features + (e + 1) * in, gf + t * in);
+        const T* r = io.vectors + 3 * e;
+        const T* rd = io.dot_vectors + 3 * e;
+        dlength[t] = length > T(0) ? (r[0] * rd[0] + r[1] * rd[1] + r[2] * rd[2]) / length : T(0);
+        for (int c = 0; c < 3; ++c) df[t * in + c] = rd[c] / p.cutoff;
         for (int64_t k = 0; k < K; ++k) {
-          rb1[k] = -f[3 + k] * (length - p.centers[k]) * inv_w2;
-          df[3 + k] = rb1[k] * dlength;
+          rb1[t * K + k] = -f[t * in + 3 + k] * (length - p.centers[k]) * inv_w2;
+          df[t * in + 3 + k] = rb1[t * K + k] * dlength[t];
         }
-        if (io.d_grad_features != nullptr) std::copy(df, df + in, io.d_grad_features + e * in);
-        std::fill(dz, dz + H, T(0));
-        add_rows_hidden<T, kHidden>(dz, df, p.w1t, in, H);
+        if (io.d_grad_features != nullptr) std::copy(df + t * in, df + (t + 1) * in, io.d_grad_features + e * in);
+      }
 #pragma omp simd
-        for (int64_t h = 0; h < H; ++h) dh[h] = sp[h] * dz[h];
-        std::fill(da, da + H, T(0));
-        add_rows_hidden<T, kHidden>(da, dh, p.w2t, H, H);
-        std::fill(dbias, dbias + B, T(0));
-        add_rows_any(dbias, da, p.wbt, H, B);
-        scatter_biases(p, dbias, e, heads, io.d_grad_bias);
-        const T denv = slope * dlength;
+      for (int64_t h = 0; h < TH; ++h) sp[h] = s[h] * (T(1) + z[h] * (T(1) - s[h]));  // SiLU'(z)
+      tile_rows(A, gb, p.wb, B, H);
+      std::fill(Bv, Bv + TH, T(0));
+      tile_rows(Bv, A, p.w2, H, H);
+#pragma omp simd
+      for (int64_t h = 0; h < TH; ++h) C[h] = Bv[h] * sp[h];
+      tile_rows(gf, C, p.w1, H, in);
+      std::fill(dz, dz + TH, T(0));
+      tile_rows(dz, df, p.w1t, in, H);
+#pragma omp simd
+      for (int64_t h = 0; h < TH; ++h) dh[h] = sp[h] * dz[h];
+      std::fill(da, da + TH, T(0));
+      tile_rows(da, dh, p.w2t, H, H);
+      std::fill(dbias, dbias + TB, T(0));
+      tile_rows(dbias, da, p.wbt, H, B);
+      for (int t = 0; t < count; ++t) {
+        const int64_t e = edges[t], sl = slots[t];
+        const T* __restrict gp = io.grad_pooled + sl * H;
+        scatter_biases(p, dbias + t * B, e, heads, io.d_grad_bias);
+        const T denv = slope[t] * dlength[t];
         io.d_grad_envelope[e] = denv;
-        wsum += denv;
-        const T gp_da = dot(gp, da, H);
+        io.d_grad_pooled_weight[sl] += denv;
+        gp_da[t] = dot(gp, da + t * H, H);
+        T* __restrict psum = io.d_grad_pooled + sl * H;
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) {
-          psum[h] += denv * a[h] + env * da[h];
-          q[h] = denv * gp[h];
+          psum[h] += denv * a[t * H + h] + env[t] * da[t * H + h];
+          q[t * H + h] = denv * gp[h];
         }
-        std::fill(w2q, w2q + H, T(0));
-        add_rows_hidden<T, kHidden>(w2q, q, p.w2, H, H);
+      }
+      std::fill(w2q, w2q + TH, T(0));
+      tile_rows(w2q, q, p.w2, H, H);
 #pragma omp simd
-        for (int64_t h = 0; h < H; ++h) {
-          const T spp = s[h] * (T(1) - s[h]) * (T(2) + z[h] * (T(1) - T(2) * s[h]));  // SiLU''(z)
-          dzS[h] = Bv[h] * spp * dz[h] + w2q[h] * sp[h];
-        }
-        tiles.put(w1_f, f, dzS);
-        tiles.put(w1_df, df, C);
-        tiles.put(w2_hidden, q, hidden);
-        tiles.put(w2_dh, A, dh);
-        tiles.put(wb_da, gb, da);
+      for (int64_t h = 0; h < TH; ++h) {
+        const T spp = s[h] * (T(1) - s[h]) * (T(2) + z[h] * (T(1) - T(2) * s[h]));  // SiLU''(z)
+        dzS[h] = Bv[h] * spp * dz[h] + w2q[h] * sp[h];
+      }
+      std::fill(gF, gF + TI, T(0));
+      tile_rows(gF, dzS, p.w1, H, in);
+      for (int t = 0; t < count; ++t) {
+        tiles.put(w1_f, f + t * in, dzS + t * H);
+        tiles.put(w1_df, df + t * in, C + t * H);
+        tiles.put(w2_hidden, q + t * H, hidden + t * H);
+        tiles.put(w2_dh, A + t * H, dh + t * H);
+        tiles.put(wb_da, gb + t * B, da + t * H);
         tiles.next_edge();
-        add_to(g.b1, dzS, H);
-        add_to(g.b2, q, H);
+        add_to(g.b1, dzS + t * H, H);
+        add_to(g.b2, q + t * H, H);
         // d r: through the features' first derivatives (w1^T dz_S), the envelope in A, and the second
         // derivatives of the radial basis and the envelope along dot_r.
-        std::fill(gF, gF + in, T(0));
-        add_rows_any(gF, dzS, p.w1, H, in);
-        T radial = gp_da * slope + dlength * g_env * curvature, tangential = g_env * slope;
+        const int64_t e = edges[t];
+        const T length = tile.length()[t];
+        const T* r = io.vectors + 3 * e;
+        const T* rd = io.dot_vectors + 3 * e;
+        const T *gft = gf + t * in, *gFt = gF + t * in, *ft = f + t * in, *rb1t = rb1 + t * K;
+        T radial = gp_da[t] * slope[t] + dlength[t] * g_env[t] * curvature[t], tangential = g_env[t] * slope[t];
         for (int64_t k = 0; k < K; ++k) {
           const T u = (length - p.centers[k]) / p.width;
-          const T rb2 = f[3 + k] * (u * u - T(1)) * inv_w2;
-          radial += gF[3 + k] * rb1[k] + gf[3 + k] * rb2 * dlength;
-          tangential += gf[3 + k] * rb1[k];
+          const T rb2 = ft[3 + k] * (u * u - T(1)) * inv_w2;
+          radial += gFt[3 + k] * rb1t[k] + gft[3 + k] * rb2 * dlength[t];
+          tangential += gft[3 + k] * rb1t[k];
         }
         T* out = io.d_vectors + 3 * e;
         if (length > T(0)) {
           const T inv = T(1) / length;
           for (int c = 0; c < 3; ++c) {
             const T unit = r[c] * inv;
-            out[c] = gF[c] / p.cutoff + radial * unit + tangential * (rd[c] - dlength * unit) * inv;
+            out[c] = gFt[c] / p.cutoff + radial * unit + tangential * (rd[c] - dlength[t] * unit) * inv;
           }
         } else {
-          for (int c = 0; c < 3; ++c) out[c] = gF[c] / p.cutoff;
+          for (int c = 0; c < 3; ++c) out[c] = gFt[c] / p.cutoff;
         }
       }
-      std::copy(psum, psum + H, io.d_grad_pooled + slot * H);
-      io.d_grad_pooled_weight[slot] = wsum;
+      // The next tile's incoming feature gradients start from 0 in the rows it does not fill.
+      std::fill(gf, gf + TI, T(0));
     }
   });
   finish_weight_grads(sums, p, io.grad_weights);
