@@ -857,8 +857,23 @@ inline void scatter_biases(const EdgeEncoderParams<T>& p, const T* in, int64_t e
     std::copy(in + g * heads, in + (g + 1) * heads, all + (g * p.edges + e) * heads);
 }
 
-// Slots are split between threads, so each thread owns its slots' pooled sums; the edges of a thread's slots are
-// contiguous in slot order (slot_perm) and run in tiles that may span slots.
+// Slots are split between threads, so that each thread owns its slots' sums. The edges of a thread's slots
+// [begin, end) are contiguous in slot order (slot_perm): run(edges, count, slots) gets them kEdgeTile at a time
+// (tiles may span slots), with slots[t] the slot of edges[t].
+template <typename Run>
+void for_slot_tiles(const int64_t* slot_ptr, const int64_t* slot_perm, int64_t begin, int64_t end, Run run) {
+  const int64_t last = slot_ptr[end];
+  int64_t slot = begin, slots[kEdgeTile];
+  for (int64_t idx = slot_ptr[begin]; idx < last; idx += kEdgeTile) {
+    const int count = static_cast<int>(std::min<int64_t>(kEdgeTile, last - idx));
+    for (int t = 0; t < count; ++t) {
+      while (slot_ptr[slot + 1] <= idx + t) ++slot;
+      slots[t] = slot;
+    }
+    run(slot_perm + idx, count, slots);
+  }
+}
+
 template <typename T>
 void edge_forward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T>& io) {
   const int64_t H = p.hidden, in = 3 + p.num_rbf, B = p.num_bias;
@@ -868,17 +883,12 @@ void edge_forward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T
     std::vector<T> bias(kEdgeTile * B);
     std::fill(io.pooled + begin * H, io.pooled + end * H, T(0));
     std::fill(io.pooled_weight + begin, io.pooled_weight + end, T(0));
-    const int64_t first = io.slot_ptr[begin], last = io.slot_ptr[end];
-    int64_t slot = begin;
-    for (int64_t idx = first; idx < last; idx += kEdgeTile) {
-      const int count = static_cast<int>(std::min<int64_t>(kEdgeTile, last - idx));
-      const int64_t* edges = io.slot_perm + idx;
+    for_slot_tiles(io.slot_ptr, io.slot_perm, begin, end, [&](const int64_t* edges, int count, const int64_t* slots) {
       edge_tile_layers(p, io.vectors, edges, count, tile);
       for (int t = 0; t < kEdgeTile; ++t) std::copy(p.bb, p.bb + B, bias.data() + t * B);
       tile_rows(bias.data(), tile.a(), p.wbt, H, B);
       for (int t = 0; t < count; ++t) {
-        const int64_t e = edges[t];
-        while (io.slot_ptr[slot + 1] <= idx + t) ++slot;
+        const int64_t e = edges[t], slot = slots[t];
         T slope;
         const T env = envelope_value(tile.length()[t], p.cutoff, &slope);
         io.envelope[e] = env;
@@ -887,7 +897,7 @@ void edge_forward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T
         axpy(io.pooled + slot * H, env, tile.a() + t * H, H);
         scatter_biases(p, bias.data() + t * B, e, heads, io.bias);
       }
-    }
+    });
   });
 }
 
@@ -1108,7 +1118,6 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
   const int64_t heads = B / p.bias_groups, TH = kEdgeTile * H, TI = kEdgeTile * in, TB = kEdgeTile * B;
   const T inv_w2 = T(1) / (p.width * p.width);
   PerThreadSums<T> sums(weight_grad_size(p));
-  // Slots are split between threads (each owns its slots' sums); a thread's edges run in tiles as in the forward.
   at::parallel_for(0, io.num_slots, kGrainAtoms, [&](int64_t begin, int64_t end) {
     EdgeTile<T> tile(p);
     // Per tile, (kEdgeTile, width) each: H wide A = dL/da, Bv = w2^T A, C = dL/dz, SiLU'(z), dz, dh, da, q,
@@ -1137,25 +1146,18 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
     T* __restrict dlength = g_env + kEdgeTile;
     T* __restrict curvature = dlength + kEdgeTile;
     T* __restrict gp_da = curvature + kEdgeTile;
-    int64_t slots[kEdgeTile];
     const WeightGrads<T> g(sums.mine(), p);
     OuterProductTiles<T, kHidden> tiles(H);
     const int w1_f = tiles.add_term(g.w1t, in), w1_df = tiles.add_term(g.w1t, in), w2_hidden = tiles.add_term(g.w2, H),
               w2_dh = tiles.add_term(g.w2, H), wb_da = tiles.add_term(g.wb, B);
     std::fill(io.d_grad_pooled + begin * H, io.d_grad_pooled + end * H, T(0));
     std::fill(io.d_grad_pooled_weight + begin, io.d_grad_pooled_weight + end, T(0));
-    const int64_t first = io.slot_ptr[begin], last = io.slot_ptr[end];
-    int64_t slot = begin;
-    for (int64_t idx = first; idx < last; idx += kEdgeTile) {
-      const int count = static_cast<int>(std::min<int64_t>(kEdgeTile, last - idx));
-      const int64_t* edges = io.slot_perm + idx;
+    for_slot_tiles(io.slot_ptr, io.slot_perm, begin, end, [&](const int64_t* edges, int count, const int64_t* slots) {
       edge_tile_layers(p, io.vectors, edges, count, tile);
       const T *f = tile.f(), *z = tile.z(), *s = tile.s(), *a = tile.a(), *hidden = tile.hidden();
       // The backward's own quantities: A = dL/da, dL/d env, C = dL/dz; and the tangent along dot_r.
       for (int t = 0; t < count; ++t) {
-        const int64_t e = edges[t];
-        while (io.slot_ptr[slot + 1] <= idx + t) ++slot;
-        slots[t] = slot;
+        const int64_t e = edges[t], slot = slots[t];
         const T* __restrict gp = io.grad_pooled + slot * H;
         const T length = tile.length()[t];
         env[t] = envelope_value(length, p.cutoff, slope + t);
@@ -1254,7 +1256,7 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
       }
       // The next tile's incoming feature gradients start from 0 in the rows it does not fill.
       std::fill(gf, gf + TI, T(0));
-    }
+    });
   });
   finish_weight_grads(sums, p, io.grad_weights);
 }
