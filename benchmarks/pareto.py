@@ -124,6 +124,12 @@ def mace_command(config: dict, entry: dict, folder: Path, epochs: int, elements:
     return command
 
 
+def mace_epochs(folder: Path) -> int:
+    """Epochs MACE trained and validated: its log's "Epoch N:" lines. (Not the largest N + 1: a run resumed from
+    the checkpoint of epoch N trains on from it but numbers its next epoch N again.)"""
+    return len(re.findall(r"Epoch \d+:", (folder / "train.log").read_text()))
+
+
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a running process, all its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -246,7 +252,9 @@ def run_model(config: dict, entry: dict) -> dict:
         result = json.loads(done.read_text())
         structures, splits = dataset_and_splits(config)
         missing = set(evaluation_sets(config, structures, splits)) - set(result)
-        if missing:
+        epochs = mace_epochs(folder) if entry["family"] == "mace" else result["training"]["epochs"]
+        if missing or epochs != result["training"]["epochs"]:  # (MACE epochs were once counted as largest N + 1)
+            result["training"]["epochs"] = epochs
             result.update(evaluate(config, entry["family"], folder / result["model_file"], structures, splits,
                                    missing))
             write_json(done, result)
@@ -260,9 +268,7 @@ def run_model(config: dict, entry: dict) -> dict:
                     "wall_hours": last["train_seconds"] / 3600}
     else:
         model_path = train_mace(config, entry, structures, splits, folder)
-        log = (folder / "train.log").read_text()
-        epochs = [int(e) for e in re.findall(r"Epoch (\d+):", log)]
-        training = {"epochs": (max(epochs) + 1) if epochs else 0,
+        training = {"epochs": mace_epochs(folder),
                     "cpu_hours": json.loads((folder / "budget.json").read_text())["cpu_seconds"] / 3600}
     from common import machine
 

@@ -176,6 +176,7 @@ def test_pareto_smoke(suite):
             assert 0 < r[split]["force_mae"] < 10 and r[split]["structures"] > 0
         # The budget is spent, and at most one more epoch (tiny here) follows it.
         assert budget <= r["training"]["cpu_hours"] < budget + 0.01 and r["training"]["epochs"] >= 1
+        assert r["training"]["machine"]  # where the budget was spent
         timed = {(c["system"], c["dtype"]) for c in r["cost"]["rows"]}
         assert timed == {(s, d) for s in ("water", "solvated") for d in ("float32", "float64")}
         assert all(c["openmm_ms"] > 0 for c in r["cost"]["rows"])
