@@ -28,7 +28,7 @@ from pathlib import Path
 from common import MODEL, ROOT, median_seconds, water_system, write_results
 
 KINDS = [(d, k) for d in ("float64", "float32") for k in ("fused", "reference")]
-LARGER_BOXES = (1000, 3000, 10000)  # water boxes (atoms asked for; the lattice of whole molecules gives 999, ...)
+WATER_BOXES = (1000, 3000, 10000)  # water boxes (atoms asked for; the lattice of whole molecules gives 999, ...)
 
 
 def main(argv=None) -> int:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     bench = Path(native.library_path()).parent / "transip-bench"
     structures = {"aspirin (21 atoms)": structure_from_atoms(ase.io.read(ROOT / "examples/molecules/aspirin.xyz"),
                                                              require_labels=False)}
-    for atoms in (1000,) if args.smoke else LARGER_BOXES:
+    for atoms in (1000,) if args.smoke else WATER_BOXES:
         box = water_system(atoms, periodic=True)
         structures[f"water box ({len(box.numbers)} atoms, periodic)"] = box
     rows, speedups = [], []

@@ -41,7 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import folder_name, shown_path, write_json  # noqa: E402
+from common import folder_name, machine, shown_path, write_json  # noqa: E402
 SPLITS = ("test_scaffolds", "test_clusters", "test_frames", "condensed")
 FAMILIES = ("transip", "mace")
 
@@ -255,8 +255,9 @@ def run_model(config: dict, entry: dict) -> dict:
         epochs = mace_epochs(folder) if entry["family"] == "mace" else result["training"]["epochs"]
         if missing or epochs != result["training"]["epochs"]:  # (MACE epochs were once counted as largest N + 1)
             result["training"]["epochs"] = epochs
-            result.update(evaluate(config, entry["family"], folder / result["model_file"], structures, splits,
-                                   missing))
+            if missing:
+                result.update(evaluate(config, entry["family"], folder / result["model_file"], structures, splits,
+                                       missing))
             write_json(done, result)
         return result
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,8 +271,6 @@ def run_model(config: dict, entry: dict) -> dict:
         model_path = train_mace(config, entry, structures, splits, folder)
         training = {"epochs": mace_epochs(folder),
                     "cpu_hours": json.loads((folder / "budget.json").read_text())["cpu_seconds"] / 3600}
-    from common import machine
-
     # The machine is kept with each model: a CPU-time budget buys different work on different CPUs.
     training["machine"] = machine()["cpu"]
     result = {"name": entry["name"], "family": entry["family"], "model_file": model_path.name,
@@ -418,7 +417,7 @@ def verdict(config: dict, rows: list) -> dict:
 
 
 def write_report(config: dict, config_path: Path, rows: list) -> None:
-    from common import machine, write_results
+    from common import write_results
 
     cost = config["cost"]
     result = verdict(config, rows)

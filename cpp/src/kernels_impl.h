@@ -728,9 +728,8 @@ inline void add_rows_any(T* __restrict y, const T* __restrict x, const T* __rest
 
 // Edges per tile of the edge encoder's forward and backward: a tile's layers run as small matrix products, so
 // that each weight row is loaded once per tile instead of once per edge, and the per-edge scalar work (|r|, the
-// radial basis' and the sigmoid's exp) runs as one vector loop over the tile. Per edge, the float32 encoder
-// spent as long outside its multiply-adds as the float64 one (torch profiler: 1.45x float64's speed, where the
-// attention gains 1.8x).
+// radial basis' and the sigmoid's exp) runs as one vector loop over the tile. Edge by edge, the float32 encoder
+// spent as long outside its multiply-adds as the float64 one (torch profiler), so it gained little from float32.
 constexpr int kEdgeTile = 8;
 
 #ifdef TRANSIP_AVX512_BUILD
@@ -1031,7 +1030,8 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
   PerThreadSums<T> sums(io.grad_weights != nullptr ? weight_grad_size(p) : 0);
   at::parallel_for(0, p.edges, kGrainEdges, [&](int64_t begin, int64_t end) {
     EdgeTile<T> tile(p);
-    // Per tile: dL/da, dL/dz, dL/df and the bias gradients, (kEdgeTile, width) each; rows past `count` stay 0.
+    // Per tile: dL/da, dL/dz, dL/df and the bias gradients, (kEdgeTile, width) each, and dL/d|r| from the
+    // envelope. Rows past `count` keep the previous tile's values: finite, computed on and ignored.
     std::vector<T> buffer(kEdgeTile * (2 * H + in + B) + kEdgeTile, T(0));
     T* __restrict ga = buffer.data();
     T* __restrict gz = ga + TH;
