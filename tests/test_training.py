@@ -226,6 +226,41 @@ def test_cosine_schedule_is_the_lambda_lr_it_replaced(tmp_path):
     assert not schedule.exhausted and schedule.scale == 1.0  # cosine ignores validation
 
 
+def test_budget_schedule_decays_over_the_spent_budget_and_needs_one(tmp_path):
+    from transip.train import _cosine
+
+    c = TrainConfig(data="unused", output=str(tmp_path), lr=2e-3, warmup_steps=10, lr_schedule="budget",
+                    max_hours=0.5, lr_final_fraction=0.05)
+    schedule = LearningRate(c, total_steps=100)
+    assert schedule.at(0, 0.3) == pytest.approx(2e-4)  # warmup as the other schedules, whatever was spent
+    assert schedule.at(10, 0.0) == 2e-3 and schedule.at(10 ** 6, 0.0) == 2e-3  # steps alone do not decay it
+    assert schedule.at(50, 0.5) == pytest.approx(2e-3 * (0.05 + 0.95 * 0.5))  # half the budget: half way down
+    assert schedule.at(50, 1.0) == schedule.at(50, 3.0) == pytest.approx(1e-4)  # the floor once it is spent
+    assert all(_cosine(a, 0.05) > _cosine(b, 0.05) for a, b in zip([0, .2, .4, .6, .8], [.2, .4, .6, .8, 1]))
+    schedule.observe(10.0, 60)
+    assert not schedule.exhausted and schedule.scale == 1.0  # validation does not move it
+    with pytest.raises(ValueError, match="max_hours"):
+        TrainConfig(data="unused", output=str(tmp_path), lr_schedule="budget")
+
+
+def test_budget_schedule_reaches_the_floor_as_the_cpu_budget_runs_out(small_dataset, tmp_path, monkeypatch):
+    import transip.train as train_module
+
+    # A CPU clock that advances 90 s per reading: the budget of 0.1 h (360 s) is spent within the first epoch.
+    ticks = iter(range(0, 10 ** 7, 90))
+    monkeypatch.setattr(train_module.time, "process_time", lambda: float(next(ticks)))
+    c = tiny(small_dataset, tmp_path, epochs=3, lr_schedule="budget", max_hours=0.1, budget_clock="cpu",
+             warmup_steps=1, lr_final_fraction=0.1)
+    trainer = Trainer(c)
+    seen = []
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a: (seen.append(trainer.lr_now()), step(*a))[1])
+    trainer.fit(log=lambda line: None)
+    assert trainer.epoch == 1 and trainer.stop_reason().startswith("the 0.1 h cpu budget is spent")
+    assert seen[0] > seen[-1] and seen[-1] == pytest.approx(c.lr * 0.1)  # it fell to the floor as the budget ran out
+    assert all(a >= b for a, b in zip(seen, seen[1:]))
+
+
 def test_plateau_training_stops_at_the_lr_floor_before_epochs(small_dataset, tmp_path):
     # threshold 0.99: only the first epoch counts as an improvement, so every later one cuts lr by half.
     c = tiny(small_dataset, tmp_path, epochs=10, lr_schedule="plateau", plateau_patience=1, plateau_factor=0.5,

@@ -8,7 +8,7 @@ objective = "none": the unrotated view only.
 
 The recipe around it (every choice a TrainConfig field, documented in docs/training.md): an exponential moving
 average of the weights for validation and the saved model (`ema_decay`), the cosine or the validation-driven
-plateau learning-rate schedule (`lr_schedule`), and a wall-clock budget (`max_hours`).
+plateau learning-rate schedule or the cosine over the time budget (`lr_schedule`), and a time budget (`max_hours`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .metrics import accuracy, equivariance_error, spread_subset
 from .model import ModelConfig, TransformationNetwork, TransIP, count_parameters, random_rotation
 
 OBJECTIVES = ("transip", "augment", "none")
-LR_SCHEDULES = ("cosine", "plateau")
+LR_SCHEDULES = ("cosine", "plateau", "budget")
 # Fields a resumed run must share with its checkpoint: they fix the data order, the networks, the saved state's
 # layout (EMA or not) or the meaning of the schedule's state.
 RESUME_MUST_MATCH = ("objective", "seed", "data", "extra_data", "extra_data_repeats", "batch_size",
@@ -56,7 +56,9 @@ class TrainConfig:
     lr: float = 2e-3
     lr_final_fraction: float = 0.05  # cosine: decay to lr * this; plateau: stop once lr falls below lr * this
     warmup_steps: int = 200
-    lr_schedule: str = "cosine"  # "cosine" over `epochs`, or "plateau": cut when validation stalls
+    # "cosine" over `epochs`; "plateau": cut when validation stalls; "budget": cosine over the max_hours budget
+    # (by its clock), so a run with a time budget spends all of it and ends at the low rate whatever its speed.
+    lr_schedule: str = "cosine"
     plateau_patience: int = 3  # plateau: epochs without improvement before lr is cut
     plateau_factor: float = 0.5  # plateau: lr multiplier at each cut
     plateau_threshold: float = 0.01  # plateau: an improvement is a relative drop of val force MAE by this much
@@ -131,6 +133,9 @@ class TrainConfig:
             raise ValueError(f"budget_clock must be wall or cpu, got {self.budget_clock!r}")
         if self.max_hours is not None and self.max_hours <= 0:
             raise ValueError(f"max_hours must be positive (or None for no budget), got {self.max_hours}")
+        if self.lr_schedule == "budget" and self.max_hours is None:
+            raise ValueError("lr_schedule budget decays lr over the time budget: set max_hours (in hours), or use "
+                             "lr_schedule cosine to decay over `epochs`")
 
 
 def training_subset(train: Sequence[int], size: Optional[int], seed: int) -> List[int]:
@@ -202,10 +207,12 @@ def supervised_loss(out: Dict[str, torch.Tensor], batch: Batch, config: TrainCon
 
 
 class LearningRate:
-    """The learning rate of every step. Both schedules warm up linearly over `warmup_steps`; then "cosine"
-    decays to lr * lr_final_fraction at the end of `epochs`, and "plateau" holds lr and multiplies it by
-    `plateau_factor` whenever the validation force MAE has not improved for `plateau_patience` epochs, so a run
-    keeps a high rate for as long as validation still falls and `epochs` is only a ceiling."""
+    """The learning rate of every step. Every schedule warms up linearly over `warmup_steps`; then "cosine"
+    decays to lr * lr_final_fraction at the end of `epochs`; "budget" makes the same decay over the fraction of
+    the max_hours budget spent, so that it reaches the low rate as the budget runs out however many steps that
+    is; and "plateau" holds lr and multiplies it by `plateau_factor` whenever the validation force MAE has not
+    improved for `plateau_patience` epochs, so a run keeps a high rate for as long as validation still falls and
+    `epochs` is only a ceiling."""
 
     def __init__(self, config: TrainConfig, total_steps: int):
         self.config, self.total_steps = config, total_steps
@@ -213,10 +220,15 @@ class LearningRate:
         self.best = float("inf")  # best validation force MAE seen
         self.stalled = 0  # epochs since the last improvement (or the last cut)
 
-    def at(self, step: int) -> float:
+    def at(self, step: int, budget_spent: float = 0.0) -> float:
+        """lr at `step`; `budget_spent` is the fraction of the time budget used so far (schedule "budget")."""
         c = self.config
         if c.lr_schedule == "cosine":
             return c.lr * _lr_factor(step, c.warmup_steps, self.total_steps, c.lr_final_fraction)
+        if c.lr_schedule == "budget":
+            if step < c.warmup_steps:
+                return c.lr * (step + 1) / c.warmup_steps
+            return c.lr * _cosine(min(1.0, budget_spent), c.lr_final_fraction)
         warmup = (step + 1) / c.warmup_steps if step < c.warmup_steps else 1.0
         return c.lr * warmup * self.scale
 
@@ -320,6 +332,7 @@ class Trainer:
         self.best_force_mae = float("inf")
         self.train_seconds = 0.0  # wall clock spent in epochs, summed over resumes (the max_hours budget)
         self.train_cpu_seconds = 0.0  # the same epochs' process CPU time (budget_clock "cpu")
+        self._epoch_clocks: Optional[Tuple[float, float]] = None  # (wall, cpu) at the start of the epoch under way
 
     @property
     def evaluated(self) -> torch.nn.ModuleDict:
@@ -400,7 +413,7 @@ class Trainer:
                 loss = loss + config.contrastive_weight * contrast
         loss.backward()
         for group in self.optimizer.param_groups:
-            group["lr"] = self.schedule.at(self.step)
+            group["lr"] = self.lr_now()
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.networks)
@@ -462,11 +475,13 @@ class Trainer:
         last_epoch = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
         while self.epoch < last_epoch and self.stop_reason() is None:
             start, cpu_start = time.perf_counter(), time.process_time()
-            record = {"epoch": self.epoch + 1, "step": None, "lr": self.schedule.at(self.step)}
+            self._epoch_clocks = (start, cpu_start)
+            record = {"epoch": self.epoch + 1, "step": None, "lr": self.lr_now()}
             record.update(self.run_epoch())
             record.update(self.validate())
             self.train_seconds += time.perf_counter() - start
             self.train_cpu_seconds += time.process_time() - cpu_start
+            self._epoch_clocks = None
             record["step"], record["hours"] = self.step, self.train_seconds / 3600
             record["cpu_hours"] = self.train_cpu_seconds / 3600
             self.epoch += 1
@@ -483,13 +498,27 @@ class Trainer:
             log(f"stopped after epoch {self.epoch} of at most {config.epochs}: {reason}")
         return self.history[-1] if self.history else {}
 
+    def budget_seconds_spent(self) -> float:
+        """Seconds of the max_hours budget's clock spent so far, the epoch under way included."""
+        cpu = self.config.budget_clock == "cpu"
+        spent = self.train_cpu_seconds if cpu else self.train_seconds
+        if self._epoch_clocks is not None:
+            wall_start, cpu_start = self._epoch_clocks
+            spent += time.process_time() - cpu_start if cpu else time.perf_counter() - wall_start
+        return spent
+
+    def lr_now(self) -> float:
+        if self.config.lr_schedule != "budget":
+            return self.schedule.at(self.step)
+        return self.schedule.at(self.step, self.budget_seconds_spent() / (3600 * self.config.max_hours))
+
     def stop_reason(self) -> Optional[str]:
         """Why training ends before `epochs`, or None to go on."""
         config = self.config
         if self.schedule.exhausted:
             return (f"the plateau schedule cut lr to {self.schedule.at(self.step):.2e}, below lr * "
                     f"lr_final_fraction = {config.lr * config.lr_final_fraction:.2e}")
-        spent = self.train_cpu_seconds if config.budget_clock == "cpu" else self.train_seconds
+        spent = self.budget_seconds_spent()
         if config.max_hours is not None and spent >= 3600 * config.max_hours:
             return f"the {config.max_hours} h {config.budget_clock} budget is spent ({spent / 3600:.3f} h)"
         return None
@@ -498,7 +527,11 @@ class Trainer:
 def _lr_factor(step: int, warmup: int, total: int, final: float) -> float:
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return _cosine(min(1.0, (step - warmup) / max(1, total - warmup)), final)
+
+
+def _cosine(progress: float, final: float) -> float:
+    """Half a cosine from 1 at progress 0 to `final` at progress 1."""
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
