@@ -149,9 +149,9 @@ inline void head_dots(const T* a, int64_t stride_a, const T* b, int64_t stride_b
   for (; h < heads; ++h) out[h] = dot(a + h * stride_a, b + h * stride_b, n);
 }
 
-// y[0..n) += a x[0..n) and y[0..n) += a x[0..n) + b z[0..n), for the short runtime lengths of the attention (a
-// head's D = 12, the value width): whole vectors and one masked step. The compiler's own loop for these did, in
-// float, eight lanes and then a scalar remainder (perf), so float32 gained nothing over float64 there.
+// y[0..n) += a x[0..n), for the short runtime lengths of the attention (a head's D = 12, the value width):
+// whole vectors and one masked step. The compiler's own loop for these did, in float, eight lanes and then a
+// scalar remainder (perf), so float32 gained nothing over float64 there.
 // kPaddedY: y is a local accumulator of padded(n) values (below), loaded and stored as whole vectors (x's tail
 // is a masked load, so the padding stays 0). A masked store that the next edge's load of the same accumulator
 // reads cannot be forwarded to it: the load waits for the store to retire, and perf showed the attention rows
@@ -168,20 +168,6 @@ inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
 #else
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
-#endif
-}
-
-template <typename T>
-inline void axpy2(T* __restrict y, T a, const T* __restrict x, T b, const T* __restrict z, int64_t n) {
-#ifdef TRANSIP_AVX512_BUILD
-  using V = Vec512<T>;
-  const auto va = V::broadcast(a), vb = V::broadcast(b);
-  for (int64_t d = 0; d < n; d += V::kLanes)
-    V::store(y + d, V::fma(vb, V::load(z + d, n - d), V::fma(va, V::load(x + d, n - d), V::load(y + d, n - d))),
-             n - d);
-#else
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d] + b * z[d];
 #endif
 }
 
@@ -518,9 +504,17 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
   const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
   const int64_t F = shape.value_width, W = D + F, HW = H * W;
   const T scale = T(1) / std::sqrt(T(D));
+  const HeadRow<T> head_row(H, D);
+  const int64_t Fp = padded<T>(F);
+  // grad_out's v part, (atoms, H * D) head after head as v itself, for pass 2's whole-row HeadRow sums.
+  std::vector<T> grad_out_v(shape.atoms * HD);
 
+  // Every sum over a row's (or, in pass 2, a sender's) edges goes into a local padded accumulator, loaded and
+  // stored as whole vectors and written to its output once: accumulating into the outputs directly is a masked
+  // store per head and edge that the next edge's load of the same values must wait for (as in the backward).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    std::vector<T> a, ts, tw, state(9 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
+    std::vector<T> a, ts, tw, state(12 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
+    std::vector<T> to_v(head_row.size()), to_u(H * Fp), gq(head_row.size()), gu(Fp);
     T* inv_z = state.data();
     T* live = inv_z + H;  // 1 where Z > 0
     T* g_dot_o = live + H;
@@ -530,6 +524,9 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
     T* second = first + H;
     T* third = second + H;
     T* fourth = third + H;
+    T* weight = fourth + H;  // one edge's w per head, and the coefficients of its gq terms
+    T* ds_scaled = weight + H;
+    T* tds_scaled = ds_scaled + H;
     for (int64_t i = begin; i < end; ++i) {
       const T* gi = args.grad_out + i * HW;
       const T* qi = in.q + i * HD;
@@ -545,6 +542,7 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         inv_z[h] = zh > T(0) ? T(1) / zh : T(1);
         g_dot_o[h] = zh > T(0) ? dot(gi + h * W, args.out + i * HW + h * W, W) : T(0);
         tz[h] = T(0);
+        std::copy(gi + h * W, gi + h * W + D, grad_out_v.data() + i * HD + h * D);
       }
       for (int64_t x = 0; x < count; ++x)
         for (int64_t h = 0; h < H; ++h) a[x * H + h] -= args.row_max[i * H + h];
@@ -571,34 +569,39 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         }
       }
       for (int64_t h = 0; h < H; ++h) tz[h] *= live[h];
-      T* to = args.grad_grad_out + i * HW;
-      std::fill(to, to + HW, T(0));
+      std::fill(to_v.begin(), to_v.end(), T(0));
+      std::fill(to_u.begin(), to_u.end(), T(0));
       for (int64_t x = 0; x < count; ++x) {
         const bool is_self = x < self;
         const int64_t j = sender(x), e = e0 + x - self;
         const T env = is_self ? T(1) : in.envelope[e], tenv = is_self ? T(0) : args.tenvelope[e];
-        const T* u = values(x);
-        const T* tu = tvalues(x);
+        T* twx = tw.data() + x * H;
         for (int64_t h = 0; h < H; ++h) {
-          const T ax = a[x * H + h], p = env * ax, w = p * inv_z[h];
-          const T twh = ((tenv + env * ts[x * H + h]) * ax - w * tz[h]) * inv_z[h];
-          tw[x * H + h] = twh;
-          T* toh = to + h * W;
-          axpy2(toh, twh, in.v + j * HD + h * D, w, args.tv + j * HD + h * D, D);
-          if (F > 0) axpy2(toh + D, twh, u, w, tu, F);
+          const T ax = a[x * H + h];
+          weight[h] = env * ax * inv_z[h];
+          twx[h] = ((tenv + env * ts[x * H + h]) * ax - weight[h] * tz[h]) * inv_z[h];
+        }
+        head_row.add(to_v.data(), twx, in.v + j * HD);
+        head_row.add(to_v.data(), weight, args.tv + j * HD);
+        if (F > 0) {
+          add_to_heads(to_u.data(), twx, values(x), H, F, Fp);
+          add_to_heads(to_u.data(), weight, tvalues(x), H, F, Fp);
         }
       }
-      for (int64_t h = 0; h < H; ++h) g_dot_to[h] = live[h] * dot(gi + h * W, to + h * W, W);
-      T* gqi = args.grad_q + i * HD;
-      std::fill(gqi, gqi + HD, T(0));
+      T* to = args.grad_grad_out + i * HW;
+      for (int64_t h = 0; h < H; ++h) {
+        std::copy(to_v.data() + h * D, to_v.data() + (h + 1) * D, to + h * W);
+        std::copy(to_u.data() + h * Fp, to_u.data() + h * Fp + F, to + h * W + D);
+        g_dot_to[h] = live[h] * dot(gi + h * W, to + h * W, W);
+      }
+      std::fill(gq.begin(), gq.end(), T(0));
       for (int64_t x = 0; x < count; ++x) {
         const bool is_self = x < self;
         const int64_t j = sender(x), e = e0 + x - self;
         const T env = is_self ? T(1) : in.envelope[e];
         const T* u = values(x);
         const T* tu = tvalues(x);
-        T* gu = F == 0 ? nullptr : is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F;
-        if (F > 0) std::fill(gu, gu + F, T(0));
+        const T* twx = tw.data() + x * H;
         T grad_env = 0;
         head_dots(gi, W, in.v + j * HD, D, H, D, first);
         head_dots(gi, W, args.tv + j * HD, D, H, D, second);
@@ -606,49 +609,58 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
           head_dots(gi + D, W, u, 0, H, F, third);
           head_dots(gi + D, W, tu, 0, H, F, fourth);
         }
+        T* ds_out = is_self ? args.self_ds + i * H : args.edge_ds + e * H;
+        T* tds_out = is_self ? args.self_dds + i * H : args.grad_bias + e * H;
+        T* tw_out = is_self ? args.self_dw + i * H : args.edge_dw + e * H;
         for (int64_t h = 0; h < H; ++h) {
-          const T* gh = gi + h * W;
-          const T ax = a[x * H + h], w = env * ax * inv_z[h], twh = tw[x * H + h];
+          const T ax = a[x * H + h], w = env * ax * inv_z[h];
           const T delta = first[h] + (F > 0 ? third[h] : T(0)) - g_dot_o[h];
           const T tdelta = second[h] + (F > 0 ? fourth[h] : T(0)) - g_dot_to[h];
-          const T ds = w * delta, tds = twh * delta + w * tdelta;
-          axpy2(gqi + h * D, scale * tds, in.k + j * HD + h * D, scale * ds, args.tk + j * HD + h * D, D);
+          const T ds = w * delta, tds = twx[h] * delta + w * tdelta;
+          ds_scaled[h] = scale * ds;
+          tds_scaled[h] = scale * tds;
           grad_env += ax * inv_z[h] * ((ts[x * H + h] - tz[h] * inv_z[h]) * delta + tdelta);
-          if (F > 0) axpy(gu, twh, gh + D, F);
-          if (is_self) {
-            args.self_ds[i * H + h] = ds;
-            args.self_dds[i * H + h] = tds;
-            args.self_dw[i * H + h] = twh;
-          } else {
-            args.edge_ds[e * H + h] = ds;
-            args.grad_bias[e * H + h] = tds;
-            args.edge_dw[e * H + h] = twh;
-          }
+          ds_out[h] = ds;
+          tds_out[h] = tds;
+          tw_out[h] = twx[h];
+        }
+        head_row.add(gq.data(), tds_scaled, in.k + j * HD);
+        head_row.add(gq.data(), ds_scaled, args.tk + j * HD);
+        if (F > 0) {
+          std::fill(gu.begin(), gu.end(), T(0));
+          for (int64_t h = 0; h < H; ++h) axpy<T, true>(gu.data(), twx[h], gi + h * W + D, F);
+          std::copy(gu.data(), gu.data() + F, is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F);
         }
         if (!is_self) args.grad_envelope[e] = grad_env;
       }
+      std::copy(gq.data(), gq.data() + HD, args.grad_q + i * HD);
     }
   });
 
   // Pass 2, over senders (edges regrouped by sender, as in the backward).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    std::vector<T> gk(head_row.size()), gv(head_row.size()), coefficients(2 * H);
+    T* ds_scaled = coefficients.data();
+    T* tds_scaled = ds_scaled + H;
+    const auto add = [&](int64_t i, const T* ds, const T* tds, const T* tw) {
+      for (int64_t h = 0; h < H; ++h) {
+        ds_scaled[h] = scale * ds[h];
+        tds_scaled[h] = scale * tds[h];
+      }
+      head_row.add(gk.data(), tds_scaled, in.q + i * HD);
+      head_row.add(gk.data(), ds_scaled, args.tq + i * HD);
+      head_row.add(gv.data(), tw, grad_out_v.data() + i * HD);
+    };
     for (int64_t j = begin; j < end; ++j) {
-      T* gkj = args.grad_k + j * HD;
-      T* gvj = args.grad_v + j * HD;
-      std::fill(gkj, gkj + HD, T(0));
-      std::fill(gvj, gvj + HD, T(0));
-      const auto add = [&](int64_t i, T ds, T tds, T twh, int64_t h) {
-        axpy2(gkj + h * D, scale * tds, in.q + i * HD + h * D, scale * ds, args.tq + i * HD + h * D, D);
-        axpy(gvj + h * D, twh, args.grad_out + i * HW + h * W, D);
-      };
-      if (self)
-        for (int64_t h = 0; h < H; ++h)
-          add(j, args.self_ds[j * H + h], args.self_dds[j * H + h], args.self_dw[j * H + h], h);
+      std::fill(gk.begin(), gk.end(), T(0));
+      std::fill(gv.begin(), gv.end(), T(0));
+      if (self) add(j, args.self_ds + j * H, args.self_dds + j * H, args.self_dw + j * H);
       for (int64_t idx = args.sender_ptr[j]; idx < args.sender_ptr[j + 1]; ++idx) {
         const int64_t e = args.sender_perm[idx];
-        for (int64_t h = 0; h < H; ++h)
-          add(args.receivers[e], args.edge_ds[e * H + h], args.grad_bias[e * H + h], args.edge_dw[e * H + h], h);
+        add(args.receivers[e], args.edge_ds + e * H, args.grad_bias + e * H, args.edge_dw + e * H);
       }
+      std::copy(gk.data(), gk.data() + HD, args.grad_k + j * HD);
+      std::copy(gv.data(), gv.data() + HD, args.grad_v + j * HD);
     }
   });
 }

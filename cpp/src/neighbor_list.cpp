@@ -44,7 +44,6 @@ int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1)
 struct Edge {
   int64_t sender;
   std::array<int64_t, 3> shift;
-  bool operator<(const Edge& o) const { return sender != o.sender ? sender < o.sender : shift < o.shift; }
 };
 
 }  // namespace
@@ -157,11 +156,22 @@ std::tuple<at::Tensor, at::Tensor> neighbor_list(const at::Tensor& positions, co
   const int64_t* bin_perm = bin_perm_t.data_ptr<int64_t>();
   const int64_t* bin_ptr = bin_ptr_t.data_ptr<int64_t>();
 
+  // The wrapped positions in bin order, one array per axis: each bin's candidates are then one contiguous run
+  // whose distances vectorise, instead of a gather through bin_perm per candidate (the list's main cost).
+  std::vector<double> binned(3 * n);
+  for (int64_t idx = 0; idx < n; ++idx)
+    for (int a = 0; a < 3; ++a) binned[a * n + idx] = wrapped[3 * bin_perm[idx] + a];
+  const double* bx = binned.data();
+  const double* by = bx + n;
+  const double* bz = by + n;
+
   const double cutoff2 = cutoff * cutoff;
   const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(n, 4 * at::get_num_threads()));
   std::vector<std::vector<int64_t>> chunk_receivers(num_chunks), chunk_senders(num_chunks), chunk_shifts(num_chunks);
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<Edge> row;
+    std::vector<double> distance2;
+    std::vector<int64_t> order;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       auto& receivers_out = chunk_receivers[chunk];
       auto& senders_out = chunk_senders[chunk];
@@ -198,21 +208,39 @@ std::tuple<at::Tensor, at::Tensor> neighbor_list(const at::Tensor& positions, co
                 for (int a = 0; a < 3; ++a) shift_cart[a] += static_cast<double>(image[r]) * lattice[r][a];
               const bool home_image = image[0] == 0 && image[1] == 0 && image[2] == 0;
               const int64_t t = (target[0] * bins[1] + target[1]) * bins[2] + target[2];
-              for (int64_t idx = bin_ptr[t]; idx < bin_ptr[t + 1]; ++idx) {
-                const int64_t j = bin_perm[idx];
+              const int64_t first = bin_ptr[t], count = bin_ptr[t + 1] - first;
+              if (static_cast<int64_t>(distance2.size()) < count) distance2.resize(count);
+              double* d2 = distance2.data();
+#pragma omp simd
+              for (int64_t c = 0; c < count; ++c) {
+                // (x_j + shift) - x_i, in this order: the same rounding, so the same pairs at the cutoff, as before.
+                const double dx = bx[first + c] + shift_cart[0] - xi[0], dy = by[first + c] + shift_cart[1] - xi[1],
+                             dz = bz[first + c] + shift_cart[2] - xi[2];
+                d2[c] = dx * dx + dy * dy + dz * dz;
+              }
+              for (int64_t c = 0; c < count; ++c) {
+                if (!(d2[c] < cutoff2)) continue;
+                const int64_t j = bin_perm[first + c];
                 if (home_image && j == i) continue;
-                const double* xj = &wrapped[3 * j];
-                const double dx = xj[0] + shift_cart[0] - xi[0];
-                const double dy = xj[1] + shift_cart[1] - xi[1];
-                const double dz = xj[2] + shift_cart[2] - xi[2];
-                if (dx * dx + dy * dy + dz * dz < cutoff2) {
-                  row.push_back({j, {image[0] + wrap[3 * i] - wrap[3 * j], image[1] + wrap[3 * i + 1] - wrap[3 * j + 1],
-                                     image[2] + wrap[3 * i + 2] - wrap[3 * j + 2]}});
-                }
+                row.push_back({j, {image[0] + wrap[3 * i] - wrap[3 * j], image[1] + wrap[3 * i + 1] - wrap[3 * j + 1],
+                                   image[2] + wrap[3 * i + 2] - wrap[3 * j + 2]}});
               }
             }
-        std::sort(row.begin(), row.end());
-        for (const Edge& e : row) {
+        // Sorted by (sender, shift): sort one integer key per edge, sender * m + position (m edges in the row),
+        // then order the rare runs of one sender (several images of it) by shift. Sorting the 32-byte edges
+        // themselves was a third of the list's time.
+        const int64_t m = static_cast<int64_t>(row.size());
+        order.resize(m);
+        for (int64_t c = 0; c < m; ++c) order[c] = row[c].sender * m + c;
+        std::sort(order.begin(), order.end());
+        for (int64_t start = 0, stop; start < m; start = stop) {
+          for (stop = start + 1; stop < m && order[stop] / m == order[start] / m;) ++stop;
+          if (stop - start > 1)
+            std::sort(order.begin() + start, order.begin() + stop,
+                      [&](int64_t a, int64_t b) { return row[a % m].shift < row[b % m].shift; });
+        }
+        for (const int64_t key : order) {
+          const Edge& e = row[key % m];
           receivers_out.push_back(i);
           senders_out.push_back(e.sender);
           shifts_out.insert(shifts_out.end(), e.shift.begin(), e.shift.end());
