@@ -149,6 +149,24 @@ inline void head_dots(const T* a, int64_t stride_a, const T* b, int64_t stride_b
   for (; h < heads; ++h) out[h] = dot(a + h * stride_a, b + h * stride_b, n);
 }
 
+// out[h] = a_h . b_h + c_h . d_h (n and m long, strides as in head_dots): where only the sum of two per-head dot
+// products is used (a score and its tangent, g . v_j and g . u_e), their partial-sum vectors are added before the
+// one reduction, which costs the same in either precision while the products halve in float.
+template <typename T>
+inline void head_dot_sums(const T* a, int64_t stride_a, const T* b, int64_t stride_b, int64_t n, const T* c,
+                          int64_t stride_c, const T* d, int64_t stride_d, int64_t m, int64_t heads, T* out) {
+  int64_t h = 0;
+#ifdef TRANSIP_AVX512_BUILD
+  using V = Vec512<T>;
+  const auto both = [&](int64_t k) {
+    return V::add(lane_products(a + k * stride_a, b + k * stride_b, n), lane_products(c + k * stride_c, d + k * stride_d, m));
+  };
+  for (; h + 4 <= heads; h += 4) sum_lanes4(both(h), both(h + 1), both(h + 2), both(h + 3), out + h);
+#endif
+  for (; h < heads; ++h)
+    out[h] = dot(a + h * stride_a, b + h * stride_b, n) + (m > 0 ? dot(c + h * stride_c, d + h * stride_d, m) : T(0));
+}
+
 // y[0..n) += a x[0..n), for the short runtime lengths of the attention (a head's D = 12, the value width):
 // whole vectors and one masked step. The compiler's own loop for these did, in float, eight lanes and then a
 // scalar remainder (perf), so float32 gained nothing over float64 there.
@@ -400,13 +418,12 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
   //   dL/d envelope_e = sum_h t_e exp(s_e - m_i),   dL/ds_e = t_e w_e,   dL/dq_i = sum_e dL/ds_e k_j / sqrt(D),
   //   dL/du_e = sum_h (w_e / Z_i) g_i[D:]  (each edge belongs to one row: no two threads write it).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    std::vector<T> p, t, state(6 * H);  // per row: exp(s - m) and t, (self edge first) x heads
+    std::vector<T> p, t, state(5 * H);  // per row: exp(s - m) and t, (self edge first) x heads
     std::vector<T> gq(head_row.size()), gu_sum(Fp);  // local accumulators (axpy<T, true>)
     T* g_dot_out = state.data();
     T* inv_z = g_dot_out + H;
-    T* g_dot_v = inv_z + H;
-    T* g_dot_u = g_dot_v + H;
-    T* q_coefficient = g_dot_u + H;
+    T* g_dot_value = inv_z + H;
+    T* q_coefficient = g_dot_value + H;
     T* u_coefficient = q_coefficient + H;
     for (int64_t i = begin; i < end; ++i) {
       const T* gi = args.grad_out + i * HW;
@@ -424,11 +441,10 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
       for (int64_t x = 0; x < count; ++x) {
         const T* vj = in.v + (x < self ? i : in.senders[e0 + x - self]) * HD;
         const T* u = F == 0 ? nullptr : x < self ? in.self_values : in.edge_values + (e0 + x - self) * F;
-        head_dots(gi, W, vj, D, H, D, g_dot_v);
-        if (F > 0) head_dots(gi + D, W, u, 0, H, F, g_dot_u);
+        head_dot_sums(gi, W, vj, D, D, gi + D, W, u, 0, F, H, g_dot_value);  // g . [v_j, u_e] per head
         for (int64_t h = 0; h < H; ++h) {
           p[x * H + h] -= mi[h];
-          t[x * H + h] = (g_dot_v[h] + (F > 0 ? g_dot_u[h] : T(0)) - g_dot_out[h]) * inv_z[h];
+          t[x * H + h] = (g_dot_value[h] - g_dot_out[h]) * inv_z[h];
         }
       }
       exp_array(p.data(), p.data(), count * H);
@@ -513,18 +529,16 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
   // stored as whole vectors and written to its output once: accumulating into the outputs directly is a masked
   // store per head and edge that the next edge's load of the same values must wait for (as in the backward).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
-    std::vector<T> a, ts, tw, state(12 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
+    std::vector<T> a, ts, tw, state(10 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
     std::vector<T> to_v(head_row.size()), to_u(H * Fp), gq(head_row.size()), gu(Fp);
     T* inv_z = state.data();
     T* live = inv_z + H;  // 1 where Z > 0
     T* g_dot_o = live + H;
     T* tz = g_dot_o + H;
     T* g_dot_to = tz + H;
-    T* first = g_dot_to + H;  // one edge's per-head dot products (head_dots), four at a time
+    T* first = g_dot_to + H;  // one edge's per-head sums of two dot products (head_dot_sums)
     T* second = first + H;
-    T* third = second + H;
-    T* fourth = third + H;
-    T* weight = fourth + H;  // one edge's w per head, and the coefficients of its gq terms
+    T* weight = second + H;  // one edge's w per head, and the coefficients of its gq terms
     T* ds_scaled = weight + H;
     T* tds_scaled = ds_scaled + H;
     for (int64_t i = begin; i < end; ++i) {
@@ -559,11 +573,10 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         const bool is_self = x < self;
         const int64_t j = sender(x), e = e0 + x - self;
         const T env = is_self ? T(1) : in.envelope[e], tenv = is_self ? T(0) : args.tenvelope[e];
-        head_dots(tqi, D, in.k + j * HD, D, H, D, first);
-        head_dots(qi, D, args.tk + j * HD, D, H, D, second);
+        head_dot_sums(tqi, D, in.k + j * HD, D, D, qi, D, args.tk + j * HD, D, D, H, first);  // tq . k + q . tk
         for (int64_t h = 0; h < H; ++h) {
           const T tb = is_self ? args.tself_bias[h] : args.tbias[e * H + h];
-          const T t = (first[h] + second[h]) * scale + tb;
+          const T t = first[h] * scale + tb;
           ts[x * H + h] = t;
           tz[h] += (tenv + env * t) * a[x * H + h];
         }
@@ -603,19 +616,15 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         const T* tu = tvalues(x);
         const T* twx = tw.data() + x * H;
         T grad_env = 0;
-        head_dots(gi, W, in.v + j * HD, D, H, D, first);
-        head_dots(gi, W, args.tv + j * HD, D, H, D, second);
-        if (F > 0) {
-          head_dots(gi + D, W, u, 0, H, F, third);
-          head_dots(gi + D, W, tu, 0, H, F, fourth);
-        }
+        head_dot_sums(gi, W, in.v + j * HD, D, D, gi + D, W, u, 0, F, H, first);  // g . V_e
+        head_dot_sums(gi, W, args.tv + j * HD, D, D, gi + D, W, tu, 0, F, H, second);  // g . tV_e
         T* ds_out = is_self ? args.self_ds + i * H : args.edge_ds + e * H;
         T* tds_out = is_self ? args.self_dds + i * H : args.grad_bias + e * H;
         T* tw_out = is_self ? args.self_dw + i * H : args.edge_dw + e * H;
         for (int64_t h = 0; h < H; ++h) {
           const T ax = a[x * H + h], w = env * ax * inv_z[h];
-          const T delta = first[h] + (F > 0 ? third[h] : T(0)) - g_dot_o[h];
-          const T tdelta = second[h] + (F > 0 ? fourth[h] : T(0)) - g_dot_to[h];
+          const T delta = first[h] - g_dot_o[h];
+          const T tdelta = second[h] - g_dot_to[h];
           const T ds = w * delta, tds = twx[h] * delta + w * tdelta;
           ds_scaled[h] = scale * ds;
           tds_scaled[h] = scale * tds;
