@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -220,7 +221,8 @@ inline int64_t padded(int64_t n) {
 // gradients), y a local accumulator of padded(heads * head_dim) values. With AVX-512 (and heads no more than a
 // vector's lanes) the row goes in whole vectors that span heads, each lane's coefficient picked from c by one
 // permutation: three vectors for four 12-wide heads in float, six in double, where a step per head is one
-// partly masked vector in either. The other builds step per head.
+// partly masked vector in either. When a head is whole vectors (16-wide heads in float) each vector's coefficient
+// is one head's, broadcast, and the permutation is skipped. The other builds step per head.
 template <typename T>
 class HeadRow {
  public:
@@ -234,22 +236,46 @@ class HeadRow {
 #endif
   }
   int64_t size() const { return padded<T>(heads_ * head_dim_); }
-  void add(T* __restrict y, const T* __restrict c, const T* __restrict x) const {
-    const int64_t n = heads_ * head_dim_;
-#ifdef TRANSIP_AVX512_BUILD
-    using V = Vec512<T>;
-    if (!lane_heads_.empty()) {
-      const auto coefficients = V::load(c, heads_);
-      for (int64_t d = 0; d < n; d += V::kLanes)
-        V::store(y + d, V::fma(V::permute(lane_heads_.data() + d, coefficients), V::load(x + d, n - d),
-                               V::load(y + d, V::kLanes)), V::kLanes);
-      return;
-    }
-#endif
-    for (int64_t h = 0; h < heads_; ++h) axpy(y + h * head_dim_, c[h], x + h * head_dim_, head_dim_);
+  // y += c[head] x, and y += c[head] x + c2[head] x2 with y loaded and stored once for both terms.
+  void add(T* __restrict y, const T* c, const T* x) const { add_terms<1>(y, {c, nullptr}, {x, nullptr}); }
+  void add2(T* __restrict y, const T* c, const T* x, const T* c2, const T* x2) const {
+    add_terms<2>(y, {c, c2}, {x, x2});
   }
 
  private:
+  template <int kTerms>
+  void add_terms(T* __restrict y, std::array<const T*, 2> c, std::array<const T*, 2> x) const {
+    const int64_t n = heads_ * head_dim_;
+#ifdef TRANSIP_AVX512_BUILD
+    using V = Vec512<T>;
+    if (head_dim_ % V::kLanes == 0) {  // every vector lies in one head: its coefficient is a broadcast
+      for (int64_t h = 0; h < heads_; ++h) {
+        typename V::type coefficient[kTerms];
+        for (int k = 0; k < kTerms; ++k) coefficient[k] = V::broadcast(c[k][h]);
+        for (int64_t d = h * head_dim_; d < (h + 1) * head_dim_; d += V::kLanes) {
+          auto acc = V::load(y + d, V::kLanes);
+          for (int k = 0; k < kTerms; ++k) acc = V::fma(coefficient[k], V::load(x[k] + d, V::kLanes), acc);
+          V::store(y + d, acc, V::kLanes);
+        }
+      }
+      return;
+    }
+    if (!lane_heads_.empty()) {
+      typename V::type coefficients[kTerms];
+      for (int k = 0; k < kTerms; ++k) coefficients[k] = V::load(c[k], heads_);
+      for (int64_t d = 0; d < n; d += V::kLanes) {
+        auto acc = V::load(y + d, V::kLanes);
+        for (int k = 0; k < kTerms; ++k)
+          acc = V::fma(V::permute(lane_heads_.data() + d, coefficients[k]), V::load(x[k] + d, n - d), acc);
+        V::store(y + d, acc, V::kLanes);
+      }
+      return;
+    }
+#endif
+    for (int k = 0; k < kTerms; ++k)
+      for (int64_t h = 0; h < heads_; ++h) axpy(y + h * head_dim_, c[k][h], x[k] + h * head_dim_, head_dim_);
+  }
+
   int64_t heads_, head_dim_;
 #ifdef TRANSIP_AVX512_BUILD
   std::vector<typename Vec512<T>::index> lane_heads_;
@@ -594,8 +620,7 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
           weight[h] = env * ax * inv_z[h];
           twx[h] = ((tenv + env * ts[x * H + h]) * ax - weight[h] * tz[h]) * inv_z[h];
         }
-        head_row.add(to_v.data(), twx, in.v + j * HD);
-        head_row.add(to_v.data(), weight, args.tv + j * HD);
+        head_row.add2(to_v.data(), twx, in.v + j * HD, weight, args.tv + j * HD);
         if (F > 0) {
           add_to_heads(to_u.data(), twx, values(x), H, F, Fp);
           add_to_heads(to_u.data(), weight, tvalues(x), H, F, Fp);
@@ -633,8 +658,7 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
           tds_out[h] = tds;
           tw_out[h] = twx[h];
         }
-        head_row.add(gq.data(), tds_scaled, in.k + j * HD);
-        head_row.add(gq.data(), ds_scaled, args.tk + j * HD);
+        head_row.add2(gq.data(), tds_scaled, in.k + j * HD, ds_scaled, args.tk + j * HD);
         if (F > 0) {
           std::fill(gu.begin(), gu.end(), T(0));
           for (int64_t h = 0; h < H; ++h) axpy<T, true>(gu.data(), twx[h], gi + h * W + D, F);
@@ -656,8 +680,7 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         ds_scaled[h] = scale * ds[h];
         tds_scaled[h] = scale * tds[h];
       }
-      head_row.add(gk.data(), tds_scaled, in.q + i * HD);
-      head_row.add(gk.data(), ds_scaled, args.tq + i * HD);
+      head_row.add2(gk.data(), tds_scaled, in.q + i * HD, ds_scaled, args.tq + i * HD);
       head_row.add(gv.data(), tw, grad_out_v.data() + i * HD);
     };
     for (int64_t j = begin; j < end; ++j) {
