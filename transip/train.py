@@ -54,7 +54,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 16
     lr: float = 2e-3
-    lr_final_fraction: float = 0.05  # cosine: decay to lr * this; plateau: stop once lr falls below lr * this
+    lr_final_fraction: float = 0.05  # cosine, budget: decay to lr * this; plateau: stop once lr falls below lr * this
     warmup_steps: int = 200
     # "cosine" over `epochs`; "plateau": cut when validation stalls; "budget": cosine over the max_hours budget
     # (by its clock), so a run with a time budget spends all of it and ends at the low rate whatever its speed.
