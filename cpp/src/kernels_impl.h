@@ -160,7 +160,8 @@ inline void head_dot_sums(const T* a, int64_t stride_a, const T* b, int64_t stri
 #ifdef TRANSIP_AVX512_BUILD
   using V = Vec512<T>;
   const auto both = [&](int64_t k) {
-    return V::add(lane_products(a + k * stride_a, b + k * stride_b, n), lane_products(c + k * stride_c, d + k * stride_d, m));
+    return V::add(lane_products(a + k * stride_a, b + k * stride_b, n),
+                  lane_products(c + k * stride_c, d + k * stride_d, m));
   };
   for (; h + 4 <= heads; h += 4) sum_lanes4(both(h), both(h + 1), both(h + 2), both(h + 3), out + h);
 #endif
