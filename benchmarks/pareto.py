@@ -514,20 +514,29 @@ def main(argv=None) -> int:
     parser.add_argument("--cost", action="store_true", help="time each model in OpenMM and LAMMPS (idle machine)")
     parser.add_argument("--output", type=Path, default=None, help="models and report here instead of the config's")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from the finished models")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="train and time only these models of the config (the report still covers every "
+                             "finished one): a model added to the study, without retiming the others")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
     config_path = args.config.resolve()
     config = load_config(config_path)
+    names = [e["name"] for e in config["models"]]
+    unknown = sorted(set(args.only or []) - set(names))
+    if unknown:
+        raise SystemExit(f"--only: {config_path} has no model named {', '.join(map(repr, unknown))}; its models are "
+                         f"{', '.join(map(repr, names))}")
+    chosen = [e for e in config["models"] if args.only is None or e["name"] in args.only]
     if args.output is not None:
         config["output"] = config["report"] = str(args.output.resolve())
     if not args.report_only:
         with concurrent.futures.ProcessPoolExecutor(config.get("parallel", 1)) as pool:
-            futures = [pool.submit(run_model, config, entry) for entry in config["models"]]
+            futures = [pool.submit(run_model, config, entry) for entry in chosen]
             for future in tqdm(concurrent.futures.as_completed(futures), total=len(futures), desc="pareto models"):
                 future.result()
     if args.cost:
-        for entry in tqdm(config["models"], desc="MD cost"):
+        for entry in tqdm(chosen, desc="MD cost"):
             if (model_dir(config, entry) / "result.json").exists():
                 measure_cost(config, entry)
     write_report(config, config_path, summarise(config))

@@ -195,6 +195,14 @@ def test_pareto_smoke(suite):
     assert rerun.returncode == 0 and {p: p.stat().st_mtime for p in stamps} == stamps
 
 
+def test_pareto_only_refuses_a_model_the_config_lacks():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pareto.py"), "--config",
+                          str(ROOT / "configs" / "pareto_smoke.json"), "--only", "TransIP 99x9", "--report-only"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "--only" in out.stderr and "'TransIP 99x9'" in out.stderr and "'TransIP 32x1 r5'" in out.stderr
+
+
 def test_model_card_comes_from_the_checkpoint_and_results_files(tmp_path):
     """benchmarks/model_card.py writes the shipped model's card from its checkpoint, its metrics file and the
     stability report: their numbers appear in its tables, the trained domain in its limits."""
