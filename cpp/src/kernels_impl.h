@@ -565,7 +565,7 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
     T* g_dot_to = tz + H;
     T* first = g_dot_to + H;  // one edge's per-head sums of two dot products (head_dot_sums)
     T* second = first + H;
-    T* weight = second + H;  // one edge's w per head, and the coefficients of its gq terms
+    T* weight = second + H;  // one edge's normalised weight w per head
     T* ds_scaled = weight + H;
     T* tds_scaled = ds_scaled + H;
     for (int64_t i = begin; i < end; ++i) {
