@@ -76,7 +76,7 @@ def fused_and_reference(graph, with_self=False, value_width=0):
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("head_dim", [16, 5])
+@pytest.mark.parametrize("head_dim", [16, 12, 5])
 @pytest.mark.parametrize("with_self", [False, True])
 @pytest.mark.parametrize("value_width", [0, 19])
 def test_fused_attention_matches_reference(dtype, rtol, head_dim, with_self, value_width):

@@ -191,6 +191,38 @@ inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
 #endif
 }
 
+// dst[0..n) = src[0..n) for the short runtime lengths copied per edge (a head, an edge's features, a tile row):
+// whole vectors and one masked step. std::copy calls memmove there, whose fixed cost per call (the same in either
+// precision) showed in perf beside the float32 attention and edge encoder.
+template <typename T>
+inline void copy_short(const T* __restrict src, int64_t n, T* __restrict dst) {
+#ifdef TRANSIP_AVX512_BUILD
+  using V = Vec512<T>;
+  for (int64_t d = 0; d < n; d += V::kLanes) V::store(dst + d, V::load(src + d, n - d), n - d);
+#else
+  std::copy(src, src + n, dst);
+#endif
+}
+
+// y[0..n) = sum_h c[h] x[h * stride + .], written once: one edge's gradient of its values from every head's
+// part of the row's grad_out (summing into a local accumulator and copying it out loaded, stored and copied
+// each vector once per head).
+template <typename T>
+inline void combine_heads(T* __restrict y, const T* __restrict c, const T* __restrict x, int64_t stride,
+                          int64_t heads, int64_t n) {
+#ifdef TRANSIP_AVX512_BUILD
+  using V = Vec512<T>;
+  for (int64_t d = 0; d < n; d += V::kLanes) {
+    auto acc = V::zero();
+    for (int64_t h = 0; h < heads; ++h) acc = V::fma(V::broadcast(c[h]), V::load(x + h * stride + d, n - d), acc);
+    V::store(y + d, acc, n - d);
+  }
+#else
+  std::fill(y, y + n, T(0));
+  for (int64_t h = 0; h < heads; ++h) axpy(y, c[h], x + h * stride, n);
+#endif
+}
+
 // y[h * padded(n) + .] += c[h] x[0..n) for every head h: one edge's value row into every head's local padded
 // accumulator, each vector of x loaded once for all heads (axpy per head loaded it once per head).
 template <typename T>
@@ -224,10 +256,11 @@ inline int64_t padded(int64_t n) {
 // permutation: three vectors for four 12-wide heads in float, six in double, where a step per head is one
 // partly masked vector in either. When a head is whole vectors (16-wide heads in float) each vector's coefficient
 // is one head's, broadcast, and the permutation is skipped. The other builds step per head.
-template <typename T>
+// kH, kD > 0: the heads and head width as compile-time constants (AttentionDims).
+template <typename T, int kH = 0, int kD = 0>
 class HeadRow {
  public:
-  HeadRow(int64_t heads, int64_t head_dim) : heads_(heads), head_dim_(head_dim) {
+  HeadRow(int64_t heads, int64_t head_dim) : heads_(kH > 0 ? kH : heads), head_dim_(kD > 0 ? kD : head_dim) {
 #ifdef TRANSIP_AVX512_BUILD
     if (heads <= Vec512<T>::kLanes) {
       lane_heads_.resize(padded<T>(heads * head_dim));
@@ -236,7 +269,9 @@ class HeadRow {
     }
 #endif
   }
-  int64_t size() const { return padded<T>(heads_ * head_dim_); }
+  int64_t size() const { return padded<T>(heads() * head_dim()); }
+  int64_t heads() const { return kH > 0 ? kH : heads_; }
+  int64_t head_dim() const { return kD > 0 ? kD : head_dim_; }
   // y += c[head] x, and y += c[head] x + c2[head] x2 with y loaded and stored once for both terms.
   void add(T* __restrict y, const T* c, const T* x) const { add_terms<1>(y, {c, nullptr}, {x, nullptr}); }
   void add2(T* __restrict y, const T* c, const T* x, const T* c2, const T* x2) const {
@@ -246,14 +281,14 @@ class HeadRow {
  private:
   template <int kTerms>
   void add_terms(T* __restrict y, std::array<const T*, 2> c, std::array<const T*, 2> x) const {
-    const int64_t n = heads_ * head_dim_;
+    const int64_t n = heads() * head_dim();
 #ifdef TRANSIP_AVX512_BUILD
     using V = Vec512<T>;
-    if (head_dim_ % V::kLanes == 0) {  // every vector lies in one head: its coefficient is a broadcast
-      for (int64_t h = 0; h < heads_; ++h) {
+    if (head_dim() % V::kLanes == 0) {  // every vector lies in one head: its coefficient is a broadcast
+      for (int64_t h = 0; h < heads(); ++h) {
         typename V::type coefficient[kTerms];
         for (int k = 0; k < kTerms; ++k) coefficient[k] = V::broadcast(c[k][h]);
-        for (int64_t d = h * head_dim_; d < (h + 1) * head_dim_; d += V::kLanes) {
+        for (int64_t d = h * head_dim(); d < (h + 1) * head_dim(); d += V::kLanes) {
           auto acc = V::load(y + d, V::kLanes);
           for (int k = 0; k < kTerms; ++k) acc = V::fma(coefficient[k], V::load(x[k] + d, V::kLanes), acc);
           V::store(y + d, acc, V::kLanes);
@@ -263,7 +298,7 @@ class HeadRow {
     }
     if (!lane_heads_.empty()) {
       typename V::type coefficients[kTerms];
-      for (int k = 0; k < kTerms; ++k) coefficients[k] = V::load(c[k], heads_);
+      for (int k = 0; k < kTerms; ++k) coefficients[k] = V::load(c[k], heads());
       for (int64_t d = 0; d < n; d += V::kLanes) {
         auto acc = V::load(y + d, V::kLanes);
         for (int k = 0; k < kTerms; ++k)
@@ -274,7 +309,7 @@ class HeadRow {
     }
 #endif
     for (int k = 0; k < kTerms; ++k)
-      for (int64_t h = 0; h < heads_; ++h) axpy(y + h * head_dim_, c[k][h], x[k] + h * head_dim_, head_dim_);
+      for (int64_t h = 0; h < heads(); ++h) axpy(y + h * head_dim(), c[k][h], x[k] + h * head_dim(), head_dim());
   }
 
   int64_t heads_, head_dim_;
@@ -357,9 +392,47 @@ void exp_array<float>(const float* x, float* y, int64_t n) {
 
 }  // namespace
 
+// The attention's sizes: heads H, head width D and edge-value width F, each a compile-time constant when its
+// template argument is set (kH, kD > 0; kF >= 0), else read from the shape. With constants every per-edge loop
+// over a head or a row has a known trip count and mask, so it compiles to straight-line vector code: the loop
+// control and mask arithmetic of runtime lengths took much of the float32 backward's samples in perf, a fixed
+// cost per edge that kept float32 from gaining over float64. Each kernel's lambdas read the sizes from
+// here rather than capturing them, so that they see the constants.
+template <typename T, int kH, int kD, int kF>
+struct AttentionDims {
+  explicit AttentionDims(const AttentionShape& shape)
+      : heads_(shape.heads), head_dim_(shape.head_dim), value_width_(shape.value_width) {}
+  int64_t H() const { return kH > 0 ? kH : heads_; }
+  int64_t D() const { return kD > 0 ? kD : head_dim_; }
+  int64_t F() const { return kF >= 0 ? kF : value_width_; }
+
+ private:
+  int64_t heads_, head_dim_, value_width_;
+};
+
+// Runs run(kH, kD, kF) (std::integral_constant each) with the sizes of the models this project trains as
+// constants (four heads of 12 or 16 values, edge values of 0 or 19: 3 + 16 radial functions); any other shape
+// runs with (0, 0, -1): sizes read at run time.
+template <typename Run>
+void with_attention_dims(const AttentionShape& shape, Run run) {
+  using std::integral_constant;
+  if (shape.heads == 4 && (shape.value_width == 0 || shape.value_width == 19)) {
+    const bool values = shape.value_width == 19;
+    if (shape.head_dim == 12)
+      return values ? run(integral_constant<int, 4>{}, integral_constant<int, 12>{}, integral_constant<int, 19>{})
+                    : run(integral_constant<int, 4>{}, integral_constant<int, 12>{}, integral_constant<int, 0>{});
+    if (shape.head_dim == 16)
+      return values ? run(integral_constant<int, 4>{}, integral_constant<int, 16>{}, integral_constant<int, 19>{})
+                    : run(integral_constant<int, 4>{}, integral_constant<int, 16>{}, integral_constant<int, 0>{});
+  }
+  run(integral_constant<int, 0>{}, integral_constant<int, 0>{}, integral_constant<int, -1>{});
+}
+
 // Scores of one row, (self edge first when there is one) x heads: s = q_i . k_j / sqrt(D) + bias.
-template <typename T>
-int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t H, int64_t D, T scale, std::vector<T>& s) {
+template <typename T, int kH, int kD>
+int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t heads, int64_t head_dim, T scale,
+                   std::vector<T>& s) {
+  const int64_t H = kH > 0 ? kH : heads, D = kD > 0 ? kD : head_dim;
   const int64_t HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
   const int64_t e0 = in.row_ptr[i], count = self + in.row_ptr[i + 1] - e0;
   if (static_cast<int64_t>(s.size()) < count * H) s.resize(count * H);
@@ -375,15 +448,15 @@ int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t H, int64_t D
   return count;
 }
 
-template <typename T>
-void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in,
-                       const AttentionForwardOutputs<T>& result) {
-  const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
-  const int64_t F = shape.value_width, W = D + F, HW = H * W;  // out holds W = D + F per head
-  const T scale = T(1) / std::sqrt(T(D));
-  const HeadRow<T> head_row(H, D);
-  const int64_t Fp = padded<T>(F);
+template <typename T, int kH, int kD, int kF>
+void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T>& in,
+                            const AttentionForwardOutputs<T>& result) {
+  const AttentionDims<T, kH, kD, kF> dims(shape);  // out holds W = D + F per head
+  const int64_t self = in.self_bias != nullptr ? 1 : 0;
+  const T scale = T(1) / std::sqrt(T(dims.D()));
+  const HeadRow<T, kH, kD> head_row(dims.H(), dims.D());
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    const int64_t H = dims.H(), D = dims.D(), HD = H * D, F = dims.F(), W = D + F, HW = H * W, Fp = padded<T>(F);
     // Two passes over each row instead of an online softmax: all scores first, then the row maximum, then
     // every exp at once (vectorised), so the accumulator is never rescaled. The row's sums of v and of the
     // edge values are kept in local padded accumulators (HeadRow, add_to_heads) and written to `out` once.
@@ -392,7 +465,7 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
     T* z = m + H;
     T* w = z + H;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t count = row_scores(in, i, H, D, scale, p), e0 = in.row_ptr[i];
+      const int64_t count = row_scores<T, kH, kD>(in, i, H, D, scale, p), e0 = in.row_ptr[i];
       T* __restrict scores = p.data();  // (restrict: m is not in p, so the maximum stays in a register)
       for (int64_t h = 0; h < H; ++h) {
         T mh = -std::numeric_limits<T>::infinity();
@@ -429,24 +502,24 @@ void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in
   });
 }
 
-template <typename T>
-void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& in,
-                        const AttentionBackwardArgs<T>& args) {
-  const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
-  const int64_t F = shape.value_width, W = D + F, HW = H * W;  // out and grad_out hold W = D + F per head
-  const T scale = T(1) / std::sqrt(T(D));
-  const HeadRow<T> head_row(H, D);
-  const int64_t Fp = padded<T>(F);
+template <typename T, int kH, int kD, int kF>
+void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<T>& in,
+                             const AttentionBackwardArgs<T>& args) {
+  const AttentionDims<T, kH, kD, kF> dims(shape);  // out and grad_out hold W = D + F per head
+  const int64_t self = in.self_bias != nullptr ? 1 : 0;
+  const T scale = T(1) / std::sqrt(T(dims.D()));
+  const HeadRow<T, kH, kD> head_row(dims.H(), dims.D());
   // grad_out's v part, (atoms, H * D) head after head as v itself, for pass 2's whole-row HeadRow sums.
-  std::vector<T> grad_out_v(shape.atoms * HD);
+  std::vector<T> grad_out_v(shape.atoms * dims.H() * dims.D());
 
   // Pass 1, over receivers. With t_e = dL/dw_e = g_i . ([v_j, u_e] - out_i) / Z_i (or g_i . [v_j, u_e] when
   // Z_i = 0, where the reference path divides by 1):
   //   dL/d envelope_e = sum_h t_e exp(s_e - m_i),   dL/ds_e = t_e w_e,   dL/dq_i = sum_e dL/ds_e k_j / sqrt(D),
   //   dL/du_e = sum_h (w_e / Z_i) g_i[D:]  (each edge belongs to one row: no two threads write it).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    const int64_t H = dims.H(), D = dims.D(), HD = H * D, F = dims.F(), W = D + F, HW = H * W;
     std::vector<T> p, t, state(5 * H);  // per row: exp(s - m) and t, (self edge first) x heads
-    std::vector<T> gq(head_row.size()), gu_sum(Fp);  // local accumulators (axpy<T, true>)
+    std::vector<T> gq(head_row.size());  // local accumulator (HeadRow)
     T* g_dot_out = state.data();
     T* inv_z = g_dot_out + H;
     T* g_dot_value = inv_z + H;
@@ -461,9 +534,9 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
         const T zh = args.row_sum[i * H + h];
         inv_z[h] = zh > T(0) ? T(1) / zh : T(1);
         g_dot_out[h] = zh > T(0) ? dot(gi + h * W, oi + h * W, W) : T(0);
-        std::copy(gi + h * W, gi + h * W + D, grad_out_v.data() + i * HD + h * D);
+        copy_short(gi + h * W, D, grad_out_v.data() + i * HD + h * D);
       }
-      const int64_t count = row_scores(in, i, H, D, scale, p), e0 = in.row_ptr[i];
+      const int64_t count = row_scores<T, kH, kD>(in, i, H, D, scale, p), e0 = in.row_ptr[i];
       if (static_cast<int64_t>(t.size()) < count * H) t.resize(count * H);
       for (int64_t x = 0; x < count; ++x) {
         const T* vj = in.v + (x < self ? i : in.senders[e0 + x - self]) * HD;
@@ -495,20 +568,18 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
           u_coefficient[h] = env * ph * inv_z[h];  // w_e / Z_i (0 where Z_i = 0: then ph is 0 too)
         }
         head_row.add(gq.data(), q_coefficient, kj);
-        if (F > 0) {
-          std::fill(gu_sum.begin(), gu_sum.end(), T(0));
-          for (int64_t h = 0; h < H; ++h) axpy<T, true>(gu_sum.data(), u_coefficient[h], gi + h * W + D, F);
-          std::copy(gu_sum.data(), gu_sum.data() + F,
-                    is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F);
-        }
+        if (F > 0)
+          combine_heads(is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F, u_coefficient,
+                        gi + D, W, H, F);
         if (!is_self) args.grad_envelope[e] = grad_env;
       }
-      std::copy(gq.data(), gq.data() + HD, args.grad_q + i * HD);
+      copy_short(gq.data(), HD, args.grad_q + i * HD);
     }
   });
 
   // Pass 2, over senders: dL/dk_j = sum_e dL/ds_e q_i / sqrt(D),  dL/dv_j = sum_e (w_e / Z_i) g_i.
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    const int64_t H = dims.H(), HD = H * dims.D();
     std::vector<T> gk(head_row.size()), gv(head_row.size()), k_coefficient(H);
     const auto add = [&](int64_t i, const T* ds, const T* weight) {
       for (int64_t h = 0; h < H; ++h) k_coefficient[h] = ds[h] * scale;
@@ -523,8 +594,8 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
         const int64_t e = args.sender_perm[idx];
         add(args.receivers[e], args.grad_bias + e * H, args.edge_weight + e * H);
       }
-      std::copy(gk.data(), gk.data() + HD, args.grad_k + j * HD);
-      std::copy(gv.data(), gv.data() + HD, args.grad_v + j * HD);
+      copy_short(gk.data(), HD, args.grad_k + j * HD);
+      copy_short(gv.data(), HD, args.grad_v + j * HD);
     }
   });
 }
@@ -541,23 +612,23 @@ void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& i
 //   dL/dv_j = sum tw_e g_i[:D].
 // A row with Z = 0 (every envelope 0, no self edge) is linear in the envelopes, as in the reference path (which
 // divides by 1 there): Z -> 1, tZ -> 0 and no o terms.
-template <typename T>
-void attention_double_backward(const AttentionShape& shape, const AttentionInputs<T>& in,
-                               const AttentionDoubleBackwardArgs<T>& args) {
-  const int64_t H = shape.heads, D = shape.head_dim, HD = H * D, self = in.self_bias != nullptr ? 1 : 0;
-  const int64_t F = shape.value_width, W = D + F, HW = H * W;
-  const T scale = T(1) / std::sqrt(T(D));
-  const HeadRow<T> head_row(H, D);
-  const int64_t Fp = padded<T>(F);
+template <typename T, int kH, int kD, int kF>
+void attention_double_backward_impl(const AttentionShape& shape, const AttentionInputs<T>& in,
+                                    const AttentionDoubleBackwardArgs<T>& args) {
+  const AttentionDims<T, kH, kD, kF> dims(shape);
+  const int64_t self = in.self_bias != nullptr ? 1 : 0;
+  const T scale = T(1) / std::sqrt(T(dims.D()));
+  const HeadRow<T, kH, kD> head_row(dims.H(), dims.D());
   // grad_out's v part, (atoms, H * D) head after head as v itself, for pass 2's whole-row HeadRow sums.
-  std::vector<T> grad_out_v(shape.atoms * HD);
+  std::vector<T> grad_out_v(shape.atoms * dims.H() * dims.D());
 
   // Every sum over a row's (or, in pass 2, a sender's) edges goes into a local padded accumulator, loaded and
   // stored as whole vectors and written to its output once: accumulating into the outputs directly is a masked
   // store per head and edge that the next edge's load of the same values must wait for (as in the backward).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    const int64_t H = dims.H(), D = dims.D(), HD = H * D, F = dims.F(), W = D + F, HW = H * W, Fp = padded<T>(F);
     std::vector<T> a, ts, tw, state(10 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
-    std::vector<T> to_v(head_row.size()), to_u(H * Fp), gq(head_row.size()), gu(Fp);
+    std::vector<T> to_v(head_row.size()), to_u(H * Fp), gq(head_row.size());
     T* inv_z = state.data();
     T* live = inv_z + H;  // 1 where Z > 0
     T* g_dot_o = live + H;
@@ -572,7 +643,7 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
       const T* gi = args.grad_out + i * HW;
       const T* qi = in.q + i * HD;
       const T* tqi = args.tq + i * HD;
-      const int64_t count = row_scores(in, i, H, D, scale, a), e0 = in.row_ptr[i];
+      const int64_t count = row_scores<T, kH, kD>(in, i, H, D, scale, a), e0 = in.row_ptr[i];
       if (static_cast<int64_t>(ts.size()) < count * H) {
         ts.resize(count * H);
         tw.resize(count * H);
@@ -583,7 +654,7 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         inv_z[h] = zh > T(0) ? T(1) / zh : T(1);
         g_dot_o[h] = zh > T(0) ? dot(gi + h * W, args.out + i * HW + h * W, W) : T(0);
         tz[h] = T(0);
-        std::copy(gi + h * W, gi + h * W + D, grad_out_v.data() + i * HD + h * D);
+        copy_short(gi + h * W, D, grad_out_v.data() + i * HD + h * D);
       }
       for (int64_t x = 0; x < count; ++x)
         for (int64_t h = 0; h < H; ++h) a[x * H + h] -= args.row_max[i * H + h];
@@ -629,8 +700,8 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
       }
       T* to = args.grad_grad_out + i * HW;
       for (int64_t h = 0; h < H; ++h) {
-        std::copy(to_v.data() + h * D, to_v.data() + (h + 1) * D, to + h * W);
-        std::copy(to_u.data() + h * Fp, to_u.data() + h * Fp + F, to + h * W + D);
+        copy_short(to_v.data() + h * D, D, to + h * W);
+        copy_short(to_u.data() + h * Fp, F, to + h * W + D);
         g_dot_to[h] = live[h] * dot(gi + h * W, to + h * W, W);
       }
       std::fill(gq.begin(), gq.end(), T(0));
@@ -660,19 +731,17 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
           tw_out[h] = twx[h];
         }
         head_row.add2(gq.data(), tds_scaled, in.k + j * HD, ds_scaled, args.tk + j * HD);
-        if (F > 0) {
-          std::fill(gu.begin(), gu.end(), T(0));
-          for (int64_t h = 0; h < H; ++h) axpy<T, true>(gu.data(), twx[h], gi + h * W + D, F);
-          std::copy(gu.data(), gu.data() + F, is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F);
-        }
+        if (F > 0)
+          combine_heads(is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F, twx, gi + D, W, H, F);
         if (!is_self) args.grad_envelope[e] = grad_env;
       }
-      std::copy(gq.data(), gq.data() + HD, args.grad_q + i * HD);
+      copy_short(gq.data(), HD, args.grad_q + i * HD);
     }
   });
 
   // Pass 2, over senders (edges regrouped by sender, as in the backward).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
+    const int64_t H = dims.H(), HD = H * dims.D();
     std::vector<T> gk(head_row.size()), gv(head_row.size()), coefficients(2 * H);
     T* ds_scaled = coefficients.data();
     T* tds_scaled = ds_scaled + H;
@@ -692,9 +761,33 @@ void attention_double_backward(const AttentionShape& shape, const AttentionInput
         const int64_t e = args.sender_perm[idx];
         add(args.receivers[e], args.edge_ds + e * H, args.grad_bias + e * H, args.edge_dw + e * H);
       }
-      std::copy(gk.data(), gk.data() + HD, args.grad_k + j * HD);
-      std::copy(gv.data(), gv.data() + HD, args.grad_v + j * HD);
+      copy_short(gk.data(), HD, args.grad_k + j * HD);
+      copy_short(gv.data(), HD, args.grad_v + j * HD);
     }
+  });
+}
+
+template <typename T>
+void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in,
+                       const AttentionForwardOutputs<T>& result) {
+  with_attention_dims(shape, [&](auto h, auto d, auto f) {
+    attention_forward_impl<T, decltype(h)::value, decltype(d)::value, decltype(f)::value>(shape, in, result);
+  });
+}
+
+template <typename T>
+void attention_backward(const AttentionShape& shape, const AttentionInputs<T>& in,
+                        const AttentionBackwardArgs<T>& args) {
+  with_attention_dims(shape, [&](auto h, auto d, auto f) {
+    attention_backward_impl<T, decltype(h)::value, decltype(d)::value, decltype(f)::value>(shape, in, args);
+  });
+}
+
+template <typename T>
+void attention_double_backward(const AttentionShape& shape, const AttentionInputs<T>& in,
+                               const AttentionDoubleBackwardArgs<T>& args) {
+  with_attention_dims(shape, [&](auto h, auto d, auto f) {
+    attention_double_backward_impl<T, decltype(h)::value, decltype(d)::value, decltype(f)::value>(shape, in, args);
   });
 }
 
@@ -856,8 +949,8 @@ void edge_tile_layers(const EdgeEncoderParams<T>& p, const T* vectors, const int
   }
   exp_array(rbf, rbf, kEdgeTile * K);
   for (int t = 0; t < kEdgeTile; ++t) {
-    std::copy(rbf + t * K, rbf + (t + 1) * K, f + t * in + 3);
-    std::copy(p.b1, p.b1 + H, z + t * H);
+    copy_short(rbf + t * K, K, f + t * in + 3);
+    copy_short(p.b1, H, z + t * H);
   }
   tile_rows(z, f, p.w1t, in, H);
 #pragma omp simd
@@ -869,7 +962,7 @@ void edge_tile_layers(const EdgeEncoderParams<T>& p, const T* vectors, const int
     s[h] = T(1) / (T(1) + s[h]);  // sigmoid(z)
     hidden[h] = z[h] * s[h];
   }
-  for (int t = 0; t < kEdgeTile; ++t) std::copy(p.b2, p.b2 + H, a + t * H);
+  for (int t = 0; t < kEdgeTile; ++t) copy_short(p.b2, H, a + t * H);
   tile_rows(a, hidden, p.w2t, H, H);
 }
 
@@ -892,13 +985,13 @@ inline T envelope_value(T length, T cutoff, T* slope) {
 template <typename T>
 inline void gather_biases(const EdgeEncoderParams<T>& p, const T* all, int64_t e, int64_t heads, T* out) {
   for (int64_t g = 0; g < p.bias_groups; ++g)
-    std::copy(all + (g * p.edges + e) * heads, all + (g * p.edges + e + 1) * heads, out + g * heads);
+    copy_short(all + (g * p.edges + e) * heads, heads, out + g * heads);
 }
 
 template <typename T>
 inline void scatter_biases(const EdgeEncoderParams<T>& p, const T* in, int64_t e, int64_t heads, T* all) {
   for (int64_t g = 0; g < p.bias_groups; ++g)
-    std::copy(in + g * heads, in + (g + 1) * heads, all + (g * p.edges + e) * heads);
+    copy_short(in + g * heads, heads, all + (g * p.edges + e) * heads);
 }
 
 // Slots are split between threads, so that each thread owns its slots' sums. The edges of a thread's slots
@@ -929,14 +1022,14 @@ void edge_forward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderForward<T
     std::fill(io.pooled_weight + begin, io.pooled_weight + end, T(0));
     for_slot_tiles(io.slot_ptr, io.slot_perm, begin, end, [&](const int64_t* edges, int count, const int64_t* slots) {
       edge_tile_layers(p, io.vectors, edges, count, tile);
-      for (int t = 0; t < kEdgeTile; ++t) std::copy(p.bb, p.bb + B, bias.data() + t * B);
+      for (int t = 0; t < kEdgeTile; ++t) copy_short(p.bb, B, bias.data() + t * B);
       tile_rows(bias.data(), tile.a(), p.wbt, H, B);
       for (int t = 0; t < count; ++t) {
         const int64_t e = edges[t], slot = slots[t];
         T slope;
         const T env = envelope_value(tile.length()[t], p.cutoff, &slope);
         io.envelope[e] = env;
-        if (io.features != nullptr) std::copy(tile.f() + t * in, tile.f() + (t + 1) * in, io.features + e * in);
+        if (io.features != nullptr) copy_short(tile.f() + t * in, in, io.features + e * in);
         io.pooled_weight[slot] += env;
         axpy(io.pooled + slot * H, env, tile.a() + t * H, H);
         scatter_biases(p, bias.data() + t * B, e, heads, io.bias);
@@ -982,8 +1075,8 @@ class OuterProductTiles {
   }
   void put(int term, const T* x, const T* y) {
     Term& t = terms_[term];
-    std::copy(x, x + t.rows, t.x.data() + count_ * t.rows);
-    std::copy(y, y + H_, t.y.data() + count_ * H_);
+    copy_short(x, t.rows, t.x.data() + count_ * t.rows);
+    copy_short(y, H_, t.y.data() + count_ * H_);
   }
   void next_edge() {
     if (++count_ == kTile) flush();
@@ -1008,7 +1101,7 @@ class OuterProductTiles {
     if (n <= kMaxRowWidth) {
       for (; i + kRows <= t.rows; i += kRows) {
         alignas(64) T acc[kRows][kH > 0 ? kH : kMaxRowWidth];
-        for (int q = 0; q < kRows; ++q) std::copy(t.target + (i + q) * n, t.target + (i + q + 1) * n, acc[q]);
+        for (int q = 0; q < kRows; ++q) copy_short(t.target + (i + q) * n, n, acc[q]);
         for (int r = 0; r < count_; ++r) {
           const T* __restrict y = t.y.data() + r * n;
           for (int q = 0; q < kRows; ++q) {
@@ -1017,7 +1110,7 @@ class OuterProductTiles {
             for (int64_t h = 0; h < n; ++h) acc[q][h] += xq * y[h];
           }
         }
-        for (int q = 0; q < kRows; ++q) std::copy(acc[q], acc[q] + n, t.target + (i + q) * n);
+        for (int q = 0; q < kRows; ++q) copy_short(acc[q], n, t.target + (i + q) * n);
       }
     }
     for (; i < t.rows; ++i) {
@@ -1104,7 +1197,7 @@ void edge_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderBackward
         for (int64_t h = 0; h < H; ++h) ga[t * H + h] = env * gp[h];
         gather_biases(p, io.grad_bias, e, heads, gb + t * B);
         if (io.grad_features != nullptr)
-          std::copy(io.grad_features + e * in, io.grad_features + (e + 1) * in, gf + t * in);
+          copy_short(io.grad_features + e * in, in, gf + t * in);
       }
       tile_rows(ga, gb, p.wb, B, H);
       // Through the second layer and SiLU: d(z s)/dz = s (1 + z (1 - s)).
@@ -1214,7 +1307,7 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
         // dL/df = w1^T C plus the features' own incoming gradient: its radial part meets the basis' second
         // derivatives below, and its directional derivative is the features' tangent df.
         if (io.grad_features != nullptr)
-          std::copy(io.grad_features + e * in, io.grad_features + (e + 1) * in, gf + t * in);
+          copy_short(io.grad_features + e * in, in, gf + t * in);
         const T* r = io.vectors + 3 * e;
         const T* rd = io.dot_vectors + 3 * e;
         dlength[t] = length > T(0) ? (r[0] * rd[0] + r[1] * rd[1] + r[2] * rd[2]) / length : T(0);
@@ -1223,7 +1316,7 @@ void edge_double_backward_impl(const EdgeEncoderParams<T>& p, const EdgeEncoderD
           rb1[t * K + k] = -f[t * in + 3 + k] * (length - p.centers[k]) * inv_w2;
           df[t * in + 3 + k] = rb1[t * K + k] * dlength[t];
         }
-        if (io.d_grad_features != nullptr) std::copy(df + t * in, df + (t + 1) * in, io.d_grad_features + e * in);
+        if (io.d_grad_features != nullptr) copy_short(df + t * in, in, io.d_grad_features + e * in);
       }
 #pragma omp simd
       for (int64_t h = 0; h < TH; ++h) sp[h] = s[h] * (T(1) + z[h] * (T(1) - s[h]));  // SiLU'(z)
