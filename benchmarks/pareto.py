@@ -50,6 +50,12 @@ def model_dir(config: dict, entry: dict) -> Path:
     return ROOT / config["output"] / folder_name(entry["name"])
 
 
+def entry_seed(config: dict, entry: dict) -> int:
+    """A model's seed: the study's, or its own `seed` (a second training of a cell, to size the spread between
+    trainings). It picks the training subset, the initial weights and the batch order, in both families."""
+    return entry.get("seed", config["seed"])
+
+
 def load_config(path: Path) -> dict:
     config = json.loads(path.read_text())
     for entry in config["models"]:
@@ -78,14 +84,15 @@ def train_transip(config: dict, entry: dict, folder: Path) -> Path:
     from transip.train import TrainConfig, train
 
     shared = config["transip_training"]
-    cfg = TrainConfig(data=str(ROOT / config["data"]), output=str(folder), seed=config["seed"],
+    cfg = TrainConfig(data=str(ROOT / config["data"]), output=str(folder), seed=entry_seed(config, entry),
                       threads=config["threads"], progress=False, max_hours=config["budget_hours"],
-                      budget_clock="cpu", max_train_structures=config.get("max_train_structures"), model=entry["model"], **{**shared, **entry.get("train", {})})
+                      budget_clock="cpu", max_train_structures=config.get("max_train_structures"),
+                      model=entry["model"], **{**shared, **entry.get("train", {})})
     train(cfg, resume=True)
     return folder / "best.ckpt"
 
 
-def write_mace_files(config: dict, structures, splits, folder: Path) -> None:
+def write_mace_files(config: dict, entry: dict, structures, splits, folder: Path) -> None:
     """The training split and the validation frames as extended XYZ with REF_ keys, as MACE reads them."""
     from ase import Atoms
     from ase.io import write
@@ -99,7 +106,7 @@ def write_mace_files(config: dict, structures, splits, folder: Path) -> None:
         a.arrays["REF_forces"] = np.asarray(s.forces)
         return a
 
-    train = training_subset(splits["train"], config.get("max_train_structures"), config["seed"])  # as TransIP's
+    train = training_subset(splits["train"], config.get("max_train_structures"), entry_seed(config, entry))
     val = spread_subset(splits["val"], config["transip_training"]["val_structures"])
     for name, chosen in (("train.xyz", train), ("valid.xyz", val)):
         if not (folder / name).exists():
@@ -114,7 +121,7 @@ def mace_command(config: dict, entry: dict, folder: Path, epochs: int, elements:
                "--forces_key", "REF_forces", "--E0s", "average", "--model", "MACE",
                "--atomic_numbers", str(elements),  # the dataset's, as TransIP's: a subset may lack one
                "--batch_size", str(config["transip_training"]["batch_size"]), "--valid_batch_size", "16",
-               "--max_num_epochs", str(epochs), "--eval_interval", "1", "--seed", str(config["seed"]),
+               "--max_num_epochs", str(epochs), "--eval_interval", "1", "--seed", str(entry_seed(config, entry)),
                "--device", "cpu", "--restart_latest", "--save_cpu"]
     for key, value in mace.items():
         if value is True:
@@ -142,7 +149,7 @@ def train_mace(config: dict, entry: dict, structures, splits, folder: Path) -> P
     model = folder / "mace.model"
     if model.exists():
         return model
-    write_mace_files(config, structures, splits, folder)
+    write_mace_files(config, entry, structures, splits, folder)
     budget = 3600 * config["budget_hours"]
     # CPU seconds spent so far (across interrupted runs), and the total at each validated epoch.
     ledger = folder / "budget.json"
@@ -424,7 +431,8 @@ def write_report(config: dict, config_path: Path, rows: list) -> None:
     lines = [
         f"Command: `python benchmarks/pareto.py --config {shown_path(config_path)}` (then `--cost`). Data "
         f"`{config['data']}`, the same seeded subset of its training split "
-        f"({config.get('max_train_structures') or 'all'} structures); every model "
+        f"({config.get('max_train_structures') or 'all'} structures; a model named `seed N` trains with seed N: its "
+        "own subset, initial weights and batch order, a second training of the cell above it); every model "
         f"trained with the same budget of {config['budget_hours']} h of process CPU time on {config['threads']} "
         f"thread(s) ({config.get('parallel', 1)} models at once), stopping after the epoch that spends it (MACE's "
         "epochs are longer, so it may overrun more: `training CPU h`). TransIP: "

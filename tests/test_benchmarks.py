@@ -203,6 +203,28 @@ def test_pareto_only_refuses_a_model_the_config_lacks():
     assert "--only" in out.stderr and "'TransIP 99x9'" in out.stderr and "'TransIP 32x1 r5'" in out.stderr
 
 
+def test_pareto_model_with_its_own_seed_trains_with_it(tmp_path, monkeypatch):
+    """A config entry's `seed` (a second training of a cell) reaches both families: MACE's command, TransIP's
+    TrainConfig (which picks the training subset from it); entries without one take the study's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pareto
+    import transip.train
+
+    config = pareto.load_config(ROOT / "configs" / "pareto_smoke.json")
+    trained = []
+    monkeypatch.setattr(transip.train, "train", lambda cfg, resume: trained.append(cfg))
+    for family in ("mace", "transip"):
+        entry = next(e for e in config["models"] if e["family"] == family)
+        for model, seed in ((entry, config["seed"]), ({**entry, "seed": config["seed"] + 7}, config["seed"] + 7)):
+            assert pareto.entry_seed(config, model) == seed
+            if family == "mace":
+                command = pareto.mace_command(config, model, tmp_path, 1, [1, 6])
+                assert command[command.index("--seed") + 1] == str(seed)
+            else:
+                pareto.train_transip(config, model, tmp_path)
+                assert trained[-1].seed == seed
+
+
 def test_model_card_comes_from_the_checkpoint_and_results_files(tmp_path):
     """benchmarks/model_card.py writes the shipped model's card from its checkpoint, its metrics file and the
     stability report: their numbers appear in its tables, the trained domain in its limits."""
