@@ -36,12 +36,14 @@ struct AttentionInputs {
   const T* self_values;  // (F,): the self edge's values (when there is a self edge and F > 0)
 };
 
-// Forward: writes out (N, H, D + F) and the per-row softmax state m (the row's maximum score) and Z (normaliser),
-// (N, H) each, which the backward reuses instead of storing per-edge weights.
+// Forward: writes out (N, H, D + F) and the softmax state the backward and double backward read instead of
+// recomputing the scores: row_exp, exp(s - m) of every edge of every row (m the row's maximum score), rows one
+// after another with the self edge first ((E + N, H) with a self edge, (E, H) without: as many values as the
+// biases), and Z, the row's normaliser (N, H).
 template <typename T>
 struct AttentionForwardOutputs {
   T* out;
-  T* row_max;
+  T* row_exp;
   T* row_sum;
 };
 
@@ -52,7 +54,7 @@ template <typename T>
 struct AttentionBackwardArgs {
   const T* grad_out;
   const T* out;
-  const T* row_max;
+  const T* row_exp;
   const T* row_sum;
   T* grad_q;
   T* grad_k;
@@ -79,7 +81,7 @@ template <typename T>
 struct AttentionDoubleBackwardArgs {
   const T* grad_out;  // g (N, H, D + F)
   const T* out;
-  const T* row_max;
+  const T* row_exp;
   const T* row_sum;
   const T* tq;  // (N, H, D)
   const T* tk;

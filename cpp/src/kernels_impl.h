@@ -475,6 +475,7 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
       for (int64_t x = 0; x < count; ++x)
         for (int64_t h = 0; h < H; ++h) scores[x * H + h] -= m[h];
       exp_array(p.data(), p.data(), count * H);
+      copy_short(p.data(), count * H, result.row_exp + (e0 + self * i) * H);
       std::fill(acc_v.begin(), acc_v.end(), T(0));
       std::fill(acc_u.begin(), acc_u.end(), T(0));
       std::fill(z, z + H, T(0));
@@ -495,7 +496,6 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
         const T inv = z[h] > T(0) ? T(1) / z[h] : T(0);
         for (int64_t d = 0; d < D; ++d) out[h * W + d] = acc_v[h * D + d] * inv;
         for (int64_t f = 0; f < F; ++f) out[h * W + D + f] = acc_u[h * Fp + f] * inv;
-        result.row_max[i * H + h] = std::isfinite(m[h]) ? m[h] : T(0);  // empty row: no maximum
         result.row_sum[i * H + h] = z[h];
       }
     }
@@ -518,7 +518,7 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
   //   dL/du_e = sum_h (w_e / Z_i) g_i[D:]  (each edge belongs to one row: no two threads write it).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
     const int64_t H = dims.H(), D = dims.D(), HD = H * D, F = dims.F(), W = D + F, HW = H * W;
-    std::vector<T> p, t, state(5 * H);  // per row: exp(s - m) and t, (self edge first) x heads
+    std::vector<T> t, state(5 * H);  // per row: t, (self edge first) x heads
     std::vector<T> gq(head_row.size());  // local accumulator (HeadRow)
     T* g_dot_out = state.data();
     T* inv_z = g_dot_out + H;
@@ -528,7 +528,6 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
     for (int64_t i = begin; i < end; ++i) {
       const T* gi = args.grad_out + i * HW;
       const T* oi = args.out + i * HW;
-      const T* mi = args.row_max + i * H;
       std::fill(gq.begin(), gq.end(), T(0));
       for (int64_t h = 0; h < H; ++h) {
         const T zh = args.row_sum[i * H + h];
@@ -536,18 +535,15 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
         g_dot_out[h] = zh > T(0) ? dot(gi + h * W, oi + h * W, W) : T(0);
         copy_short(gi + h * W, D, grad_out_v.data() + i * HD + h * D);
       }
-      const int64_t count = row_scores<T, kH, kD>(in, i, H, D, scale, p), e0 = in.row_ptr[i];
+      const int64_t e0 = in.row_ptr[i], count = self + in.row_ptr[i + 1] - e0;
+      const T* p = args.row_exp + (e0 + self * i) * H;  // exp(s - m), as the forward left it
       if (static_cast<int64_t>(t.size()) < count * H) t.resize(count * H);
       for (int64_t x = 0; x < count; ++x) {
         const T* vj = in.v + (x < self ? i : in.senders[e0 + x - self]) * HD;
         const T* u = F == 0 ? nullptr : x < self ? in.self_values : in.edge_values + (e0 + x - self) * F;
         head_dot_sums(gi, W, vj, D, D, gi + D, W, u, 0, F, H, g_dot_value);  // g . [v_j, u_e] per head
-        for (int64_t h = 0; h < H; ++h) {
-          p[x * H + h] -= mi[h];
-          t[x * H + h] = (g_dot_value[h] - g_dot_out[h]) * inv_z[h];
-        }
+        for (int64_t h = 0; h < H; ++h) t[x * H + h] = (g_dot_value[h] - g_dot_out[h]) * inv_z[h];
       }
-      exp_array(p.data(), p.data(), count * H);
       for (int64_t x = 0; x < count; ++x) {
         const bool is_self = x < self;
         const int64_t e = e0 + x - self;
@@ -627,7 +623,7 @@ void attention_double_backward_impl(const AttentionShape& shape, const Attention
   // store per head and edge that the next edge's load of the same values must wait for (as in the backward).
   at::parallel_for(0, shape.atoms, kGrainAtoms, [&](int64_t begin, int64_t end) {
     const int64_t H = dims.H(), D = dims.D(), HD = H * D, F = dims.F(), W = D + F, HW = H * W, Fp = padded<T>(F);
-    std::vector<T> a, ts, tw, state(10 * H);  // per row: exp(s - m), ts and tw, (self edge first) x heads
+    std::vector<T> ts, tw, state(10 * H);  // per row: ts and tw, (self edge first) x heads
     std::vector<T> to_v(head_row.size()), to_u(H * Fp), gq(head_row.size());
     T* inv_z = state.data();
     T* live = inv_z + H;  // 1 where Z > 0
@@ -643,7 +639,8 @@ void attention_double_backward_impl(const AttentionShape& shape, const Attention
       const T* gi = args.grad_out + i * HW;
       const T* qi = in.q + i * HD;
       const T* tqi = args.tq + i * HD;
-      const int64_t count = row_scores<T, kH, kD>(in, i, H, D, scale, a), e0 = in.row_ptr[i];
+      const int64_t e0 = in.row_ptr[i], count = self + in.row_ptr[i + 1] - e0;
+      const T* a = args.row_exp + (e0 + self * i) * H;  // exp(s - m), as the forward left it
       if (static_cast<int64_t>(ts.size()) < count * H) {
         ts.resize(count * H);
         tw.resize(count * H);
@@ -656,9 +653,6 @@ void attention_double_backward_impl(const AttentionShape& shape, const Attention
         tz[h] = T(0);
         copy_short(gi + h * W, D, grad_out_v.data() + i * HD + h * D);
       }
-      for (int64_t x = 0; x < count; ++x)
-        for (int64_t h = 0; h < H; ++h) a[x * H + h] -= args.row_max[i * H + h];
-      exp_array(a.data(), a.data(), count * H);
       // Edge x of the row: sender, values, tangents.
       const auto sender = [&](int64_t x) { return x < self ? i : in.senders[e0 + x - self]; };
       const auto values = [&](int64_t x) {

@@ -4,9 +4,10 @@
 //       self_values?) -> out (atoms, heads, head_dim + F)
 //       (differentiable once; with self_bias every row also holds its own atom, bias self_bias, envelope 1 and
 //       edge values self_values; edge_values (E, F) are appended to every head's values)
-//   transip::neighbor_attention_forward(...)  -> (out, row_max, row_sum)
+//   transip::neighbor_attention_forward(...)  -> (out, row_exp, row_sum)  (row_exp: exp(s - m) per edge and
+//       head, rows in turn with the self edge first; row_sum: each row's normaliser; kernels.h)
 //   transip::neighbor_attention_backward(grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias?,
-//       edge_values?, self_values?, out, row_max, row_sum)
+//       edge_values?, self_values?, out, row_exp, row_sum)
 //       -> (grad_q, grad_k, grad_v, grad_bias, grad_envelope, grad_self_bias, grad_edge_values, grad_self_values)
 //   transip::edge_encoder(vectors, slot, num_slots, centers, width, cutoff, w1, b1, w2, b2, wb, bb, bias_groups,
 //       features) -> (bias (groups, E, heads), pooled, pooled_weight, envelope, features (E, 3 + num_rbf), or
@@ -192,18 +193,19 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, con
                senders = senders_in.contiguous();
   const AttentionShape shape{q.size(0), senders.numel(), q.size(1), q.size(2), optional.value_width()};
   Tensor out = at::empty({shape.atoms, shape.heads, shape.head_dim + shape.value_width}, q.options());
-  Tensor row_max = at::empty({shape.atoms, shape.heads}, q.options());
+  const int64_t self_edges = optional.self_bias.defined() ? shape.atoms : 0;
+  Tensor row_exp = at::empty({shape.edges + self_edges, shape.heads}, q.options());
   Tensor row_sum = at::empty({shape.atoms, shape.heads}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_forward", [&] {
     const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, optional);
-    const AttentionForwardOutputs<scalar_t> result{out.data_ptr<scalar_t>(), row_max.data_ptr<scalar_t>(),
+    const AttentionForwardOutputs<scalar_t> result{out.data_ptr<scalar_t>(), row_exp.data_ptr<scalar_t>(),
                                                    row_sum.data_ptr<scalar_t>()};
     if (use_avx512())
       avx512::attention_forward<scalar_t>(shape, in, result);
     else
       generic::attention_forward<scalar_t>(shape, in, result);
   });
-  return {out, row_max, row_sum};
+  return {out, row_exp, row_sum};
 }
 
 // What the backward and the double backward both take: the forward's inputs, its output and softmax state, and
@@ -211,7 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_forward_cpu(const Tensor& q_in, con
 // the race-free pass over senders.
 struct SavedAttention {
   OptionalInputs optional;
-  Tensor q, k, v, bias, envelope, row_ptr, senders, grad_out, out, row_max, row_sum, receivers, sender_perm,
+  Tensor q, k, v, bias, envelope, row_ptr, senders, grad_out, out, row_exp, row_sum, receivers, sender_perm,
       sender_ptr;
   AttentionShape shape;
 
@@ -219,7 +221,7 @@ struct SavedAttention {
                  const Tensor& v_in, const Tensor& bias_in, const Tensor& envelope_in, const Tensor& row_ptr_in,
                  const Tensor& senders_in, const std::optional<Tensor>& self_bias_in,
                  const std::optional<Tensor>& edge_values_in, const std::optional<Tensor>& self_values_in,
-                 const Tensor& out_in, const Tensor& row_max_in, const Tensor& row_sum_in)
+                 const Tensor& out_in, const Tensor& row_exp_in, const Tensor& row_sum_in)
       // The comma runs the checks before `optional`, the first member, is built from the inputs.
       : optional((check_attention_inputs(q_in, k_in, v_in, bias_in, envelope_in, row_ptr_in, senders_in,
                                          self_bias_in, edge_values_in, self_values_in),
@@ -230,13 +232,16 @@ struct SavedAttention {
     TORCH_CHECK(grad_out_in.sizes() == out_shape && out_in.sizes() == out_shape, op,
                 ": grad_out and out must have shape (atoms, heads, head_dim + F) = ", c10::IntArrayRef(out_shape),
                 ", got ", grad_out_in.sizes(), " and ", out_in.sizes());
-    TORCH_CHECK(row_max_in.sizes() == row_sum_in.sizes() && row_max_in.dim() == 2 &&
-                    row_max_in.size(0) == q_in.size(0) && row_max_in.size(1) == q_in.size(1),
-                op, ": row_max and row_sum must have shape (atoms, heads)");
+    TORCH_CHECK(row_sum_in.dim() == 2 && row_sum_in.size(0) == q_in.size(0) && row_sum_in.size(1) == q_in.size(1),
+                op, ": row_sum must have shape (atoms, heads), got ", row_sum_in.sizes());
+    const int64_t rows = senders_in.numel() + (optional.self_bias.defined() ? q_in.size(0) : 0);
+    TORCH_CHECK(row_exp_in.dim() == 2 && row_exp_in.size(0) == rows && row_exp_in.size(1) == q_in.size(1), op,
+                ": row_exp must have shape (edges + self edges, heads) = (", rows, ", ", q_in.size(1), "), got ",
+                row_exp_in.sizes());
     q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous(), bias = bias_in.contiguous();
     envelope = envelope_in.contiguous(), row_ptr = row_ptr_in.contiguous(), senders = senders_in.contiguous();
     grad_out = grad_out_in.to(q.scalar_type()).contiguous(), out = out_in.contiguous();
-    row_max = row_max_in.contiguous(), row_sum = row_sum_in.contiguous();
+    row_exp = row_exp_in.contiguous(), row_sum = row_sum_in.contiguous();
     shape = AttentionShape{q.size(0), senders.numel(), q.size(1), q.size(2), width};
     receivers = at::repeat_interleave(at::arange(shape.atoms, row_ptr.options()), row_ptr.diff(), /*dim=*/0,
                                       /*output_size=*/shape.edges);
@@ -252,13 +257,13 @@ BackwardOutputs attention_backward_cpu(const Tensor& grad_out_in, const Tensor& 
                                        const std::optional<Tensor>& self_bias_in,
                                        const std::optional<Tensor>& edge_values_in,
                                        const std::optional<Tensor>& self_values_in, const Tensor& out_in,
-                                       const Tensor& row_max_in, const Tensor& row_sum_in) {
+                                       const Tensor& row_exp_in, const Tensor& row_sum_in) {
   const SavedAttention a("transip::neighbor_attention_backward", grad_out_in, q_in, k_in, v_in, bias_in,
                          envelope_in, row_ptr_in, senders_in, self_bias_in, edge_values_in, self_values_in, out_in,
-                         row_max_in, row_sum_in);
+                         row_exp_in, row_sum_in);
   const OptionalInputs& optional = a.optional;
   const Tensor &q = a.q, &k = a.k, &v = a.v, &bias = a.bias, &envelope = a.envelope, &row_ptr = a.row_ptr,
-               &senders = a.senders, &grad_out = a.grad_out, &out = a.out, &row_max = a.row_max,
+               &senders = a.senders, &grad_out = a.grad_out, &out = a.out, &row_exp = a.row_exp,
                &row_sum = a.row_sum, &receivers = a.receivers, &sender_perm = a.sender_perm,
                &sender_ptr = a.sender_ptr;
   const AttentionShape& shape = a.shape;
@@ -274,7 +279,7 @@ BackwardOutputs attention_backward_cpu(const Tensor& grad_out_in, const Tensor& 
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "transip::neighbor_attention_backward", [&] {
     const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, optional);
     const AttentionBackwardArgs<scalar_t> args{
-        grad_out.data_ptr<scalar_t>(),      out.data_ptr<scalar_t>(),        row_max.data_ptr<scalar_t>(),
+        grad_out.data_ptr<scalar_t>(),      out.data_ptr<scalar_t>(),        row_exp.data_ptr<scalar_t>(),
         row_sum.data_ptr<scalar_t>(),       grad_q.data_ptr<scalar_t>(),     grad_k.data_ptr<scalar_t>(),
         grad_v.data_ptr<scalar_t>(),        grad_bias.data_ptr<scalar_t>(),  grad_envelope.data_ptr<scalar_t>(),
         edge_weight.data_ptr<scalar_t>(),   receivers.data_ptr<int64_t>(),   sender_ptr.data_ptr<int64_t>(),
@@ -302,17 +307,17 @@ DoubleBackwardOutputs attention_double_backward_cpu(
     const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& bias_in,
     const Tensor& envelope_in, const Tensor& row_ptr_in, const Tensor& senders_in,
     const std::optional<Tensor>& self_bias_in, const std::optional<Tensor>& edge_values_in,
-    const std::optional<Tensor>& self_values_in, const Tensor& out_in, const Tensor& row_max_in,
+    const std::optional<Tensor>& self_values_in, const Tensor& out_in, const Tensor& row_exp_in,
     const Tensor& row_sum_in, const std::optional<Tensor>& tq_in, const std::optional<Tensor>& tk_in,
     const std::optional<Tensor>& tv_in, const std::optional<Tensor>& tbias_in,
     const std::optional<Tensor>& tenvelope_in, const std::optional<Tensor>& tself_bias_in,
     const std::optional<Tensor>& tedge_values_in, const std::optional<Tensor>& tself_values_in) {
   const SavedAttention a("transip::neighbor_attention_double_backward", grad_out_in, q_in, k_in, v_in, bias_in,
                          envelope_in, row_ptr_in, senders_in, self_bias_in, edge_values_in, self_values_in, out_in,
-                         row_max_in, row_sum_in);
+                         row_exp_in, row_sum_in);
   const OptionalInputs& optional = a.optional;
   const Tensor &q = a.q, &k = a.k, &v = a.v, &bias = a.bias, &envelope = a.envelope, &row_ptr = a.row_ptr,
-               &senders = a.senders, &grad_out = a.grad_out, &out = a.out, &row_max = a.row_max,
+               &senders = a.senders, &grad_out = a.grad_out, &out = a.out, &row_exp = a.row_exp,
                &row_sum = a.row_sum, &receivers = a.receivers, &sender_perm = a.sender_perm,
                &sender_ptr = a.sender_ptr;
   const AttentionShape& shape = a.shape;
@@ -336,7 +341,7 @@ DoubleBackwardOutputs attention_double_backward_cpu(
     const auto in = attention_inputs<scalar_t>(q, k, v, bias, envelope, row_ptr, senders, optional);
     const AttentionDoubleBackwardArgs<scalar_t> args{
         grad_out.data_ptr<scalar_t>(),       out.data_ptr<scalar_t>(),
-        row_max.data_ptr<scalar_t>(),        row_sum.data_ptr<scalar_t>(),
+        row_exp.data_ptr<scalar_t>(),        row_sum.data_ptr<scalar_t>(),
         tq.data_ptr<scalar_t>(),             tk.data_ptr<scalar_t>(),
         tv.data_ptr<scalar_t>(),             tbias.data_ptr<scalar_t>(),
         tenvelope.data_ptr<scalar_t>(),      pointer_or_null<scalar_t>(tself_bias),
@@ -370,7 +375,7 @@ class NeighborAttentionBackward : public torch::autograd::Function<NeighborAtten
       torch::autograd::AutogradContext* ctx, const Tensor& grad_out, const Tensor& q, const Tensor& k,
       const Tensor& v, const Tensor& bias, const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
       const std::optional<Tensor>& self_bias, const std::optional<Tensor>& edge_values,
-      const std::optional<Tensor>& self_values, const Tensor& out, const Tensor& row_max, const Tensor& row_sum) {
+      const std::optional<Tensor>& self_values, const Tensor& out, const Tensor& row_exp, const Tensor& row_sum) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("transip::neighbor_attention_backward", "")
                          .typed<BackwardOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -380,10 +385,10 @@ class NeighborAttentionBackward : public torch::autograd::Function<NeighborAtten
                                                 const Tensor&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [gq, gk, gv, gbias, genv, gself, gvalues, gself_values] = op.call(
-        grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias, edge_values, self_values, out, row_max,
+        grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias, edge_values, self_values, out, row_exp,
         row_sum);
     ctx->save_for_backward({grad_out, q, k, v, bias, envelope, row_ptr, senders, self_bias.value_or(Tensor()),
-                            edge_values.value_or(Tensor()), self_values.value_or(Tensor()), out, row_max, row_sum});
+                            edge_values.value_or(Tensor()), self_values.value_or(Tensor()), out, row_exp, row_sum});
     // A function's outputs must be defined: the gradients of absent inputs are empty (the caller drops them).
     const auto or_empty = [&](const Tensor& t) { return t.defined() ? t : at::empty({0}, q.options()); };
     return {gq, gk, gv, gbias, genv, or_empty(gself), or_empty(gvalues), or_empty(gself_values)};
@@ -433,10 +438,10 @@ class NeighborAttention : public torch::autograd::Function<NeighborAttention> {
                 const Tensor&, const std::optional<Tensor>&, const std::optional<Tensor>&,
                 const std::optional<Tensor>&)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, row_max, row_sum] =
+    auto [out, row_exp, row_sum] =
         op.call(q, k, v, bias, envelope, row_ptr, senders, self_bias, edge_values, self_values);
     ctx->save_for_backward({q, k, v, bias, envelope, row_ptr, senders, self_bias.value_or(Tensor()),
-                            edge_values.value_or(Tensor()), self_values.value_or(Tensor()), out, row_max, row_sum});
+                            edge_values.value_or(Tensor()), self_values.value_or(Tensor()), out, row_exp, row_sum});
     return out;
   }
 
@@ -798,10 +803,10 @@ TORCH_LIBRARY(transip, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("neighbor_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor envelope, "
         "Tensor row_ptr, Tensor senders, Tensor? self_bias, Tensor? edge_values, Tensor? self_values, Tensor out, "
-        "Tensor row_max, Tensor row_sum) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "Tensor row_exp, Tensor row_sum) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("neighbor_attention_double_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor bias, "
         "Tensor envelope, Tensor row_ptr, Tensor senders, Tensor? self_bias, Tensor? edge_values, "
-        "Tensor? self_values, Tensor out, Tensor row_max, Tensor row_sum, Tensor? tq, Tensor? tk, Tensor? tv, "
+        "Tensor? self_values, Tensor out, Tensor row_exp, Tensor row_sum, Tensor? tq, Tensor? tk, Tensor? tv, "
         "Tensor? tbias, Tensor? tenvelope, Tensor? tself_bias, Tensor? tedge_values, Tensor? tself_values) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("edge_encoder(Tensor vectors, Tensor slot, int num_slots, Tensor centers, float width, float cutoff, "
