@@ -7,8 +7,7 @@ A training step is what `transip train` does per batch (transip.train.Trainer.tr
 equivariance objective's two views (the batch and a rotated copy), energy and force losses (the force loss
 differentiates the forces: a double backward), the contrastive term, the optimiser step. Batches of the
 chemistry data's training split (16 structures, the default batch), the default model size (64 wide, four
-heads of 16, two layers) with the
-repulsion and block geometry, float32. Three settings, each timed on the same batches after warm-up (median
+heads of 16, two layers) with the repulsion and block geometry, float32. Three settings, each timed on the same batches after warm-up (median
 time per step):
 
 - today's training: `transip train` as it ran before the fused path existed: the reference kernel (plain
