@@ -172,19 +172,13 @@ inline void head_dot_sums(const T* a, int64_t stride_a, const T* b, int64_t stri
 // y[0..n) += a x[0..n), for the short runtime lengths of the attention (a head's D = 12, the value width):
 // whole vectors and one masked step. The compiler's own loop for these did, in float, eight lanes and then a
 // scalar remainder (perf), so float32 gained nothing over float64 there.
-// kPaddedY: y is a local accumulator of padded(n) values (below), loaded and stored as whole vectors (x's tail
-// is a masked load, so the padding stays 0). A masked store that the next edge's load of the same accumulator
-// reads cannot be forwarded to it: the load waits for the store to retire, and perf showed the attention rows
-// waiting there.
-template <typename T, bool kPaddedY = false>
+template <typename T>
 inline void axpy(T* __restrict y, T a, const T* __restrict x, int64_t n) {
 #ifdef TRANSIP_AVX512_BUILD
   using V = Vec512<T>;
   const auto va = V::broadcast(a);
-  for (int64_t d = 0; d < n; d += V::kLanes) {
-    const int64_t y_lanes = kPaddedY ? V::kLanes : n - d;
-    V::store(y + d, V::fma(va, V::load(x + d, n - d), V::load(y + d, y_lanes)), y_lanes);
-  }
+  for (int64_t d = 0; d < n; d += V::kLanes)
+    V::store(y + d, V::fma(va, V::load(x + d, n - d), V::load(y + d, n - d)), n - d);
 #else
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
@@ -204,9 +198,9 @@ inline void copy_short(const T* __restrict src, int64_t n, T* __restrict dst) {
 #endif
 }
 
-// y[0..n) = sum_h c[h] x[h * stride + .], written once: one edge's gradient of its values from every head's
-// part of the row's grad_out (summing into a local accumulator and copying it out loaded, stored and copied
-// each vector once per head).
+// y[0..n) = sum_h c[h] x[h * stride + .], each vector summed in a register and stored once: one edge's gradient
+// of its values from every head's part of the row's grad_out. (It replaces a sum into a local accumulator, which
+// loaded and stored each vector once per head, and a copy of that accumulator out.)
 template <typename T>
 inline void combine_heads(T* __restrict y, const T* __restrict c, const T* __restrict x, int64_t stride,
                           int64_t heads, int64_t n) {
@@ -243,7 +237,8 @@ inline void add_to_heads(T* __restrict y, const T* __restrict c, const T* __rest
 }
 
 // n rounded up to whole 512-bit vectors of T: the size of a local accumulator that is only ever loaded and stored
-// whole (axpy<T, true>, HeadRow).
+// whole (HeadRow, add_to_heads). A masked store that the next edge's load of the same accumulator reads cannot be
+// forwarded to it: the load waits for the store to retire, and perf showed the attention rows waiting there.
 template <typename T>
 inline int64_t padded(int64_t n) {
   constexpr int64_t kLanes = 64 / sizeof(T);
@@ -273,14 +268,20 @@ class HeadRow {
   int64_t heads() const { return kH > 0 ? kH : heads_; }
   int64_t head_dim() const { return kD > 0 ? kD : head_dim_; }
   // y += c[head] x, and y += c[head] x + c2[head] x2 with y loaded and stored once for both terms.
-  void add(T* __restrict y, const T* c, const T* x) const { add_terms<1>(y, {c, nullptr}, {x, nullptr}); }
-  void add2(T* __restrict y, const T* c, const T* x, const T* c2, const T* x2) const {
+  __attribute__((always_inline)) inline void add(T* __restrict y, const T* c, const T* x) const {
+    add_terms<1>(y, {c, nullptr}, {x, nullptr});
+  }
+  __attribute__((always_inline)) inline void add2(T* __restrict y, const T* c, const T* x, const T* c2,
+                                                  const T* x2) const {
     add_terms<2>(y, {c, c2}, {x, x2});
   }
 
  private:
+  // Always inlined, as add and add2: called per edge, and as calls (GCC's choice) they showed in perf as
+  // functions of their own.
   template <int kTerms>
-  void add_terms(T* __restrict y, std::array<const T*, 2> c, std::array<const T*, 2> x) const {
+  __attribute__((always_inline)) inline void add_terms(T* __restrict y, std::array<const T*, 2> c,
+                                                       std::array<const T*, 2> x) const {
     const int64_t n = heads() * head_dim();
 #ifdef TRANSIP_AVX512_BUILD
     using V = Vec512<T>;
