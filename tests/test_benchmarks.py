@@ -225,6 +225,27 @@ def test_pareto_model_with_its_own_seed_trains_with_it(tmp_path, monkeypatch):
                 assert trained[-1].seed == seed
 
 
+def test_pareto_reports_the_spread_between_trainings_and_the_means():
+    """Cells trained twice (an entry with its own seed) are reported with each training's error and the mean; the
+    best TransIP mean is compared with the smallest MACE's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pareto
+
+    def row(name, family, mae):
+        return {"name": name, "family": family, "test_scaffolds": {"force_mae": mae}}
+
+    config = {"models": [{"name": "T"}, {"name": "M"}, {"name": "T seed 1", "seed": 1},
+                         {"name": "M seed 1", "seed": 1}, {"name": "U seed 3", "seed": 3}]}
+    rows = [row("T", "transip", 0.150), row("M", "mace", 0.156), row("T seed 1", "transip", 0.160),
+            row("M seed 1", "mace", 0.152)]
+    spread = pareto.seed_spread(config, rows)  # "U seed 3" has no finished base cell: left out
+    assert [(s["cell"], s["values"]) for s in spread] == [("T", [0.150, 0.160]), ("M", [0.156, 0.152])]
+    text = pareto.seed_text(spread, "M")
+    assert "T: 150.0 and 160.0 (mean 155.0)" in text and "M: 156.0 and 152.0 (mean 154.0)" in text
+    assert "T (155.0) is less accurate than the smallest MACE (154.0)" in text
+    assert pareto.seed_text([], "M") == ""
+
+
 def test_model_card_comes_from_the_checkpoint_and_results_files(tmp_path):
     """benchmarks/model_card.py writes the shipped model's card from its checkpoint, its metrics file and the
     stability report: their numbers appear in its tables, the trained domain in its limits."""
