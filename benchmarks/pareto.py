@@ -396,28 +396,42 @@ def openmm_ms(row: dict, system: str, dtype: str):
 
 def verdict(config: dict, rows: list) -> dict:
     """The target: a TransIP model at least as accurate on held-out scaffolds as the smallest MACE and at least
-    5x faster per OpenMM step than it, on every system and precision measured."""
-    maces = [r for r in rows if r["family"] == "mace"]
+    5x faster per OpenMM step than it, on every system and precision measured; a cell trained more than once is
+    judged on the mean of its trainings."""
+    # A cell trained more than once (entries with their own seed) is judged on the mean of its trainings, on
+    # both sides: one training against another differs by a few percent, as much as the gaps judged here.
+    means = {s["cell"]: s for s in seed_spread(config, rows)}
+    repeats = {e["name"] for e in config["models"] if "seed" in e}
+    maces = [r for r in rows if r["family"] == "mace" and r["name"] not in repeats]
     if not maces:
         return {"met": None, "text": "no MACE model has finished"}
     smallest = min(maces, key=lambda r: r["parameters"])
-    reference = smallest["test_scaffolds"]["force_mae"]
+
+    def accuracy(r):
+        cell = means.get(r["name"])
+        return (cell["mean"], len(cell["values"])) if cell else (r["test_scaffolds"]["force_mae"], 1)
+
+    def shown(value, trainings):
+        return f"{1000 * value:.1f} meV/A" + (f" (mean of {trainings} trainings)" if trainings > 1 else "")
+
+    reference, reference_trainings = accuracy(smallest)
     pairs = [(s, d) for s in ("water", "solvated") for d in config["cost"]["dtypes"]]
     candidates = []
     for r in rows:
-        if r["family"] != "transip":
+        if r["family"] != "transip" or r["name"] in repeats:
             continue
         ratios = [openmm_ms(smallest, s, d) / openmm_ms(r, s, d) for s, d in pairs
                   if openmm_ms(smallest, s, d) and openmm_ms(r, s, d)]
-        accurate = r["test_scaffolds"]["force_mae"] <= reference
-        candidates.append({"name": r["name"], "force_mae": r["test_scaffolds"]["force_mae"], "as_accurate": accurate,
+        mae, trainings = accuracy(r)
+        candidates.append({"name": r["name"], "force_mae": mae, "trainings": trainings, "as_accurate": mae <= reference,
                            "slowest_speedup": min(ratios) if len(ratios) == len(pairs) else None})
     met = [c for c in candidates if c["as_accurate"] and c["slowest_speedup"] is not None
            and c["slowest_speedup"] >= 5]
     measured = all(c["slowest_speedup"] is not None for c in candidates)
     text = (f"smallest MACE: {smallest['name']} ({smallest['parameters']} parameters), force MAE on held-out "
-            f"scaffolds {1000 * reference:.1f} meV/A. " + "; ".join(
-                f"{c['name']}: {1000 * c['force_mae']:.1f} meV/A ({'as accurate' if c['as_accurate'] else 'less accurate'})"
+            f"scaffolds {shown(reference, reference_trainings)}. " + "; ".join(
+                f"{c['name']}: {shown(c['force_mae'], c['trainings'])} "
+                f"({'as accurate' if c['as_accurate'] else 'less accurate'})"
                 + (f", {c['slowest_speedup']:.1f}x faster at worst" if c["slowest_speedup"] is not None else
                    ", cost not measured") for c in candidates))
     return {"met": bool(met) if measured or met else None, "text": text, "smallest_mace": smallest["name"],

@@ -245,6 +245,20 @@ def test_pareto_reports_the_spread_between_trainings_and_the_means():
     assert "T (155.0) is less accurate than the smallest MACE (154.0)" in text
     assert pareto.seed_text([], "M") == ""
 
+    # The verdict judges such cells on their means: T's first training (150) beats M's (156), but on the means
+    # (155 against 154) T is less accurate, so the target is not met however fast T is.
+    cost = lambda ms: {"rows": [{"system": s, "dtype": d, "openmm_ms": ms} for s in ("water", "solvated")
+                                for d in ("float32", "float64")]}
+    for r in rows:
+        r.update(parameters=10 if r["family"] == "transip" else 100, cost=cost(1.0 if r["family"] == "transip" else 50.0))
+    config["cost"] = {"dtypes": ["float32", "float64"]}
+    result = pareto.verdict(config, rows)
+    assert result["met"] is False and result["smallest_mace"] == "M"
+    assert [(c["name"], round(c["force_mae"], 4), c["trainings"]) for c in result["candidates"]] == [("T", 0.155, 2)]
+    assert "154.0 meV/A (mean of 2 trainings)" in result["text"]
+    rows[2]["test_scaffolds"]["force_mae"] = 0.150  # T's second training as good as its first: mean 150, met
+    assert pareto.verdict(config, rows)["met"] is True
+
 
 def test_model_card_comes_from_the_checkpoint_and_results_files(tmp_path):
     """benchmarks/model_card.py writes the shipped model's card from its checkpoint, its metrics file and the
