@@ -551,12 +551,23 @@ def plot_error_against_cost(config: dict, rows: list, path: Path) -> None:
             if not points:
                 continue
             plotted = True
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=family.replace(
-                "transip", "TransIP").replace("mace", "MACE"))
-            for x, y, name in points:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            # Every model a marker; the line joins the family's front (each point more accurate than every cheaper
+            # one), so recipe variants and second trainings of one network do not zig-zag it.
+            front, best = [], float("inf")
+            for p in points:
+                if p[1] < best:
+                    front.append(p)
+                    best = p[1]
+            line, = ax.plot([p[0] for p in front], [p[1] for p in front], label=family.replace(
+                "transip", "TransIP").replace("mace", "MACE") + " (front)")
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, linestyle="none",
+                    color=line.get_color())
+            for k, (x, y, name) in enumerate(sorted(points, key=lambda p: p[1])):
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, -6 + 9 * (k % 2)), fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel(f"OpenMM ms per MD step, water box, {dtype}, {config['cost']['threads']} threads")
         ax.set_ylabel("force MAE, held-out scaffolds (meV/A)")
         ax.grid(alpha=0.3, which="both")
