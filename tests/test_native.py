@@ -262,6 +262,27 @@ def test_fused_attention_rejects_bad_input(change, message):
         attention(**args)
 
 
+def test_fused_attention_backward_checks_the_forward_state_it_is_given():
+    """The backward reads the forward's exp(s - m) per edge and head (one row per edge, plus one per atom with
+    self edges) instead of recomputing the scores: a state of another shape is refused with its name and the
+    shape it must have, and the state the forward wrote gives the autograd op's gradients."""
+    graph = random_graph(20, 150, head_dim=12)
+    self_bias = torch.randn(4, dtype=torch.float64)
+    inputs = [graph[n] for n in ("q", "k", "v", "bias", "envelope", "row_ptr", "senders")]
+    out, row_exp, row_sum = torch.ops.transip.neighbor_attention_forward(*inputs, self_bias, None, None)
+    assert row_exp.shape == (150 + 20, 4) and row_sum.shape == (20, 4)
+    grad_out = torch.randn_like(out)
+    grads = torch.ops.transip.neighbor_attention_backward(grad_out, *inputs, self_bias, None, None, out, row_exp,
+                                                          row_sum)
+    leaves = [x.clone().requires_grad_(True) for x in inputs[:5]]
+    auto = torch.autograd.grad(attention(*leaves, graph["row_ptr"], graph["senders"], self_bias), leaves, grad_out)
+    for mine, theirs in zip(grads[:5], auto):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"row_exp must have shape \(edges \+ self edges, heads\) = \(170, 4\)"):
+        torch.ops.transip.neighbor_attention_backward(grad_out, *inputs, self_bias, None, None, out, row_exp[:150],
+                                                      row_sum)
+
+
 # ------------------------------------------------------------------------------------------ neighbour list
 def edge_set(edge_index, shifts):
     return set(zip(edge_index[0].tolist(), edge_index[1].tolist(), map(tuple, shifts.tolist())))
