@@ -399,7 +399,7 @@ void exp_array<float>(const float* x, float* y, int64_t n) {
 // control and mask arithmetic of runtime lengths took much of the float32 backward's samples in perf, a fixed
 // cost per edge that kept float32 from gaining over float64. Each kernel's lambdas read the sizes from
 // here rather than capturing them, so that they see the constants.
-template <typename T, int kH, int kD, int kF>
+template <int kH, int kD, int kF>
 struct AttentionDims {
   explicit AttentionDims(const AttentionShape& shape)
       : heads_(shape.heads), head_dim_(shape.head_dim), value_width_(shape.value_width) {}
@@ -429,6 +429,13 @@ void with_attention_dims(const AttentionShape& shape, Run run) {
   run(integral_constant<int, 0>{}, integral_constant<int, 0>{}, integral_constant<int, -1>{});
 }
 
+// Where row i's values start in a per-edge array that also holds the self edges (row_exp): the row's first edge,
+// shifted by the self edges of the rows before it.
+template <typename T>
+inline int64_t row_start_with_self(const AttentionInputs<T>& in, int64_t i) {
+  return in.row_ptr[i] + (in.self_bias != nullptr ? i : 0);
+}
+
 // Scores of one row, (self edge first when there is one) x heads: s = q_i . k_j / sqrt(D) + bias.
 template <typename T, int kH, int kD>
 int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t heads, int64_t head_dim, T scale,
@@ -452,7 +459,7 @@ int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t heads, int64
 template <typename T, int kH, int kD, int kF>
 void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T>& in,
                             const AttentionForwardOutputs<T>& result) {
-  const AttentionDims<T, kH, kD, kF> dims(shape);  // out holds W = D + F per head
+  const AttentionDims<kH, kD, kF> dims(shape);  // out holds W = D + F per head
   const int64_t self = in.self_bias != nullptr ? 1 : 0;
   const T scale = T(1) / std::sqrt(T(dims.D()));
   const HeadRow<T, kH, kD> head_row(dims.H(), dims.D());
@@ -476,7 +483,7 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
       for (int64_t x = 0; x < count; ++x)
         for (int64_t h = 0; h < H; ++h) scores[x * H + h] -= m[h];
       exp_array(p.data(), p.data(), count * H);
-      copy_short(p.data(), count * H, result.row_exp + (e0 + self * i) * H);
+      copy_short(p.data(), count * H, result.row_exp + row_start_with_self(in, i) * H);
       std::fill(acc_v.begin(), acc_v.end(), T(0));
       std::fill(acc_u.begin(), acc_u.end(), T(0));
       std::fill(z, z + H, T(0));
@@ -506,7 +513,7 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
 template <typename T, int kH, int kD, int kF>
 void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<T>& in,
                              const AttentionBackwardArgs<T>& args) {
-  const AttentionDims<T, kH, kD, kF> dims(shape);  // out and grad_out hold W = D + F per head
+  const AttentionDims<kH, kD, kF> dims(shape);  // out and grad_out hold W = D + F per head
   const int64_t self = in.self_bias != nullptr ? 1 : 0;
   const T scale = T(1) / std::sqrt(T(dims.D()));
   const HeadRow<T, kH, kD> head_row(dims.H(), dims.D());
@@ -537,7 +544,7 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
         copy_short(gi + h * W, D, grad_out_v.data() + i * HD + h * D);
       }
       const int64_t e0 = in.row_ptr[i], count = self + in.row_ptr[i + 1] - e0;
-      const T* p = args.row_exp + (e0 + self * i) * H;  // exp(s - m), as the forward left it
+      const T* p = args.row_exp + row_start_with_self(in, i) * H;  // exp(s - m), as the forward left it
       if (static_cast<int64_t>(t.size()) < count * H) t.resize(count * H);
       for (int64_t x = 0; x < count; ++x) {
         const T* vj = in.v + (x < self ? i : in.senders[e0 + x - self]) * HD;
@@ -612,7 +619,7 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
 template <typename T, int kH, int kD, int kF>
 void attention_double_backward_impl(const AttentionShape& shape, const AttentionInputs<T>& in,
                                     const AttentionDoubleBackwardArgs<T>& args) {
-  const AttentionDims<T, kH, kD, kF> dims(shape);
+  const AttentionDims<kH, kD, kF> dims(shape);
   const int64_t self = in.self_bias != nullptr ? 1 : 0;
   const T scale = T(1) / std::sqrt(T(dims.D()));
   const HeadRow<T, kH, kD> head_row(dims.H(), dims.D());
@@ -641,7 +648,7 @@ void attention_double_backward_impl(const AttentionShape& shape, const Attention
       const T* qi = in.q + i * HD;
       const T* tqi = args.tq + i * HD;
       const int64_t e0 = in.row_ptr[i], count = self + in.row_ptr[i + 1] - e0;
-      const T* a = args.row_exp + (e0 + self * i) * H;  // exp(s - m), as the forward left it
+      const T* a = args.row_exp + row_start_with_self(in, i) * H;  // exp(s - m), as the forward left it
       if (static_cast<int64_t>(ts.size()) < count * H) {
         ts.resize(count * H);
         tw.resize(count * H);
