@@ -66,6 +66,11 @@ def load_config(path: Path) -> dict:
     names = [e["name"] for e in config["models"]]
     if len(set(names)) != len(names):
         raise SystemExit(f"{path}: model names must be unique, got {names}")
+    for entry in config["models"]:  # a second training names its cell: the report pairs them by name
+        if "seed" in entry and not (entry["name"].endswith(f" seed {entry['seed']}")
+                                    and entry["name"][:-len(f" seed {entry['seed']}")] in names):
+            raise SystemExit(f"{path}: model {entry['name']!r} has its own seed {entry['seed']}, so it must be named "
+                             f"'<another model's name> seed {entry['seed']}'")
     return config
 
 
@@ -400,11 +405,12 @@ def verdict(config: dict, rows: list) -> dict:
     judged on the mean of its trainings."""
     # A cell trained more than once (entries with their own seed) is judged on the mean of its trainings, on
     # both sides: one training against another differs by a few percent, as much as the gaps judged here.
-    means = {s["cell"]: s for s in seed_spread(config, rows)}
+    spread = seed_spread(config, rows)
+    means = {s["cell"]: s for s in spread}
     repeats = {e["name"] for e in config["models"] if "seed" in e}
     maces = [r for r in rows if r["family"] == "mace" and r["name"] not in repeats]
     if not maces:
-        return {"met": None, "text": "no MACE model has finished"}
+        return {"met": None, "text": "no MACE model has finished", "seeds": spread}
     smallest = min(maces, key=lambda r: r["parameters"])
 
     def accuracy(r):
@@ -435,7 +441,7 @@ def verdict(config: dict, rows: list) -> dict:
                 + (f", {c['slowest_speedup']:.1f}x faster at worst" if c["slowest_speedup"] is not None else
                    ", cost not measured") for c in candidates))
     return {"met": bool(met) if measured or met else None, "text": text, "smallest_mace": smallest["name"],
-            "meeting": [c["name"] for c in met], "candidates": candidates}
+            "meeting": [c["name"] for c in met], "candidates": candidates, "seeds": spread}
 
 
 def seed_spread(config: dict, rows: list) -> list:
@@ -445,7 +451,7 @@ def seed_spread(config: dict, rows: list) -> list:
     seeded = {}
     for entry in config["models"]:
         if "seed" in entry:
-            cell = re.sub(r" seed \d+$", "", entry["name"])
+            cell = entry["name"][:-len(f" seed {entry['seed']}")]  # load_config checked the name
             if cell in by_name and entry["name"] in by_name:
                 seeded.setdefault(cell, [by_name[cell]]).append(by_name[entry["name"]])
     return [{"cell": cell, "family": trained[0]["family"],
@@ -524,10 +530,8 @@ def write_report(config: dict, config_path: Path, rows: list) -> None:
     state = {True: "**met**", False: "**not met**", None: "not yet measured"}[result["met"]]
     lines += ["", f"Target: a TransIP model at least as accurate on held-out scaffolds as the smallest MACE and at least "
               f"5x faster per OpenMM step than it (every system and precision): {state}. {result['text']}"]
-    spread = seed_spread(config, rows)
-    result["seeds"] = spread
-    if spread:
-        lines += ["", seed_text(spread, result.get("smallest_mace"))]
+    if result["seeds"]:
+        lines += ["", seed_text(result["seeds"], result.get("smallest_mace"))]
     out = ROOT / config["report"] / "pareto"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_results(out, {"config": config, "rows": rows, "verdict": result, "machine": machine()}, lines)

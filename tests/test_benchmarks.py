@@ -225,6 +225,25 @@ def test_pareto_model_with_its_own_seed_trains_with_it(tmp_path, monkeypatch):
                 assert trained[-1].seed == seed
 
 
+def test_pareto_refuses_a_second_training_that_does_not_name_its_cell(tmp_path):
+    """The report pairs a second training with its cell by name, so a seeded entry must be `<cell> seed N`."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pareto
+
+    config = json.loads((ROOT / "configs" / "pareto_smoke.json").read_text())
+    first = config["models"][0]
+    for name in (f"{first['name']} again", f"{first['name']} seed 2", "Nothing seed 1"):
+        config["models"].append({**first, "name": name, "seed": 1})
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(config))
+        with pytest.raises(SystemExit, match=f"{name!r} has its own seed 1, so it must be named"):
+            pareto.load_config(path)
+        config["models"].pop()
+    config["models"].append({**first, "name": f"{first['name']} seed 1", "seed": 1})
+    path.write_text(json.dumps(config))
+    assert pareto.load_config(path)["models"][-1]["seed"] == 1
+
+
 def test_pareto_reports_the_spread_between_trainings_and_the_means():
     """Cells trained twice (an entry with its own seed) are reported with each training's error and the mean; the
     best TransIP mean is compared with the smallest MACE's."""
