@@ -408,12 +408,18 @@ def edge_forces_and_virial(g: torch.Tensor, edge_vectors: torch.Tensor, receiver
     module docstring derives them, each on request; `edge_structure` (E,) is the structure of each edge."""
     out: Dict[str, torch.Tensor] = {}
     if compute_forces:
-        out["forces"] = torch.zeros(num_atoms, 3, dtype=g.dtype, device=g.device).index_add(
-            0, receivers, g).index_add(0, senders, -g)
+        # Summed along the last axis of a (3, atoms) tensor: ATen's CPU index_add along the first axis of an
+        # (atoms, 3) one takes its generic scatter path, 4-7x slower on a 1 000-atom box (same sums, same order).
+        g_t = g.t()
+        out["forces"] = torch.zeros(3, num_atoms, dtype=g.dtype, device=g.device).index_add(
+            1, receivers, g_t).index_add(1, senders, -g_t).t().contiguous()
     if compute_virial:
-        per_edge = -g[:, :, None] * edge_vectors[:, None, :]
-        out["virial"] = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device).index_add(
-            0, edge_structure, per_edge)
+        if num_structures == 1:  # every engine call: one matrix product instead of a scatter of (E, 3, 3)
+            out["virial"] = -(g.t() @ edge_vectors)[None]
+        else:
+            per_edge = -g[:, :, None] * edge_vectors[:, None, :]
+            out["virial"] = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device).index_add(
+                0, edge_structure, per_edge)
     return out
 
 
