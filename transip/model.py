@@ -194,6 +194,7 @@ class TransIP(nn.Module):
         self.register_buffer("repulsion_charge_product", charge_product, persistent=False)
         self.register_buffer("repulsion_inverse_screening", inverse_screening, persistent=False)
         self.register_buffer("repulsion_switch_off", switch_off, persistent=False)
+        self.repulsion_reach = float(switch_off.max()) if switch_off.numel() > 0 else 0.0  # the widest pair's switch-off (A)
         coefficients, exponents = zbl_screening_function()
         self.register_buffer("repulsion_coefficients", coefficients, persistent=False)
         self.register_buffer("repulsion_exponents", exponents, persistent=False)
@@ -310,12 +311,12 @@ class TransIP(nn.Module):
             return energies
         # Only edges inside their pair's switch-off distance (a few per cent of the neighbour list) contribute:
         # beyond it the term and all its derivatives are exactly zero, so the others are left out before any
-        # arithmetic, in every path.
-        s_i, s_j = species.index_select(0, receivers), species.index_select(0, senders)
-        near = torch.nonzero(torch.linalg.norm(edge_vectors.detach(), dim=1)
-                             < self.repulsion_switch_off[s_i, s_j]).squeeze(1)
+        # arithmetic, in every path. The filter is the widest pair's distance (one comparison per edge, no
+        # per-pair lookup over the whole list); edges kept beyond their own pair's distance add exact zeros.
+        squared = edge_vectors.detach().square().sum(1)
+        near = torch.nonzero(squared < self.repulsion_reach * self.repulsion_reach).squeeze(1)
         edge_vectors, receivers = edge_vectors.index_select(0, near), receivers.index_select(0, near)
-        s_i, s_j = s_i.index_select(0, near), s_j.index_select(0, near)
+        s_i, s_j = species.index_select(0, receivers), species.index_select(0, senders.index_select(0, near))
         lengths = self.edge_lengths(edge_vectors)
         if self.analytic_derivatives and not torch.jit.is_scripting():
             share = analytic_zbl(lengths, self.repulsion_charge_product[s_i, s_j],
