@@ -446,7 +446,8 @@ def verdict(config: dict, rows: list) -> dict:
 
 def seed_spread(config: dict, rows: list) -> list:
     """Cells trained more than once (entries with their own `seed`, named `<cell> seed N`): every training's force
-    MAE on held-out scaffolds and their mean, as {"cell", "family", "values", "mean"}."""
+    MAE on held-out scaffolds, their mean and sample standard deviation, as {"cell", "family", "values", "mean",
+    "std"}."""
     by_name = {r["name"]: r for r in rows}
     seeded = {}
     for entry in config["models"]:
@@ -456,8 +457,14 @@ def seed_spread(config: dict, rows: list) -> list:
                 seeded.setdefault(cell, [by_name[cell]]).append(by_name[entry["name"]])
     return [{"cell": cell, "family": trained[0]["family"],
              "values": [r["test_scaffolds"]["force_mae"] for r in trained],
-             "mean": float(np.mean([r["test_scaffolds"]["force_mae"] for r in trained]))}
+             "mean": float(np.mean([r["test_scaffolds"]["force_mae"] for r in trained])),
+             "std": float(np.std([r["test_scaffolds"]["force_mae"] for r in trained], ddof=1))}
             for cell, trained in seeded.items()]
+
+
+def listed(values: list) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " and " + values[-1]
 
 
 def seed_text(spread: list, smallest_mace: Optional[str]) -> str:
@@ -466,15 +473,18 @@ def seed_text(spread: list, smallest_mace: Optional[str]) -> str:
     if not spread:
         return ""
     text = "Cells trained twice or more (force MAE on held-out scaffolds, meV/A): " + "; ".join(
-        f"{s['cell']}: " + " and ".join(f"{1000 * v:.1f}" for v in s["values"]) + f" (mean {1000 * s['mean']:.1f})"
-        for s in spread) + "."
+        f"{s['cell']}: " + listed([f"{1000 * v:.1f}" for v in s["values"]])
+        + f" (mean {1000 * s['mean']:.1f}, standard deviation {1000 * s['std']:.1f})" for s in spread) + "."
     mace = next((s for s in spread if s["cell"] == smallest_mace), None)
     transips = [s for s in spread if s["family"] == "transip"]
     if mace and transips:
         best = min(transips, key=lambda s: s["mean"])
         relation = "as accurate as" if best["mean"] <= mace["mean"] else "less accurate than"
+        # How well the trainings pin the means down: the standard error of their difference.
+        error = float(np.hypot(best["std"] / np.sqrt(len(best["values"])), mace["std"] / np.sqrt(len(mace["values"]))))
         text += (f" On the means, {best['cell']} ({1000 * best['mean']:.1f}) is {relation} the smallest MACE "
-                 f"({1000 * mace['mean']:.1f}).")
+                 f"({1000 * mace['mean']:.1f}); the difference, {1000 * abs(best['mean'] - mace['mean']):.1f}, "
+                 f"against a standard error of {1000 * error:.1f} from the spread between trainings.")
     return text
 
 

@@ -259,10 +259,19 @@ def test_pareto_reports_the_spread_between_trainings_and_the_means():
             row("M seed 1", "mace", 0.152)]
     spread = pareto.seed_spread(config, rows)  # "U seed 3" has no finished base cell: left out
     assert [(s["cell"], s["values"]) for s in spread] == [("T", [0.150, 0.160]), ("M", [0.156, 0.152])]
+    assert [round(1000 * s["std"], 3) for s in spread] == [7.071, 2.828]  # sample standard deviations
     text = pareto.seed_text(spread, "M")
-    assert "T: 150.0 and 160.0 (mean 155.0)" in text and "M: 156.0 and 152.0 (mean 154.0)" in text
-    assert "T (155.0) is less accurate than the smallest MACE (154.0)" in text
+    assert ("T: 150.0 and 160.0 (mean 155.0, standard deviation 7.1)" in text
+            and "M: 156.0 and 152.0 (mean 154.0, standard deviation 2.8)" in text)
+    # Standard error of the difference of means: sqrt(7.071^2 / 2 + 2.828^2 / 2) = 5.385
+    assert ("T (155.0) is less accurate than the smallest MACE (154.0); the difference, 1.0, against a standard "
+            "error of 5.4") in text
     assert pareto.seed_text([], "M") == ""
+
+    # A third training is listed with commas.
+    config["models"].append({"name": "T seed 2", "seed": 2})
+    three = pareto.seed_spread(config, rows + [row("T seed 2", "transip", 0.155)])
+    assert "T: 150.0, 160.0 and 155.0 (mean 155.0, standard deviation 5.0)" in pareto.seed_text(three, "M")
 
     # The verdict judges such cells on their means: T's first training (150) beats M's (156), but on the means
     # (155 against 154) T is less accurate, so the target is not met however fast T is.
