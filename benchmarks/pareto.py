@@ -455,11 +455,12 @@ def seed_spread(config: dict, rows: list) -> list:
             cell = entry["name"][:-len(f" seed {entry['seed']}")]  # load_config checked the name
             if cell in by_name and entry["name"] in by_name:
                 seeded.setdefault(cell, [by_name[cell]]).append(by_name[entry["name"]])
-    return [{"cell": cell, "family": trained[0]["family"],
-             "values": [r["test_scaffolds"]["force_mae"] for r in trained],
-             "mean": float(np.mean([r["test_scaffolds"]["force_mae"] for r in trained])),
-             "std": float(np.std([r["test_scaffolds"]["force_mae"] for r in trained], ddof=1))}
-            for cell, trained in seeded.items()]
+    spread = []
+    for cell, trained in seeded.items():
+        values = [r["test_scaffolds"]["force_mae"] for r in trained]
+        spread.append({"cell": cell, "family": trained[0]["family"], "values": values,
+                       "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))})
+    return spread
 
 
 def listed(values: list) -> str:

@@ -77,6 +77,18 @@ def test_stress_matches_strain_derivative(model):
     np.testing.assert_allclose(virial, -numeric, rtol=1e-6, atol=1e-6 * np.abs(virial).max())
 
 
+def test_virials_of_a_batch_are_each_structures_own(model):
+    """One structure's virial is a matrix product, several structures' a sum over each one's edges: a batch of
+    two strained crystals gives each the virial it has alone."""
+    first = crystal()
+    strain = np.eye(3) + 0.02 * np.array([[1.0, 0.3, 0.0], [0.0, -0.5, 0.2], [0.1, 0.0, 0.4]])
+    second = Structure(first.numbers, first.positions @ strain.T, cell=first.cell @ strain.T, pbc=first.pbc)
+    together = predict(model, [first, second], compute_virial=True)["virial"]
+    alone = [predict(model, [s], compute_virial=True)["virial"][0] for s in (first, second)]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-4  # two different virials, so a mix-up would show
+    np.testing.assert_allclose(together, np.stack(alone), rtol=1e-10, atol=1e-12)
+
+
 def assert_smooth(energies: np.ndarray, forces: np.ndarray) -> None:
     """A scan with a step of 1e-4 A is smooth. Along a smooth curve the third differences are (third derivative)
     x step^3 (energies: ~1e-9 here). A jump J in the energy, the force or the curvature would show up in the

@@ -378,9 +378,8 @@ class TransIP(nn.Module):
             g = grads[0]
             if g is None:  # no edges at all
                 g = torch.zeros_like(edge_vectors)
-            derived = edge_forces_and_virial(g, edge_vectors, receivers, senders, positions.shape[0],
-                                             batch.index_select(0, receivers), num_structures, compute_forces,
-                                             compute_virial)
+            derived = edge_forces_and_virial(g, edge_vectors, receivers, senders, positions.shape[0], batch,
+                                             num_structures, compute_forces, compute_virial)
             for key, value in derived.items():
                 out[key] = value
         return out
@@ -403,10 +402,10 @@ def analytic_zbl(lengths: torch.Tensor, charge_product: torch.Tensor, inverse_sc
 
 
 def edge_forces_and_virial(g: torch.Tensor, edge_vectors: torch.Tensor, receivers: torch.Tensor,
-                           senders: torch.Tensor, num_atoms: int, edge_structure: torch.Tensor, num_structures: int,
+                           senders: torch.Tensor, num_atoms: int, batch: torch.Tensor, num_structures: int,
                            compute_forces: bool = True, compute_virial: bool = True) -> Dict[str, torch.Tensor]:
     """Forces (num_atoms, 3) and virial (num_structures, 3, 3) from the edge gradients g_e = dE/dr_e, as the
-    module docstring derives them, each on request; `edge_structure` (E,) is the structure of each edge."""
+    module docstring derives them, each on request; `batch` (num_atoms,) is the structure of each atom."""
     out: Dict[str, torch.Tensor] = {}
     if compute_forces:
         # Summed along the last axis of a (3, atoms) tensor: ATen's CPU index_add along the first axis of an
@@ -420,7 +419,7 @@ def edge_forces_and_virial(g: torch.Tensor, edge_vectors: torch.Tensor, receiver
         else:
             per_edge = -g[:, :, None] * edge_vectors[:, None, :]
             out["virial"] = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device).index_add(
-                0, edge_structure, per_edge)
+                0, batch.index_select(0, receivers), per_edge)  # each edge's structure is its receiver's
     return out
 
 
