@@ -440,8 +440,17 @@ def verdict(config: dict, rows: list) -> dict:
                 f"({'as accurate' if c['as_accurate'] else 'less accurate'})"
                 + (f", {c['slowest_speedup']:.1f}x faster at worst" if c["slowest_speedup"] is not None else
                    ", cost not measured") for c in candidates))
+    # A margin smaller than the spread between trainings of one cell is not a difference the study can see.
+    largest_std = max((s["std"] for s in spread), default=None)
+    close = [c for c in met if largest_std is not None and reference - c["force_mae"] < largest_std]
+    if close:
+        ahead = [f"{c['name']} is {1000 * (reference - c['force_mae']):.1f} meV/A ahead on "
+                 + ("one training" if c["trainings"] == 1 else f"the mean of {c['trainings']} trainings") for c in close]
+        text += (f". Within noise: {'; '.join(ahead)}, less than the largest standard deviation between trainings "
+                 f"of one cell ({1000 * largest_std:.1f} meV/A)")
     return {"met": bool(met) if measured or met else None, "text": text, "smallest_mace": smallest["name"],
-            "meeting": [c["name"] for c in met], "candidates": candidates, "seeds": spread}
+            "meeting": [c["name"] for c in met], "within_noise": [c["name"] for c in close],
+            "candidates": candidates, "seeds": spread}
 
 
 def seed_spread(config: dict, rows: list) -> list:

@@ -285,7 +285,13 @@ def test_pareto_reports_the_spread_between_trainings_and_the_means():
     assert [(c["name"], round(c["force_mae"], 4), c["trainings"]) for c in result["candidates"]] == [("T", 0.155, 2)]
     assert "154.0 meV/A (mean of 2 trainings)" in result["text"]
     rows[2]["test_scaffolds"]["force_mae"] = 0.150  # T's second training as good as its first: mean 150, met
-    assert pareto.verdict(config, rows)["met"] is True
+    result = pareto.verdict(config, rows)
+    assert result["met"] is True and result["within_noise"] == []  # 4.0 ahead; M's trainings spread by 2.8
+    rows[0]["test_scaffolds"]["force_mae"] = rows[2]["test_scaffolds"]["force_mae"] = 0.153  # mean 153: 1.0 ahead
+    result = pareto.verdict(config, rows)
+    assert result["met"] is True and result["within_noise"] == ["T"]
+    assert ("Within noise: T is 1.0 meV/A ahead on the mean of 2 trainings, less than the largest standard "
+            "deviation between trainings of one cell (2.8 meV/A)") in result["text"]
 
 
 def test_model_card_comes_from_the_checkpoint_and_results_files(tmp_path):
