@@ -205,6 +205,8 @@ struct EdgeEncoderDoubleBackward {
 #define TRANSIP_DECLARE_KERNELS(NS)                                                                  \
   namespace NS {                                                                                     \
   bool built_with_avx512();                                                                          \
+  int64_t within_cutoff(const double* x, const double* y, const double* z, int64_t count,           \
+                        const double* center, double cutoff2, int64_t* kept);                        \
   template <typename T>                                                                              \
   void attention_forward(const AttentionShape& shape, const AttentionInputs<T>& in,                  \
                          const AttentionForwardOutputs<T>& result);                                  \
@@ -225,5 +227,9 @@ struct EdgeEncoderDoubleBackward {
 
 TRANSIP_DECLARE_KERNELS(generic)
 TRANSIP_DECLARE_KERNELS(avx512)
+
+// Whether the kernels run from the AVX-512 build (the CPU has it, the compiler built it, and TRANSIP_ISA does
+// not ask for the portable one).
+bool use_avx512();
 
 }  // namespace transip

@@ -1428,6 +1428,48 @@ void edge_encoder_double_backward(const EdgeEncoderParams<T>& p, const EdgeEncod
   with_hidden_width(p.hidden, [&](auto width) { edge_double_backward_impl<T, decltype(width)::value>(p, io); });
 }
 
+// The candidates c < count within the cutoff of `center`: (x_c - center)^2 summed over the axes < cutoff2, with
+// x_c the candidate's position already shifted to its image. Their numbers go to `kept` in increasing order; the
+// count is returned. The neighbour list's inner loop (one call per atom). Products and sums are rounded one at a
+// time, never fused into an FMA, so that both builds and the reference list draw the cutoff at the same pairs.
+int64_t within_cutoff(const double* x, const double* y, const double* z, int64_t count, const double* center,
+                      double cutoff2, int64_t* kept) {
+  int64_t m = 0;
+#ifdef TRANSIP_AVX512_BUILD
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;  // explicit rounding: never contracted
+  const __m512d cx = _mm512_set1_pd(center[0]), cy = _mm512_set1_pd(center[1]), cz = _mm512_set1_pd(center[2]);
+  const __m512d limit = _mm512_set1_pd(cutoff2);
+  const __m512i lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t c = 0; c < count; c += 8) {
+    const __mmask8 tail = count - c >= 8 ? static_cast<__mmask8>(0xff) : static_cast<__mmask8>((1u << (count - c)) - 1u);
+    const __m512d dx = _mm512_sub_round_pd(_mm512_maskz_loadu_pd(tail, x + c), cx, kRound);
+    const __m512d dy = _mm512_sub_round_pd(_mm512_maskz_loadu_pd(tail, y + c), cy, kRound);
+    const __m512d dz = _mm512_sub_round_pd(_mm512_maskz_loadu_pd(tail, z + c), cz, kRound);
+    const __m512d d2 = _mm512_add_round_pd(_mm512_add_round_pd(_mm512_mul_round_pd(dx, dx, kRound),
+                                                                _mm512_mul_round_pd(dy, dy, kRound), kRound),
+                                           _mm512_mul_round_pd(dz, dz, kRound), kRound);
+    const __mmask8 inside = _mm512_mask_cmp_pd_mask(tail, d2, limit, _CMP_LT_OQ);
+    _mm512_mask_compressstoreu_epi64(kept + m, inside, _mm512_add_epi64(lanes, _mm512_set1_epi64(c)));
+    m += __builtin_popcount(inside);
+  }
+#else
+  // 64 candidates at a time: their distances (a loop the compiler vectorises), then a bit mask, then a branch per
+  // kept candidate rather than per candidate (most are rejected, unpredictably).
+  double d2[64];
+  for (int64_t block = 0; block < count; block += 64) {
+    const int64_t width = std::min<int64_t>(64, count - block);
+    for (int64_t c = 0; c < width; ++c) {
+      const double dx = x[block + c] - center[0], dy = y[block + c] - center[1], dz = z[block + c] - center[2];
+      d2[c] = dx * dx + dy * dy + dz * dz;
+    }
+    uint64_t mask = 0;
+    for (int64_t c = 0; c < width; ++c) mask |= static_cast<uint64_t>(d2[c] < cutoff2) << c;
+    for (; mask != 0; mask &= mask - 1) kept[m++] = block + __builtin_ctzll(mask);
+  }
+#endif
+  return m;
+}
+
 bool built_with_avx512() {
 #ifdef TRANSIP_AVX512_BUILD
   return true;

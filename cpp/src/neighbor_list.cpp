@@ -3,8 +3,11 @@
 // planes, so neighbours lie in bins within a small offset range. For periodic axes an offset that leaves the
 // box wraps to a bin on the other side and carries a lattice image, and when the box is thinner than the
 // cutoff the offset range spans several images: every (bin, image) pair is visited once, so no pair is
-// listed twice and none is missed.
+// listed twice and none is missed. Each bin's candidates are listed once, in the order rows need, for all its
+// atoms; each atom's row is then a distance pass and a compaction (within_cutoff, kernels.h).
 #include "neighbor_list.h"
+
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -40,11 +43,6 @@ Mat3 inverse(const Mat3& m, double det) {
 }
 
 int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
-
-struct Edge {
-  int64_t sender;
-  std::array<int64_t, 3> shift;
-};
 
 }  // namespace
 
@@ -152,98 +150,117 @@ std::tuple<at::Tensor, at::Tensor> neighbor_list(const at::Tensor& positions, co
     bin_of[i] = b;
   }
   const int64_t num_bins = bins[0] * bins[1] * bins[2];
-  auto [bin_perm_t, bin_ptr_t] = csr_order(at::from_blob(bin_of.data(), {n}, at::kLong), num_bins);
-  const int64_t* bin_perm = bin_perm_t.data_ptr<int64_t>();
-  const int64_t* bin_ptr = bin_ptr_t.data_ptr<int64_t>();
 
-  // The wrapped positions in bin order, one array per axis: each bin's candidates are then one contiguous run
-  // whose distances vectorise, instead of a gather through bin_perm per candidate (the list's main cost).
-  std::vector<double> binned(3 * n);
-  for (int64_t idx = 0; idx < n; ++idx)
-    for (int a = 0; a < 3; ++a) binned[a * n + idx] = wrapped[3 * bin_perm[idx] + a];
-  const double* bx = binned.data();
-  const double* by = bx + n;
-  const double* bz = by + n;
+  // Each home bin's candidates, built once for all its atoms: every atom j of every (target bin, image) pair
+  // within the offset range, listed in order of (j, image), with x_j + image shift precomputed per axis. An atom's
+  // row is then one vectorised distance pass over its bin's list followed by a branch-free compaction, already
+  // in the row's order (sender, shift): no per-atom walk over the offsets and no per-row sort (the two took most
+  // of the list's time). Candidates over all bins: (number of offsets) x atoms.
+  std::vector<std::array<int64_t, 3>> offsets;
+  for (int64_t o0 = -range[0]; o0 <= range[0]; ++o0)
+    for (int64_t o1 = -range[1]; o1 <= range[1]; ++o1)
+      for (int64_t o2 = -range[2]; o2 <= range[2]; ++o2) offsets.push_back({o0, o1, o2});
+  const int64_t num_offsets = static_cast<int64_t>(offsets.size());
+  // Per (target bin, offset): the home bin that reaches the target through the offset (-1 when that home would
+  // lie outside a non-periodic axis) and the lattice image the target then carries, integer and Cartesian.
+  struct Reach {
+    int64_t home;
+    std::array<int64_t, 3> image;
+    Vec3 shift;
+  };
+  std::vector<Reach> reach(num_bins * num_offsets);
+  for (int64_t t = 0; t < num_bins; ++t) {
+    std::array<int64_t, 3> target;
+    for (int64_t a = 2, rest = t; a >= 0; --a) {
+      target[a] = rest % bins[a];
+      rest /= bins[a];
+    }
+    for (int64_t k = 0; k < num_offsets; ++k) {
+      Reach& r = reach[t * num_offsets + k];
+      r.home = 0;
+      r.shift = {0, 0, 0};
+      for (int a = 0; a < 3; ++a) {
+        const int64_t h = target[a] - offsets[k][a];
+        const int64_t wrapped_h = periodic[a] ? h - floor_div(h, bins[a]) * bins[a] : h;
+        if (!periodic[a] && (h < 0 || h >= bins[a])) r.home = -1;
+        r.image[a] = periodic[a] ? floor_div(wrapped_h + offsets[k][a], bins[a]) : 0;
+        if (r.home >= 0) r.home = r.home * bins[a] + wrapped_h;
+      }
+      for (int q = 0; q < 3; ++q)
+        for (int a = 0; a < 3; ++a) r.shift[a] += static_cast<double>(r.image[q]) * lattice[q][a];
+    }
+  }
+  // The lists are filled by a pass over j in increasing order, each j appended to the list of every home bin
+  // that reaches its bin, so each list comes out sorted by j; offsets are visited in increasing order, and for
+  // one (home, target) pair the image grows with the offset, so one j's images follow in increasing order too.
+  // The pass runs in parallel over contiguous ranges of j: a first sweep counts each range's entries per home
+  // bin, so that every range writes its own consecutive slots of every list (a stable counting sort).
+  const int64_t num_ranges = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  std::vector<int64_t> range_fill(num_ranges * num_bins, 0);  // per (range, home bin): entries, then first slot
+  at::parallel_for(0, num_ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int64_t* count = range_fill.data() + p * num_bins;
+      for (int64_t j = p * n / num_ranges; j < (p + 1) * n / num_ranges; ++j)
+        for (const Reach* r = &reach[bin_of[j] * num_offsets]; r != &reach[(bin_of[j] + 1) * num_offsets]; ++r)
+          if (r->home >= 0) ++count[r->home];
+    }
+  });
+  std::vector<int64_t> list_ptr(num_bins + 1, 0);
+  for (int64_t b = 0, slot = 0; b < num_bins; ++b) {
+    list_ptr[b] = slot;
+    for (int64_t p = 0; p < num_ranges; ++p) {
+      const int64_t count = range_fill[p * num_bins + b];
+      range_fill[p * num_bins + b] = slot;
+      slot += count;
+    }
+    list_ptr[b + 1] = slot;
+  }
+  const int64_t num_candidates = list_ptr[num_bins];
+  std::vector<double> cand_x(num_candidates), cand_y(num_candidates), cand_z(num_candidates);
+  std::vector<int64_t> cand_sender(num_candidates);
+  std::vector<std::array<int64_t, 3>> cand_shift(num_candidates);  // image - wrap_j: the row's shift is wrap_i + this
+  at::parallel_for(0, num_ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int64_t* fill = range_fill.data() + p * num_bins;
+      for (int64_t j = p * n / num_ranges; j < (p + 1) * n / num_ranges; ++j) {
+        const double* xj = &wrapped[3 * j];
+        for (const Reach* r = &reach[bin_of[j] * num_offsets]; r != &reach[(bin_of[j] + 1) * num_offsets]; ++r) {
+          if (r->home < 0) continue;
+          const int64_t c = fill[r->home]++;
+          cand_x[c] = xj[0] + r->shift[0];
+          cand_y[c] = xj[1] + r->shift[1];
+          cand_z[c] = xj[2] + r->shift[2];
+          cand_sender[c] = j;
+          cand_shift[c] = {r->image[0] - wrap[3 * j], r->image[1] - wrap[3 * j + 1], r->image[2] - wrap[3 * j + 2]};
+        }
+      }
+    }
+  });
 
   const double cutoff2 = cutoff * cutoff;
   const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(n, 4 * at::get_num_threads()));
   std::vector<std::vector<int64_t>> chunk_receivers(num_chunks), chunk_senders(num_chunks), chunk_shifts(num_chunks);
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<Edge> row;
-    std::vector<double> distance2;
-    std::vector<int64_t> order;
+    std::vector<int64_t> kept;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       auto& receivers_out = chunk_receivers[chunk];
       auto& senders_out = chunk_senders[chunk];
       auto& shifts_out = chunk_shifts[chunk];
       for (int64_t i = chunk * n / num_chunks; i < (chunk + 1) * n / num_chunks; ++i) {
-        row.clear();
-        std::array<int64_t, 3> home;
-        int64_t b = bin_of[i];
-        for (int a = 2; a >= 0; --a) {
-          home[a] = b % bins[a];
-          b /= bins[a];
-        }
-        const double* xi = &wrapped[3 * i];
-        for (int64_t o0 = -range[0]; o0 <= range[0]; ++o0)
-          for (int64_t o1 = -range[1]; o1 <= range[1]; ++o1)
-            for (int64_t o2 = -range[2]; o2 <= range[2]; ++o2) {
-              const std::array<int64_t, 3> offset{o0, o1, o2};
-              std::array<int64_t, 3> target, image;
-              bool inside = true;
-              for (int a = 0; a < 3; ++a) {
-                const int64_t t = home[a] + offset[a];
-                if (periodic[a]) {
-                  image[a] = floor_div(t, bins[a]);
-                  target[a] = t - image[a] * bins[a];
-                } else {
-                  inside = inside && t >= 0 && t < bins[a];
-                  image[a] = 0;
-                  target[a] = t;
-                }
-              }
-              if (!inside) continue;
-              Vec3 shift_cart{0, 0, 0};
-              for (int r = 0; r < 3; ++r)
-                for (int a = 0; a < 3; ++a) shift_cart[a] += static_cast<double>(image[r]) * lattice[r][a];
-              const bool home_image = image[0] == 0 && image[1] == 0 && image[2] == 0;
-              const int64_t t = (target[0] * bins[1] + target[1]) * bins[2] + target[2];
-              const int64_t first = bin_ptr[t], count = bin_ptr[t + 1] - first;
-              if (static_cast<int64_t>(distance2.size()) < count) distance2.resize(count);
-              double* d2 = distance2.data();
-#pragma omp simd
-              for (int64_t c = 0; c < count; ++c) {
-                // (x_j + shift) - x_i, in this order: the same rounding, so the same pairs at the cutoff, as before.
-                const double dx = bx[first + c] + shift_cart[0] - xi[0], dy = by[first + c] + shift_cart[1] - xi[1],
-                             dz = bz[first + c] + shift_cart[2] - xi[2];
-                d2[c] = dx * dx + dy * dy + dz * dz;
-              }
-              for (int64_t c = 0; c < count; ++c) {
-                if (!(d2[c] < cutoff2)) continue;
-                const int64_t j = bin_perm[first + c];
-                if (home_image && j == i) continue;
-                row.push_back({j, {image[0] + wrap[3 * i] - wrap[3 * j], image[1] + wrap[3 * i + 1] - wrap[3 * j + 1],
-                                   image[2] + wrap[3 * i + 2] - wrap[3 * j + 2]}});
-              }
-            }
-        // Sorted by (sender, shift): sort one integer key per edge, sender * m + position (m edges in the row),
-        // then order the rare runs of one sender (several images of it) by shift; cheaper than moving the 32-byte
-        // edges themselves through the sort (perf showed that sort in the list's profile).
-        const int64_t m = static_cast<int64_t>(row.size());
-        order.resize(m);
-        for (int64_t c = 0; c < m; ++c) order[c] = row[c].sender * m + c;
-        std::sort(order.begin(), order.end());
-        for (int64_t start = 0, stop; start < m; start = stop) {
-          for (stop = start + 1; stop < m && order[stop] / m == order[start] / m;) ++stop;
-          if (stop - start > 1)
-            std::sort(order.begin() + start, order.begin() + stop,
-                      [&](int64_t a, int64_t b) { return row[a % m].shift < row[b % m].shift; });
-        }
-        for (const int64_t key : order) {
-          const Edge& e = row[key % m];
+        const int64_t first = list_ptr[bin_of[i]], count = list_ptr[bin_of[i] + 1] - first;
+        if (static_cast<int64_t>(kept.size()) < count) kept.resize(count);
+        const int64_t m = (use_avx512() ? avx512::within_cutoff : generic::within_cutoff)(
+            cand_x.data() + first, cand_y.data() + first, cand_z.data() + first, count, &wrapped[3 * i], cutoff2,
+            kept.data());
+        const std::array<int64_t, 3> wrap_i{wrap[3 * i], wrap[3 * i + 1], wrap[3 * i + 2]};
+        for (int64_t k = 0; k < m; ++k) {
+          const int64_t c = first + kept[k], j = cand_sender[c];
+          const std::array<int64_t, 3> shift{wrap_i[0] + cand_shift[c][0], wrap_i[1] + cand_shift[c][1],
+                                             wrap_i[2] + cand_shift[c][2]};
+          if (j == i && shift[0] == 0 && shift[1] == 0 && shift[2] == 0) continue;  // an atom is not its own neighbour
           receivers_out.push_back(i);
-          senders_out.push_back(e.sender);
-          shifts_out.insert(shifts_out.end(), e.shift.begin(), e.shift.end());
+          senders_out.push_back(j);
+          shifts_out.insert(shifts_out.end(), shift.begin(), shift.end());
         }
       }
     }

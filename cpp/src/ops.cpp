@@ -61,11 +61,7 @@ bool keep_freed_memory() {
 }
 std::string version() { return TRANSIP_VERSION; }
 
-namespace {
-
-using at::Tensor;
-
-// The instruction set the attention kernels run with: AVX-512 when the CPU has it and the compiler built it,
+// The instruction set the kernels run with: AVX-512 when the CPU has it and the compiler built it,
 // otherwise the portable build. TRANSIP_ISA=generic forces the portable build (for testing it).
 bool use_avx512() {
   static const bool value = [] {
@@ -82,8 +78,11 @@ bool use_avx512() {
   return value;
 }
 
-std::string isa() { return use_avx512() ? "avx512" : "generic"; }
+namespace {
 
+using at::Tensor;
+
+std::string isa() { return use_avx512() ? "avx512" : "generic"; }
 
 void check_attention_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& bias,
                             const Tensor& envelope, const Tensor& row_ptr, const Tensor& senders,
