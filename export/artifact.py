@@ -119,7 +119,8 @@ class TransIPArtifact(HaloExchange):
         """Per-atom energies (charge/spin offset not included) and dE/d(edge vector), in one pass, over a graph
         whose atoms include every sender: one domain, periodic images folded onto their owners (LAMMPS on one
         rank). Edges grouped by receiver; `edge_vectors` = x_sender - x_receiver, each image's own displacement.
-        Forces and virial follow from the gradients (transip.model.edge_forces_and_virial)."""
+        Forces and virial follow from the gradients (transip.kernels.reference_edge_forces,
+        transip.model.edge_virial)."""
         dtype = self.model.reference_energy.dtype
         edge_vectors = edge_vectors.detach().to(dtype).requires_grad_(True)
         n = numbers.shape[0]

@@ -21,7 +21,8 @@ across MPI ranks, `PairTransIP::evaluate_by_blocks`):
 5. One last gradient through `halo_tokens` (outputs `h0`, `bias`, `env`, `values` with their accumulated
    gradients, `rep` with ones; leave out `values` and `rep` where they need no gradient: a model without block
    geometry or repulsion) gives
-   `g = dE/dr`: forces and virial follow as from `edge_energy_gradients` (transip.model.edge_forces_and_virial).
+   `g = dE/dr`: forces and virial follow as from `edge_energy_gradients` (transip.kernels.reference_edge_forces,
+   transip.model.edge_virial).
 
 The structure's charge/spin offset (`energy_offset`) is added once, by one domain.
 """

@@ -8,7 +8,7 @@ displacements r_e = x_j - x_i + shift_e, so with g_e = dE/dr_e
 
     F_i = sum_{e: receiver i} g_e - sum_{e: sender i} g_e,      virial_ab = -sum_e g_e,a r_e,b
 
-(`edge_forces_and_virial`).
+(the edge geometry modules of transip.kernels for the forces, `edge_virial`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from torch import nn
 
 from . import analytic, native
 from .elements import ELEMENT_SYMBOLS  # the one element table (transip/elements.py); others import it from here
-from .kernels import (EdgeWeights, attention_module, edge_encoder_module, edge_features, reference_edge_embedding,
-                      smooth_step_down)
+from .kernels import (EdgeWeights, attention_module, edge_encoder_module, edge_features, edge_geometry_module,
+                      reference_edge_embedding, smooth_step_down)
 from .repulsion import (REPULSIONS, repulsion_tables, zbl_pair_energy, zbl_screening_function,
                         zbl_switched_derivatives)
 
@@ -174,6 +174,7 @@ class TransIP(nn.Module):
         self.edge_message = nn.Linear(c.edge_hidden, c.d_model)
         kernel = native.default_kernel() if kernel is None else native.resolve_kernel(kernel)
         self.edge_encoder = edge_encoder_module(kernel)
+        self.edge_geometry = edge_geometry_module(kernel)
         self.analytic_derivatives = False  # per-edge terms through transip.analytic (set_kernel, for training)
         self.geometry_width = 3 + c.num_rbf if c.block_geometry else 0
         self.blocks = nn.ModuleList([AttentionBlock(c.d_model, c.num_heads, c.edge_hidden, c.ffn_multiplier, kernel,
@@ -210,6 +211,7 @@ class TransIP(nn.Module):
         for block in self.blocks:
             block.attention = attention_module(resolved)
         self.edge_encoder = edge_encoder_module(resolved, twice_differentiable)
+        self.edge_geometry = edge_geometry_module(resolved)
         self.analytic_derivatives = twice_differentiable and resolved == "fused"
         return self
 
@@ -366,7 +368,7 @@ class TransIP(nn.Module):
         `edge_index` is (2, E) as [receiver, sender]; `shift_vectors` (E, 3) the Cartesian periodic shift.
         """
         receivers, senders = edge_index[0], edge_index[1]
-        edge_vectors = positions.index_select(0, senders) - positions.index_select(0, receivers) + shift_vectors
+        edge_vectors = self.edge_geometry.vectors(positions, receivers, senders, shift_vectors)
         if compute_forces or compute_virial:
             if not edge_vectors.requires_grad:
                 edge_vectors.requires_grad_(True)
@@ -378,10 +380,10 @@ class TransIP(nn.Module):
             g = grads[0]
             if g is None:  # no edges at all
                 g = torch.zeros_like(edge_vectors)
-            derived = edge_forces_and_virial(g, edge_vectors, receivers, senders, positions.shape[0], batch,
-                                             num_structures, compute_forces, compute_virial)
-            for key, value in derived.items():
-                out[key] = value
+            if compute_forces:
+                out["forces"] = self.edge_geometry.forces(g, receivers, senders, positions.shape[0])
+            if compute_virial:
+                out["virial"] = edge_virial(g, edge_vectors, receivers, batch, num_structures)
         return out
 
 
@@ -401,26 +403,15 @@ def analytic_zbl(lengths: torch.Tensor, charge_product: torch.Tensor, inverse_sc
     return analytic.radial(lengths, *derivatives)
 
 
-def edge_forces_and_virial(g: torch.Tensor, edge_vectors: torch.Tensor, receivers: torch.Tensor,
-                           senders: torch.Tensor, num_atoms: int, batch: torch.Tensor, num_structures: int,
-                           compute_forces: bool = True, compute_virial: bool = True) -> Dict[str, torch.Tensor]:
-    """Forces (num_atoms, 3) and virial (num_structures, 3, 3) from the edge gradients g_e = dE/dr_e, as the
-    module docstring derives them, each on request; `batch` (num_atoms,) is the structure of each atom."""
-    out: Dict[str, torch.Tensor] = {}
-    if compute_forces:
-        # Summed along the last axis of a (3, atoms) tensor: ATen's CPU index_add along the first axis of an
-        # (atoms, 3) one takes its generic scatter path, several times slower (same sums, same order).
-        g_t = g.t()
-        out["forces"] = torch.zeros(3, num_atoms, dtype=g.dtype, device=g.device).index_add(
-            1, receivers, g_t).index_add(1, senders, -g_t).t().contiguous()
-    if compute_virial:
-        if num_structures == 1:  # every engine call: one matrix product instead of a scatter of (E, 3, 3)
-            out["virial"] = -(g.t() @ edge_vectors)[None]
-        else:
-            per_edge = -g[:, :, None] * edge_vectors[:, None, :]
-            out["virial"] = torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device).index_add(
-                0, batch.index_select(0, receivers), per_edge)  # each edge's structure is its receiver's
-    return out
+def edge_virial(g: torch.Tensor, edge_vectors: torch.Tensor, receivers: torch.Tensor, batch: torch.Tensor,
+                num_structures: int) -> torch.Tensor:
+    """Virial (num_structures, 3, 3) from the edge gradients g_e = dE/dr_e, as the module docstring derives it;
+    `batch` (num_atoms,) is the structure of each atom (forces: the edge geometry modules of transip.kernels)."""
+    if num_structures == 1:  # every engine call: one matrix product instead of a scatter of (E, 3, 3)
+        return -(g.t() @ edge_vectors)[None]
+    per_edge = -g[:, :, None] * edge_vectors[:, None, :]
+    return torch.zeros(num_structures, 3, 3, dtype=g.dtype, device=g.device).index_add(
+        0, batch.index_select(0, receivers), per_edge)  # each edge's structure is its receiver's
 
 
 def csr_row_ptr(receivers: torch.Tensor, num_rows: int) -> torch.Tensor:

@@ -24,6 +24,8 @@
 //       into autograd for training)
 //   transip::neighbor_list(positions, cell?, pbc?, cutoff) -> (edge_index, shifts)
 //   transip::csr_order(index, num_rows) -> (perm, row_ptr)
+//   transip::edge_vectors(positions, receivers, senders, shift_vectors) -> (E, 3)  (not differentiable)
+//   transip::edge_forces(g, receivers, senders, num_atoms) -> (num_atoms, 3)  (not differentiable)
 //   transip::version() -> str,  transip::isa() -> str,  transip::keep_freed_memory() -> bool
 //
 // Loading this library (from Python through `import transip`, or with torch.ops.load_library / dlopen from
@@ -39,6 +41,7 @@
 #include <optional>
 #include <string>
 
+#include "edge_geometry.h"
 #include "kernels.h"
 #include "neighbor_list.h"
 
@@ -826,6 +829,9 @@ TORCH_LIBRARY(transip, m) {
   m.def("neighbor_list(Tensor positions, Tensor? cell, Tensor? pbc, float cutoff) -> (Tensor, Tensor)",
         &neighbor_list);
   m.def("csr_order(Tensor index, int num_rows) -> (Tensor, Tensor)", &csr_order);
+  m.def("edge_vectors(Tensor positions, Tensor receivers, Tensor senders, Tensor shift_vectors) -> Tensor",
+        &edge_vectors);
+  m.def("edge_forces(Tensor g, Tensor receivers, Tensor senders, int num_atoms) -> Tensor", &edge_forces);
   m.def("version() -> str", &version);
   m.def("isa() -> str", &isa);
   m.def("keep_freed_memory() -> bool", &keep_freed_memory);

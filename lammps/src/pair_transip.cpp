@@ -442,8 +442,8 @@ void PairTransIP::compute(int eflag, int vflag) {
   }
 }
 
-// Forces and virial from the edge gradients g = dE/dr, r = x_sender - x_receiver (as transip.model's
-// edge_forces_and_virial in Python): F_receiver += g, F_sender -= g, virial -sum_e g_e (x) r_e. Senders may be
+// Forces and virial from the edge gradients g = dE/dr, r = x_sender - x_receiver (as reference_edge_forces and
+// edge_virial in Python): F_receiver += g, F_sender -= g, virial -sum_e g_e (x) r_e. Senders may be
 // ghosts (several ranks): LAMMPS sums their forces and per-atom virials back onto the owners (newton on).
 void PairTransIP::tally_edge_gradients(const torch::Tensor &edge_grads) {
   double **f = atom->f;
