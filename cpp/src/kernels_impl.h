@@ -74,7 +74,9 @@ struct Vec512<float> {
   using index = int32_t;  // lane indices of permute
   static type permute(const index* lanes, type v) { return _mm512_permutexvar_ps(_mm512_loadu_si512(lanes), v); }
   static type add(type a, type b) { return _mm512_add_ps(a, b); }
+  static type mul(type a, type b) { return _mm512_mul_ps(a, b); }
   static type fma(type a, type b, type c) { return _mm512_fmadd_ps(a, b, c); }
+  static type lane(type v, int lane) { return _mm512_permutexvar_ps(_mm512_set1_epi32(lane), v); }  // broadcast
 };
 
 template <>
@@ -95,7 +97,9 @@ struct Vec512<double> {
   using index = int64_t;
   static type permute(const index* lanes, type v) { return _mm512_permutexvar_pd(_mm512_loadu_si512(lanes), v); }
   static type add(type a, type b) { return _mm512_add_pd(a, b); }
+  static type mul(type a, type b) { return _mm512_mul_pd(a, b); }
   static type fma(type a, type b, type c) { return _mm512_fmadd_pd(a, b, c); }
+  static type lane(type v, int lane) { return _mm512_permutexvar_pd(_mm512_set1_epi64(lane), v); }
 };
 
 // One vector of lane-wise partial sums of a . b (n any length; the tail is a masked step).
@@ -456,6 +460,53 @@ int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t heads, int64
   return count;
 }
 
+#ifdef TRANSIP_AVX512_BUILD
+// The forward's weighted sums over one row when the sizes are constants (AttentionDims) and the heads fit in one
+// vector: the row's sum of v (heads x head_dim, in whole vectors spanning heads), of the edge values (one padded
+// run per head) and the normalisers stay in registers over all the row's edges and are stored once, into the same
+// padded accumulators the general loop fills. Each edge's weights w = envelope x exp(s - m) are one vector, from
+// which every coefficient is permuted. (The general loop keeps the sums in memory: a load and a store of every
+// accumulator vector per edge, and the weights, written as scalars and read back as a vector, wait on a failed
+// store-to-load forward; both cost the same in either precision.) The same products and sums in the same order.
+template <typename T, int kH, int kD, int kF>
+void row_sums_in_registers(const AttentionInputs<T>& in, int64_t i, int64_t e0, int64_t count, int64_t self,
+                           const T* p, T* acc_v, T* acc_u, T* z) {
+  using V = Vec512<T>;
+  constexpr int64_t L = V::kLanes, HD = kH * kD, NV = (HD + L - 1) / L, NF = (kF + L - 1) / L, Fp = NF * L;
+  static const std::array<typename V::index, NV * L> head_of_lane = [] {
+    std::array<typename V::index, NV * L> lanes{};
+    for (int64_t d = 0; d < NV * L; ++d) lanes[d] = static_cast<typename V::index>(std::min<int64_t>(d / kD, kH - 1));
+    return lanes;
+  }();
+  typename V::type sum_v[NV], sum_u[kH][NF > 0 ? NF : 1], sum_w = V::zero();
+  for (int64_t k = 0; k < NV; ++k) sum_v[k] = V::zero();
+  for (int64_t h = 0; h < kH; ++h)
+    for (int64_t f = 0; f < NF; ++f) sum_u[h][f] = V::zero();
+  for (int64_t x = 0; x < count; ++x) {
+    const bool is_self = x < self;
+    const T* vj = in.v + (is_self ? i : in.senders[e0 + x - self]) * HD;
+    const T env = is_self ? T(1) : in.envelope[e0 + x - self];
+    const auto w = V::mul(V::broadcast(env), V::load(p + x * kH, kH));  // lanes past the heads are 0
+    sum_w = V::add(sum_w, w);
+    for (int64_t k = 0; k < NV; ++k)
+      sum_v[k] = V::fma(V::permute(head_of_lane.data() + k * L, w), V::load(vj + k * L, HD - k * L), sum_v[k]);
+    if constexpr (kF > 0) {
+      const T* u = is_self ? in.self_values : in.edge_values + (e0 + x - self) * kF;
+      typename V::type w_head[kH];
+      for (int h = 0; h < kH; ++h) w_head[h] = V::lane(w, h);
+      for (int64_t f = 0; f < NF; ++f) {
+        const auto uf = V::load(u + f * L, kF - f * L);
+        for (int h = 0; h < kH; ++h) sum_u[h][f] = V::fma(w_head[h], uf, sum_u[h][f]);
+      }
+    }
+  }
+  for (int64_t k = 0; k < NV; ++k) V::store(acc_v + k * L, sum_v[k], L);
+  for (int64_t h = 0; h < kH; ++h)
+    for (int64_t f = 0; f < NF; ++f) V::store(acc_u + h * Fp + f * L, sum_u[h][f], L);
+  V::store(z, sum_w, kH);
+}
+#endif
+
 template <typename T, int kH, int kD, int kF>
 void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T>& in,
                             const AttentionForwardOutputs<T>& result) {
@@ -484,6 +535,12 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
         for (int64_t h = 0; h < H; ++h) scores[x * H + h] -= m[h];
       exp_array(p.data(), p.data(), count * H);
       copy_short(p.data(), count * H, result.row_exp + row_start_with_self(in, i) * H);
+#ifdef TRANSIP_AVX512_BUILD
+      if constexpr (kH > 0 && kD > 0 && kF >= 0 && kH <= Vec512<T>::kLanes) {
+        row_sums_in_registers<T, kH, kD, kF>(in, i, e0, count, self, p.data(), acc_v.data(), acc_u.data(), z);
+      } else
+#endif
+      {
       std::fill(acc_v.begin(), acc_v.end(), T(0));
       std::fill(acc_u.begin(), acc_u.end(), T(0));
       std::fill(z, z + H, T(0));
@@ -498,6 +555,7 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
         }
         head_row.add(acc_v.data(), w, vj);
         if (F > 0) add_to_heads(acc_u.data(), w, u, H, F, Fp);
+      }
       }
       T* out = result.out + i * HW;
       for (int64_t h = 0; h < H; ++h) {
