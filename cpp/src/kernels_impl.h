@@ -568,6 +568,45 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
   });
 }
 
+#ifdef TRANSIP_AVX512_BUILD
+// The backward's pass over senders for sender j when the sizes are constants, as row_sums_in_registers does the
+// forward's rows: dL/dk_j and dL/dv_j summed in registers over j's edges (its self edge first) and written once,
+// each edge's coefficients one vector. Same products and sums in the same order as the general loop.
+template <typename T, int kH, int kD>
+void sender_sums_in_registers(const AttentionInputs<T>& in, const AttentionBackwardArgs<T>& args, int64_t j, T scale,
+                              const T* grad_out_v) {
+  using V = Vec512<T>;
+  constexpr int64_t L = V::kLanes, HD = kH * kD, NV = (HD + L - 1) / L;
+  static const std::array<typename V::index, NV * L> head_of_lane = [] {
+    std::array<typename V::index, NV * L> lanes{};
+    for (int64_t d = 0; d < NV * L; ++d) lanes[d] = static_cast<typename V::index>(std::min<int64_t>(d / kD, kH - 1));
+    return lanes;
+  }();
+  typename V::type sum_k[NV], sum_v[NV];
+  for (int64_t k = 0; k < NV; ++k) sum_k[k] = sum_v[k] = V::zero();
+  const auto scale_v = V::broadcast(scale);
+  const auto add = [&](int64_t i, const T* ds, const T* weight) {
+    const auto ck = V::mul(V::load(ds, kH), scale_v), cv = V::load(weight, kH);
+    const T* qi = in.q + i * HD;
+    const T* gi = grad_out_v + i * HD;
+    for (int64_t k = 0; k < NV; ++k) {
+      const typename V::index* lanes = head_of_lane.data() + k * L;
+      sum_k[k] = V::fma(V::permute(lanes, ck), V::load(qi + k * L, HD - k * L), sum_k[k]);
+      sum_v[k] = V::fma(V::permute(lanes, cv), V::load(gi + k * L, HD - k * L), sum_v[k]);
+    }
+  };
+  if (in.self_bias != nullptr) add(j, args.self_grad + j * kH, args.self_weight + j * kH);
+  for (int64_t idx = args.sender_ptr[j]; idx < args.sender_ptr[j + 1]; ++idx) {
+    const int64_t e = args.sender_perm[idx];
+    add(args.receivers[e], args.grad_bias + e * kH, args.edge_weight + e * kH);
+  }
+  for (int64_t k = 0; k < NV; ++k) {
+    V::store(args.grad_k + j * HD + k * L, sum_k[k], HD - k * L);
+    V::store(args.grad_v + j * HD + k * L, sum_v[k], HD - k * L);
+  }
+}
+#endif
+
 template <typename T, int kH, int kD, int kF>
 void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<T>& in,
                              const AttentionBackwardArgs<T>& args) {
@@ -649,6 +688,12 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
       head_row.add(gv.data(), weight, grad_out_v.data() + i * HD);
     };
     for (int64_t j = begin; j < end; ++j) {
+#ifdef TRANSIP_AVX512_BUILD
+      if constexpr (kH > 0 && kD > 0 && kH <= Vec512<T>::kLanes) {
+        sender_sums_in_registers<T, kH, kD>(in, args, j, scale, grad_out_v.data());
+        continue;
+      }
+#endif
       std::fill(gk.begin(), gk.end(), T(0));
       std::fill(gv.begin(), gv.end(), T(0));
       if (in.self_bias != nullptr) add(j, args.self_grad + j * H, args.self_weight + j * H);
