@@ -461,6 +461,45 @@ int64_t row_scores(const AttentionInputs<T>& in, int64_t i, int64_t heads, int64
 }
 
 #ifdef TRANSIP_AVX512_BUILD
+// Whether the attention's per-row and per-sender sums run in registers (RowSumRegisters): the sizes are
+// constants (AttentionDims) and the heads fit in one vector's lanes.
+template <typename T, int kH, int kD>
+constexpr bool kSumsInRegisters = kH > 0 && kD > 0 && kH <= Vec512<T>::kLanes;
+
+// sum_e c_e[head of d] x_e[d] over one row of heads x head_dim values (q, k, v and their gradients), kept in
+// registers across a row's edges and stored once; c_e is one vector of per-head coefficients, from which each
+// lane's coefficient is permuted (HeadRow does the same sums in a memory accumulator).
+template <typename T, int kH, int kD>
+class RowSumRegisters {
+  using V = Vec512<T>;
+  static constexpr int64_t L = V::kLanes, HD = kH * kD, NV = (HD + L - 1) / L;
+
+ public:
+  RowSumRegisters() {
+    for (int64_t k = 0; k < NV; ++k) sum_[k] = V::zero();
+  }
+  __attribute__((always_inline)) inline void add(typename V::type c, const T* x) {
+    for (int64_t k = 0; k < NV; ++k)
+      sum_[k] = V::fma(V::permute(head_of_lane().data() + k * L, c), V::load(x + k * L, HD - k * L), sum_[k]);
+  }
+  void store(T* out, int64_t size = HD) const {  // the HD values, or the padded accumulator's whole vectors
+    for (int64_t k = 0; k < NV; ++k) V::store(out + k * L, sum_[k], size - k * L);
+  }
+
+ private:
+  static const std::array<typename V::index, NV * L>& head_of_lane() {
+    static const std::array<typename V::index, NV * L> lanes = [] {
+      std::array<typename V::index, NV * L> a{};
+      for (int64_t d = 0; d < NV * L; ++d) a[d] = static_cast<typename V::index>(std::min<int64_t>(d / kD, kH - 1));
+      return a;
+    }();
+    return lanes;
+  }
+  typename V::type sum_[NV];
+};
+#endif
+
+#ifdef TRANSIP_AVX512_BUILD
 // The forward's weighted sums over one row when the sizes are constants (AttentionDims) and the heads fit in one
 // vector: the row's sum of v (heads x head_dim, in whole vectors spanning heads), of the edge values (one padded
 // run per head) and the normalisers stay in registers over all the row's edges and are stored once, into the same
@@ -472,14 +511,9 @@ template <typename T, int kH, int kD, int kF>
 void row_sums_in_registers(const AttentionInputs<T>& in, int64_t i, int64_t e0, int64_t count, int64_t self,
                            const T* p, T* acc_v, T* acc_u, T* z) {
   using V = Vec512<T>;
-  constexpr int64_t L = V::kLanes, HD = kH * kD, NV = (HD + L - 1) / L, NF = (kF + L - 1) / L, Fp = NF * L;
-  static const std::array<typename V::index, NV * L> head_of_lane = [] {
-    std::array<typename V::index, NV * L> lanes{};
-    for (int64_t d = 0; d < NV * L; ++d) lanes[d] = static_cast<typename V::index>(std::min<int64_t>(d / kD, kH - 1));
-    return lanes;
-  }();
-  typename V::type sum_v[NV], sum_u[kH][NF > 0 ? NF : 1], sum_w = V::zero();
-  for (int64_t k = 0; k < NV; ++k) sum_v[k] = V::zero();
+  constexpr int64_t L = V::kLanes, HD = kH * kD, NF = (kF + L - 1) / L, Fp = NF * L;
+  RowSumRegisters<T, kH, kD> sum_v;
+  typename V::type sum_u[kH][NF > 0 ? NF : 1], sum_w = V::zero();
   for (int64_t h = 0; h < kH; ++h)
     for (int64_t f = 0; f < NF; ++f) sum_u[h][f] = V::zero();
   for (int64_t x = 0; x < count; ++x) {
@@ -488,8 +522,7 @@ void row_sums_in_registers(const AttentionInputs<T>& in, int64_t i, int64_t e0, 
     const T env = is_self ? T(1) : in.envelope[e0 + x - self];
     const auto w = V::mul(V::broadcast(env), V::load(p + x * kH, kH));  // lanes past the heads are 0
     sum_w = V::add(sum_w, w);
-    for (int64_t k = 0; k < NV; ++k)
-      sum_v[k] = V::fma(V::permute(head_of_lane.data() + k * L, w), V::load(vj + k * L, HD - k * L), sum_v[k]);
+    sum_v.add(w, vj);
     if constexpr (kF > 0) {
       const T* u = is_self ? in.self_values : in.edge_values + (e0 + x - self) * kF;
       typename V::type w_head[kH];
@@ -500,7 +533,7 @@ void row_sums_in_registers(const AttentionInputs<T>& in, int64_t i, int64_t e0, 
       }
     }
   }
-  for (int64_t k = 0; k < NV; ++k) V::store(acc_v + k * L, sum_v[k], L);
+  sum_v.store(acc_v, padded<T>(HD));
   for (int64_t h = 0; h < kH; ++h)
     for (int64_t f = 0; f < NF; ++f) V::store(acc_u + h * Fp + f * L, sum_u[h][f], L);
   V::store(z, sum_w, kH);
@@ -536,7 +569,7 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
       exp_array(p.data(), p.data(), count * H);
       copy_short(p.data(), count * H, result.row_exp + row_start_with_self(in, i) * H);
 #ifdef TRANSIP_AVX512_BUILD
-      if constexpr (kH > 0 && kD > 0 && kF >= 0 && kH <= Vec512<T>::kLanes) {
+      if constexpr (kSumsInRegisters<T, kH, kD> && kF >= 0) {
         row_sums_in_registers<T, kH, kD, kF>(in, i, e0, count, self, p.data(), acc_v.data(), acc_u.data(), z);
       } else
 #endif
@@ -576,34 +609,20 @@ template <typename T, int kH, int kD>
 void sender_sums_in_registers(const AttentionInputs<T>& in, const AttentionBackwardArgs<T>& args, int64_t j, T scale,
                               const T* grad_out_v) {
   using V = Vec512<T>;
-  constexpr int64_t L = V::kLanes, HD = kH * kD, NV = (HD + L - 1) / L;
-  static const std::array<typename V::index, NV * L> head_of_lane = [] {
-    std::array<typename V::index, NV * L> lanes{};
-    for (int64_t d = 0; d < NV * L; ++d) lanes[d] = static_cast<typename V::index>(std::min<int64_t>(d / kD, kH - 1));
-    return lanes;
-  }();
-  typename V::type sum_k[NV], sum_v[NV];
-  for (int64_t k = 0; k < NV; ++k) sum_k[k] = sum_v[k] = V::zero();
+  constexpr int64_t HD = kH * kD;
+  RowSumRegisters<T, kH, kD> sum_k, sum_v;
   const auto scale_v = V::broadcast(scale);
   const auto add = [&](int64_t i, const T* ds, const T* weight) {
-    const auto ck = V::mul(V::load(ds, kH), scale_v), cv = V::load(weight, kH);
-    const T* qi = in.q + i * HD;
-    const T* gi = grad_out_v + i * HD;
-    for (int64_t k = 0; k < NV; ++k) {
-      const typename V::index* lanes = head_of_lane.data() + k * L;
-      sum_k[k] = V::fma(V::permute(lanes, ck), V::load(qi + k * L, HD - k * L), sum_k[k]);
-      sum_v[k] = V::fma(V::permute(lanes, cv), V::load(gi + k * L, HD - k * L), sum_v[k]);
-    }
+    sum_k.add(V::mul(V::load(ds, kH), scale_v), in.q + i * HD);
+    sum_v.add(V::load(weight, kH), grad_out_v + i * HD);
   };
   if (in.self_bias != nullptr) add(j, args.self_grad + j * kH, args.self_weight + j * kH);
   for (int64_t idx = args.sender_ptr[j]; idx < args.sender_ptr[j + 1]; ++idx) {
     const int64_t e = args.sender_perm[idx];
     add(args.receivers[e], args.grad_bias + e * kH, args.edge_weight + e * kH);
   }
-  for (int64_t k = 0; k < NV; ++k) {
-    V::store(args.grad_k + j * HD + k * L, sum_k[k], HD - k * L);
-    V::store(args.grad_v + j * HD + k * L, sum_v[k], HD - k * L);
-  }
+  sum_k.store(args.grad_k + j * HD);
+  sum_v.store(args.grad_v + j * HD);
 }
 #endif
 
@@ -643,6 +662,10 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
       const int64_t e0 = in.row_ptr[i], count = self + in.row_ptr[i + 1] - e0;
       const T* p = args.row_exp + row_start_with_self(in, i) * H;  // exp(s - m), as the forward left it
       if (static_cast<int64_t>(t.size()) < count * H) t.resize(count * H);
+#ifdef TRANSIP_AVX512_BUILD
+      // dL/dq_i in registers over the row when the sizes allow (RowSumRegisters), else in gq (HeadRow).
+      std::conditional_t<kSumsInRegisters<T, kH, kD>, RowSumRegisters<T, kH, kD>, char> sum_q{};
+#endif
       for (int64_t x = 0; x < count; ++x) {
         const T* vj = in.v + (x < self ? i : in.senders[e0 + x - self]) * HD;
         const T* u = F == 0 ? nullptr : x < self ? in.self_values : in.edge_values + (e0 + x - self) * F;
@@ -668,13 +691,26 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
           q_coefficient[h] = ds * scale;
           u_coefficient[h] = env * ph * inv_z[h];  // w_e / Z_i (0 where Z_i = 0: then ph is 0 too)
         }
-        head_row.add(gq.data(), q_coefficient, kj);
+#ifdef TRANSIP_AVX512_BUILD
+        if constexpr (kSumsInRegisters<T, kH, kD>) {  // the same products as q_coefficient, as one vector
+          using V = Vec512<T>;
+          sum_q.add(V::mul(V::mul(V::mul(V::load(t.data() + x * kH, kH), V::broadcast(env)), V::load(p + x * kH, kH)),
+                           V::broadcast(scale)),
+                    kj);
+        } else
+#endif
+          head_row.add(gq.data(), q_coefficient, kj);
         if (F > 0)
           combine_heads(is_self ? args.self_values_grad + i * F : args.grad_edge_values + e * F, u_coefficient,
                         gi + D, W, H, F);
         if (!is_self) args.grad_envelope[e] = grad_env;
       }
-      copy_short(gq.data(), HD, args.grad_q + i * HD);
+#ifdef TRANSIP_AVX512_BUILD
+      if constexpr (kSumsInRegisters<T, kH, kD>)
+        sum_q.store(args.grad_q + i * HD);
+      else
+#endif
+        copy_short(gq.data(), HD, args.grad_q + i * HD);
     }
   });
 
@@ -689,7 +725,7 @@ void attention_backward_impl(const AttentionShape& shape, const AttentionInputs<
     };
     for (int64_t j = begin; j < end; ++j) {
 #ifdef TRANSIP_AVX512_BUILD
-      if constexpr (kH > 0 && kD > 0 && kH <= Vec512<T>::kLanes) {
+      if constexpr (kSumsInRegisters<T, kH, kD>) {
         sender_sums_in_registers<T, kH, kD>(in, args, j, scale, grad_out_v.data());
         continue;
       }
