@@ -11,7 +11,8 @@ model (`collate` + `evaluate_batch`). The artifacts build their own neighbour li
 fused kernel, the all-pairs reference otherwise); the eager model always uses the native cell list, which is
 why it beats the reference artifacts on the 999-atom box. Each time is the median of the repeats after
 warm-up; every process uses the same number of threads. Then float32's speed-up on each box: float64 and
-float32 in turns, `--rounds` times, the median of the rounds' ratios. Then float32's accuracy:
+float32 in turns, `--rounds` times, the median of the rounds' ratios. On the first box the torch profiler then
+shows where one call's time goes in each precision (each op's own time). Then float32's accuracy:
 the float32 model's energies and forces against the float64 model's on held-out scaffolds of the chemistry data.
 """
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     for atoms in (1000,) if args.smoke else WATER_BOXES:
         box = water_system(atoms, periodic=True)
         structures[f"water box ({len(box.numbers)} atoms, periodic)"] = box
-    rows, speedups = [], []
+    rows, speedups, profile = [], [], None
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name, s in structures.items():
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
             if s.periodic:  # a box: float32 against float64 in turns
                 speedups.append(float32_speedup(bench, tmp, name, 1 if args.smoke else args.rounds, warmup, repeat,
                                                 args.threads))
+                if profile is None:  # the first box: where a call's time goes, per op, in both precisions
+                    profile = profile_call(tmp, name, s_inputs, warmup, 1 if args.smoke else 10)
     lines = [f"Shipped model, energy + forces including the neighbour list, {args.threads} threads, median of "
              f"{repeat} after {warmup} warm-up.", "",
              "| structure | dtype | kernel | C++ (ms) | Python, artifact (ms) | Python, eager model (ms) "
@@ -103,6 +106,15 @@ def main(argv=None) -> int:
               "| --- | --- | --- | --- | --- |"]
     lines += [f"| {r['structure']} | {r['float64_ms']:.2f} | {r['float32_ms']:.2f} | {r['speedup']:.2f}x | "
               + ", ".join(f"{x:.2f}" for x in r["round_speedups"]) + " |" for r in speedups]
+    lines += ["", f"Where one call's time goes on the {profile['structure']}: each op's own time per call (torch "
+              f"profiler, Python artifact, fused kernel, {args.threads} threads, mean of {profile['calls']} calls; the "
+              "profiler's own cost per op inflates the small ones), the ops taking most of float32's time. `compute` "
+              "is the TorchScript interpreter's own work between the ops.", "",
+              "| op | calls | float64 (ms) | float32 (ms) | float64 / float32 |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| `{r['op']}` | {r['calls']} | {r['float64_ms']:.3f} | {r['float32_ms']:.3f} | "
+              f"{r['float64_ms'] / max(r['float32_ms'], 1e-9):.2f} |" for r in profile["ops"]]
+    lines.append(f"| all ops | | {profile['total_ms']['float64']:.2f} | {profile['total_ms']['float32']:.2f} | "
+                 f"{profile['total_ms']['float64'] / profile['total_ms']['float32']:.2f} |")
     accuracy = float32_accuracy(4 if args.smoke else 100)
     lines += ["", f"float32 against float64, same model (fused kernel), on {accuracy['structures']} held-out scaffold "
                   "structures of the chemistry data (`test_scaffolds`, elements the model knows): differences of the "
@@ -115,7 +127,7 @@ def main(argv=None) -> int:
               f"| force component (meV/A) | {accuracy['force_mean_mev_a']:.2e} | {accuracy['force_max_mev_a']:.2e} | "
               f"{accuracy['model_force_mae_mev_a']:.1f} |"]
     write_results(args.out, {"threads": args.threads, "rows": rows, "float32_speedup": speedups,
-                             "float32_accuracy": accuracy}, lines)
+                             "float32_profile": profile, "float32_accuracy": accuracy}, lines)
     return 0
 
 
@@ -142,6 +154,29 @@ def float32_speedup(bench: Path, tmp: Path, name: str, rounds: int, warmup: int,
     return {"structure": name, "rounds": rounds, "float64_ms": statistics.median(times["float64"]),
             "float32_ms": statistics.median(times["float32"]), "speedup": statistics.median(ratios),
             "round_speedups": ratios}
+
+
+def profile_call(tmp: Path, name: str, inputs: tuple, warmup: int, calls: int, shown: int = 14) -> dict:
+    """Each op's own CPU time per call (torch profiler) of the fused float64 and float32 artifacts on one
+    structure: the `shown` ops with the most float32 time, and the totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from transip.export import load
+
+    per_op = {}
+    for dtype in ("float64", "float32"):
+        module, _ = load(tmp / f"{dtype}-fused.pt")
+        for _ in range(warmup):
+            module.compute(*inputs, 0, 1, False)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                module.compute(*inputs, 0, 1, False)
+        per_op[dtype] = {e.key: (e.self_cpu_time_total / 1e3 / calls, e.count // calls) for e in prof.key_averages()}
+    names = sorted(set(per_op["float64"]) | set(per_op["float32"]), key=lambda k: -per_op["float32"].get(k, (0, 0))[0])
+    ops = [{"op": k, "calls": per_op["float32"].get(k, (0, 0))[1], "float64_ms": per_op["float64"].get(k, (0, 0))[0],
+            "float32_ms": per_op["float32"].get(k, (0, 0))[0]} for k in names[:shown]]
+    return {"structure": name, "calls": calls, "ops": ops,
+            "total_ms": {d: sum(t for t, _ in per_op[d].values()) for d in per_op}}
 
 
 def float32_accuracy(count: int) -> dict:

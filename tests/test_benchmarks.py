@@ -48,8 +48,13 @@ def test_attention_kernels_benchmark_smoke(suite):
 
 @pytest.mark.slow
 def test_cpp_vs_python_benchmark_smoke(suite):
-    rows = load(suite, "cpp_vs_python")["rows"]
+    result = load(suite, "cpp_vs_python")
+    rows = result["rows"]
     assert len(rows) == 8 and all(r["cpp_ms"] > 0 and r["energy_difference"] < 1e-6 for r in rows)
+    # the profile names the native ops among the costs, in both precisions
+    profiled = {r["op"]: r for r in result["float32_profile"]["ops"]}
+    assert {"transip::neighbor_attention_backward", "transip::edge_encoder"} <= set(profiled)
+    assert all(r["float64_ms"] > 0 and r["float32_ms"] > 0 for r in profiled.values() if r["op"].startswith("transip::"))
 
 
 @pytest.mark.slow
