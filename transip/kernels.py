@@ -324,17 +324,13 @@ class ReferenceEdgeGeometry(torch.nn.Module):
         return reference_edge_forces(g, receivers, senders, num_atoms)
 
 
-class FusedEdgeGeometry(torch.nn.Module):
+class FusedEdgeGeometry(ReferenceEdgeGeometry):
     """The same through `torch.ops.transip.edge_vectors` and `edge_forces`, one pass over the edges each (ATen's
-    gathers and scatters cost as much per edge in float32 as in float64, and took about 4 % of an engine call).
-    The ops are not differentiable, so inputs that carry gradients (training's force loss differentiates the
-    forces) go through the reference functions; the results are the same bit for bit."""
+    gathers and scatters cost as much per edge in float32 as in float64). The ops are not differentiable, so
+    inputs that carry gradients (training's force loss differentiates the forces) go through the reference
+    functions; the results are the same bit for bit."""
 
     kernel = "fused"
-
-    def forward(self, positions: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
-                shift_vectors: torch.Tensor) -> torch.Tensor:
-        return self.vectors(positions, receivers, senders, shift_vectors)
 
     @torch.jit.export
     def vectors(self, positions: torch.Tensor, receivers: torch.Tensor, senders: torch.Tensor,
