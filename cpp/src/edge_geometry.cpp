@@ -98,11 +98,10 @@ at::Tensor edge_forces(const at::Tensor& g, const at::Tensor& receivers, const a
     const int64_t* sp = s.data_ptr<int64_t>();
     scalar_t* f = forces.data_ptr<scalar_t>();
     // Serial: every atom's sum must run in edge order (a few nanoseconds per edge; the model's work per edge is
-    // thousands of times more).
+    // thousands of times more). Consecutive edges of one atom (a receiver's whole row, in a CSR list) are summed in
+    // registers and stored once per run: the same additions in the same order as one read-modify-write per edge,
+    // without every add waiting on the store before it.
     uint64_t outside = 0;
-    // Consecutive edges of one atom (a receiver's whole row, in a CSR list) are summed in registers and stored once
-    // per run: the same additions in the same order as one read-modify-write per edge, without every add waiting
-    // on the store before it.
     const auto add_all = [&](const int64_t* atoms, scalar_t sign) {
       int64_t current = -1;
       scalar_t acc[3] = {0, 0, 0};

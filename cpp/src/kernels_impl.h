@@ -497,9 +497,7 @@ class RowSumRegisters {
   }
   typename V::type sum_[NV];
 };
-#endif
 
-#ifdef TRANSIP_AVX512_BUILD
 // The forward's weighted sums over one row when the sizes are constants (AttentionDims) and the heads fit in one
 // vector: the row's sum of v (heads x head_dim, in whole vectors spanning heads), of the edge values (one padded
 // run per head) and the normalisers stay in registers over all the row's edges and are stored once, into the same
@@ -574,21 +572,21 @@ void attention_forward_impl(const AttentionShape& shape, const AttentionInputs<T
       } else
 #endif
       {
-      std::fill(acc_v.begin(), acc_v.end(), T(0));
-      std::fill(acc_u.begin(), acc_u.end(), T(0));
-      std::fill(z, z + H, T(0));
-      for (int64_t x = 0; x < count; ++x) {
-        const bool is_self = x < self;
-        const T* vj = in.v + (is_self ? i : in.senders[e0 + x - self]) * HD;
-        const T* u = F == 0 ? nullptr : is_self ? in.self_values : in.edge_values + (e0 + x - self) * F;
-        const T env = is_self ? T(1) : in.envelope[e0 + x - self];
-        for (int64_t h = 0; h < H; ++h) {
-          w[h] = env * p[x * H + h];
-          z[h] += w[h];
+        std::fill(acc_v.begin(), acc_v.end(), T(0));
+        std::fill(acc_u.begin(), acc_u.end(), T(0));
+        std::fill(z, z + H, T(0));
+        for (int64_t x = 0; x < count; ++x) {
+          const bool is_self = x < self;
+          const T* vj = in.v + (is_self ? i : in.senders[e0 + x - self]) * HD;
+          const T* u = F == 0 ? nullptr : is_self ? in.self_values : in.edge_values + (e0 + x - self) * F;
+          const T env = is_self ? T(1) : in.envelope[e0 + x - self];
+          for (int64_t h = 0; h < H; ++h) {
+            w[h] = env * p[x * H + h];
+            z[h] += w[h];
+          }
+          head_row.add(acc_v.data(), w, vj);
+          if (F > 0) add_to_heads(acc_u.data(), w, u, H, F, Fp);
         }
-        head_row.add(acc_v.data(), w, vj);
-        if (F > 0) add_to_heads(acc_u.data(), w, u, H, F, Fp);
-      }
       }
       T* out = result.out + i * HW;
       for (int64_t h = 0; h < H; ++h) {

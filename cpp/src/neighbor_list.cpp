@@ -240,6 +240,7 @@ std::tuple<at::Tensor, at::Tensor> neighbor_list(const at::Tensor& positions, co
   const double cutoff2 = cutoff * cutoff;
   const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(n, 4 * at::get_num_threads()));
   std::vector<std::vector<int64_t>> chunk_receivers(num_chunks), chunk_senders(num_chunks), chunk_shifts(num_chunks);
+  const auto within_cutoff = use_avx512() ? avx512::within_cutoff : generic::within_cutoff;
   at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     std::vector<int64_t> kept;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
@@ -249,9 +250,8 @@ std::tuple<at::Tensor, at::Tensor> neighbor_list(const at::Tensor& positions, co
       for (int64_t i = chunk * n / num_chunks; i < (chunk + 1) * n / num_chunks; ++i) {
         const int64_t first = list_ptr[bin_of[i]], count = list_ptr[bin_of[i] + 1] - first;
         if (static_cast<int64_t>(kept.size()) < count) kept.resize(count);
-        const int64_t m = (use_avx512() ? avx512::within_cutoff : generic::within_cutoff)(
-            cand_x.data() + first, cand_y.data() + first, cand_z.data() + first, count, &wrapped[3 * i], cutoff2,
-            kept.data());
+        const int64_t m = within_cutoff(cand_x.data() + first, cand_y.data() + first, cand_z.data() + first, count,
+                                        &wrapped[3 * i], cutoff2, kept.data());
         const std::array<int64_t, 3> wrap_i{wrap[3 * i], wrap[3 * i + 1], wrap[3 * i + 2]};
         for (int64_t k = 0; k < m; ++k) {
           const int64_t c = first + kept[k], j = cand_sender[c];
